@@ -1,0 +1,163 @@
+"""``twinstream``: the command users reach for first.
+
+  twinstream demo                      start the stack, stream FEBRL, print a report
+  twinstream stack up                  run the local stack on the default ports until Ctrl-C
+  twinstream ingest FILE...            send JSONL/text/image files to ingestion
+  twinstream match ...                 top-k similar items for an item id, text or file
+  twinstream train ...                 train an encoder (see docs/learn.md)
+  twinstream base-bundle --out DIR     build the untrained MiniLM bundle
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from twinstream.v1 import items_pb2, matching_pb2
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
+
+
+def _items_from_files(paths: list[Path], tenant: str, collection: str) -> Iterator[items_pb2.Item]:
+    """JSONL files give one item per line ({"id", "text"|"record", "metadata"}); image files
+    give one image item each; other files give one text item each."""
+    for path in paths:
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            yield items_pb2.Item(item_id=path.stem, tenant=tenant, collection=collection,
+                                 modality=items_pb2.IMAGE, content=path.read_bytes())
+        elif path.suffix.lower() == ".jsonl":
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                record = row.get("record")
+                yield items_pb2.Item(
+                    item_id=str(row.get("id", f"{path.stem}-{number}")), tenant=tenant,
+                    collection=collection,
+                    modality=items_pb2.RECORD if record is not None else items_pb2.TEXT,
+                    content=(json.dumps(record) if record is not None else str(row["text"])).encode(),
+                    metadata={str(k): str(v) for k, v in row.get("metadata", {}).items()},
+                )
+        else:
+            yield items_pb2.Item(item_id=path.stem, tenant=tenant, collection=collection,
+                                 modality=items_pb2.TEXT, content=path.read_bytes())
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from twinstream.client import TwinstreamClient
+
+    with TwinstreamClient(args.ingestion, args.matching) as client:
+        items = tqdm(_items_from_files(args.files, args.tenant, args.collection), unit="item",
+                     desc="ingest")
+        summary = client.ingest_many(items, assign_id=args.assign_ids)
+    print(f"accepted {summary.accepted}, rejected {summary.rejected}")
+    for rejection in summary.rejections:
+        print(f"  #{rejection.index} {rejection.item_id or '-'}: {rejection.reason}: "
+              f"{rejection.detail}")
+    return 0 if summary.rejected == 0 else 2
+
+
+def cmd_match(args: argparse.Namespace) -> int:
+    from twinstream.client import TwinstreamClient
+
+    filters = []
+    for condition in args.where or []:
+        key, _, value = condition.partition("=")
+        filters.append(matching_pb2.MetadataCondition(key=key, op=matching_pb2.MetadataCondition.EQ,
+                                                       values=[value]))
+    with TwinstreamClient(args.ingestion, args.matching) as client:
+        if args.file:
+            suffix = args.file.suffix.lower()
+            modality = items_pb2.IMAGE if suffix in IMAGE_SUFFIXES else items_pb2.TEXT
+            response = client.match(args.tenant, content=args.file.read_bytes(), modality=modality,
+                                    collection=args.collection, k=args.k, min_score=args.min_score,
+                                    filters=filters)
+        else:
+            response = client.match(args.tenant, item_id=args.id or "", text=args.text,
+                                    collection=args.collection, k=args.k,
+                                    min_score=args.min_score, filters=filters)
+    print(f"model {response.model.name}:{response.model.version}  "
+          f"(duplicate >= {response.thresholds.duplicate:.3f}, match >= "
+          f"{response.thresholds.match:.3f})")
+    for result in response.results:
+        print(f"  {result.item_id:<30} score {result.score:.4f}  P(dup) "
+              f"{result.duplicate_probability:.3f}  cluster {result.cluster_id}")
+    return 0
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from twinstream.devstack import LocalStack, StackConfig
+
+    stack = LocalStack(StackConfig(bundles=args.bundle, fixed_ports=True))
+    stack.start()
+    print(f"stack up: ingestion {stack.grpc_target('ingestion')}, matching "
+          f"{stack.grpc_target('matching')}, Kafka {stack.kafka_bootstrap}, Milvus "
+          f"{stack.milvus_uri}, Triton {stack.triton_url}, Prometheus {stack.prometheus_url}")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+    return 0
+
+
+def _delegate(module: str, argv: list[str]) -> int:
+    entry = importlib.import_module(module)
+    return int(entry.main(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    delegated = {"demo": "twinstream.demo", "train": "twinstream.learn.cli",
+                 "evaluate": "twinstream.learn.cli", "base-bundle": "twinstream.learn.base"}
+    if argv and argv[0] in delegated:
+        rest = argv[1:] if argv[0] != "evaluate" else argv
+        return _delegate(delegated[argv[0]], rest)
+    from twinstream.demo import DEFAULT_BUNDLE
+
+    parser = argparse.ArgumentParser(prog="twinstream", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ingestion", default="127.0.0.1:50051")
+    parser.add_argument("--matching", default="127.0.0.1:50054")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in delegated:
+        commands.add_parser(name, help=f"see `twinstream {name} --help`")
+    ingest = commands.add_parser("ingest", help="send files to ingestion")
+    ingest.add_argument("files", type=Path, nargs="+")
+    ingest.add_argument("--tenant", required=True)
+    ingest.add_argument("--collection", default="default")
+    ingest.add_argument("--assign-ids", action="store_true",
+                        help="let ingestion derive ids from content for items without one")
+    ingest.set_defaults(run=cmd_ingest)
+    match = commands.add_parser("match", help="top-k similar items")
+    match.add_argument("--tenant", required=True)
+    match.add_argument("--collection", default="default")
+    query = match.add_mutually_exclusive_group(required=True)
+    query.add_argument("--id")
+    query.add_argument("--text")
+    query.add_argument("--file", type=Path)
+    match.add_argument("-k", type=int, default=10)
+    match.add_argument("--min-score", type=float, default=0.0)
+    match.add_argument("--where", action="append", help="metadata KEY=VALUE (repeatable)")
+    match.set_defaults(run=cmd_match)
+    stack = commands.add_parser("stack", help="run the local stack (`stack up`)")
+    stack.add_argument("action", choices=["up"])
+    stack.add_argument("--bundle", type=Path, action="append", default=None)
+    stack.set_defaults(run=cmd_stack)
+    args = parser.parse_args(argv)
+    if getattr(args, "bundle", "unset") is None:
+        args.bundle = [DEFAULT_BUNDLE]
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Concerns every twinstream service shares: config, logging, metrics, gRPC runtime, Kafka loop."""

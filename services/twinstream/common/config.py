@@ -1,0 +1,94 @@
+"""Service settings, read once from ``TWINSTREAM_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+ENV_PREFIX = "TWINSTREAM_"
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Kafka topic names (see DESIGN.md)."""
+
+    raw: str = "items.raw"
+    accepted: str = "items.accepted"
+    embedded: str = "items.embedded"
+    decisions: str = "items.decisions"
+    dlq: str = "items.dlq"
+
+    def all(self) -> list[str]:
+        return [self.raw, self.accepted, self.embedded, self.decisions, self.dlq]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a service reads from its environment; each field maps to TWINSTREAM_<NAME>."""
+
+    service: str = "twinstream"
+    instance_id: str = field(default_factory=socket.gethostname)
+    log_level: str = "INFO"
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    consumer_group: str = ""
+    # kafka-python's default session timeout (45 s) makes tansu hold every join for 22.5 s;
+    # 6 s keeps rebalances quick and still tolerates a slow batch (heartbeats run in a thread).
+    kafka_session_timeout_ms: int = 6000
+    kafka_max_poll_interval_ms: int = 120_000
+    batch_size: int = 64
+    batch_wait_ms: int = 50
+    grpc_port: int = 0
+    grpc_host: str = "127.0.0.1"
+    metrics_port: int = 0
+    milvus_uri: str = "var/milvus.db"
+    milvus_token: str = ""
+    milvus_collection_prefix: str = "twinstream"
+    # Flush Milvus after this many upserted rows (0 = leave it to the server).
+    milvus_flush_rows: int = 2000
+    triton_url: str = "127.0.0.1:8001"
+    # "triton" (default) or "inprocess": run the bundle's TorchScript encoder in this process.
+    encoder_backend: str = "triton"
+    model_dir: str = "var/models/twinstream_text/1"
+    data_dir: str = "var/data"
+    max_item_bytes: int = 1_048_576
+    max_text_chars: int = 100_000
+    partitions: int = 4
+    neighbours: int = 10
+    match_k_limit: int = 1000
+    topics: Topics = field(default_factory=Topics)
+
+    @classmethod
+    def from_env(cls, service: str, **overrides: Any) -> Settings:
+        """Read settings for ``service`` from the environment; ``overrides`` win."""
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {"service": service}
+        for f in fields(cls):
+            env = os.environ.get(ENV_PREFIX + f.name.upper())
+            if env is None or f.name in ("service", "topics"):
+                continue
+            values[f.name] = _parse(env, hints[f.name], f.name)
+        values.update(overrides)
+        settings = cls(**values)
+        if not settings.consumer_group:
+            settings = cls(**{**values, "consumer_group": f"twinstream-{service}"})
+        return settings
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+
+def _parse(raw: str, kind: Any, name: str) -> Any:
+    try:
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is bool:
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+    except ValueError as exc:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
+    return raw

@@ -1,0 +1,188 @@
+"""Item content -> embedding: preprocessing, then the encoder on Triton (or in-process).
+
+Shared by the embedding service (the stream) and matching (queries by raw content), so both
+preprocess identically for a given model bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from twinstream.common.bundle import ModelBundle
+from twinstream.common.metrics import ENCODER_SECONDS
+from twinstream.v1 import items_pb2
+
+
+class ContentError(ValueError):
+    """The content cannot be turned into encoder input; ``reason`` is a short code."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class Encoder(Protocol):
+    def encode(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Return (embeddings [B, dim], ood_scores [B]) for one batch of model inputs."""
+
+
+class TritonEncoder:
+    """Calls the bundle's model on a Triton server over gRPC."""
+
+    backend = "triton"
+
+    def __init__(self, bundle: ModelBundle, url: str, timeout_s: float = 60.0) -> None:
+        import tritonclient.grpc as triton_grpc
+
+        self._grpc = triton_grpc
+        self.bundle = bundle
+        self.client = triton_grpc.InferenceServerClient(url)
+        self.timeout_s = timeout_s
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if self.client.is_model_ready(self.bundle.name, self.bundle.version):
+                    return
+            except Exception:  # the server is still starting
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"Triton model {self.bundle.name}:{self.bundle.version} not ready after "
+                    f"{timeout_s:.0f}s"
+                )
+            time.sleep(0.5)
+
+    def encode(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        grpc = self._grpc
+        tensors = []
+        for name, array in inputs.items():
+            dtype = "INT64" if array.dtype == np.int64 else "FP32"
+            tensor = grpc.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        result = self.client.infer(
+            self.bundle.name,
+            tensors,
+            model_version=self.bundle.version,
+            outputs=[grpc.InferRequestedOutput("embedding"), grpc.InferRequestedOutput("ood_score")],
+            client_timeout=self.timeout_s,
+        )
+        embedding = result.as_numpy("embedding")
+        ood = result.as_numpy("ood_score")
+        if embedding is None or ood is None:
+            raise RuntimeError(f"Triton returned no outputs for {self.bundle.name}")
+        return embedding.astype(np.float32), ood.reshape(-1).astype(np.float32)
+
+
+class InProcessEncoder:
+    """Runs the bundle's TorchScript encoder in this process (explicit fallback only)."""
+
+    backend = "inprocess"
+
+    def __init__(self, bundle: ModelBundle) -> None:
+        import torch
+
+        self._torch = torch
+        self.bundle = bundle
+        self.module = torch.jit.load(str(bundle.path / "encoder.pt"), map_location="cpu").eval()
+
+    def encode(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        with torch.inference_mode():
+            args = [torch.from_numpy(inputs[name]) for name in self.bundle.inputs]
+            embedding, ood = self.module(*args)
+        return embedding.numpy().astype(np.float32), ood.reshape(-1).numpy().astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Embedded:
+    vectors: np.ndarray      # [N, dim] float32, L2-normalised
+    ood_scores: np.ndarray   # [N]
+
+
+class ItemEncoder:
+    """Preprocesses item contents for one bundle and encodes them in batches."""
+
+    def __init__(self, bundle: ModelBundle, encoder: Encoder) -> None:
+        self.bundle = bundle
+        self.encoder = encoder
+        self.backend = getattr(encoder, "backend", "custom")
+        self.tokenizer: Tokenizer | None = None
+        if "image" not in bundle.modalities:
+            self.tokenizer = Tokenizer.from_file(str(bundle.path / "tokenizer.json"))
+            self.tokenizer.enable_truncation(bundle.max_length)
+            self.tokenizer.enable_padding()
+
+    def model_input(self, modality: int, content: bytes) -> str | np.ndarray:
+        """Validate and convert one item's content; raises ContentError for bad content."""
+        if not self.bundle.serves(modality):
+            raise ContentError(
+                "no_encoder_for_modality",
+                f"model {self.bundle.name}:{self.bundle.version} does not encode "
+                f"{items_pb2.Modality.Name(modality)}",  # type: ignore[arg-type]
+            )
+        if modality == items_pb2.IMAGE:
+            from twinstream.learn.images import preprocess_image
+
+            try:
+                return preprocess_image(content, self.bundle.image_size)
+            except ValueError as exc:
+                raise ContentError("undecodable_image", str(exc)) from exc
+        try:
+            text = content.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ContentError("invalid_utf8", f"content is not valid UTF-8: {exc}") from exc
+        if modality == items_pb2.RECORD:
+            from twinstream.learn.records import serialize_record
+
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ContentError("invalid_record", f"record is not JSON: {exc}") from exc
+            if not isinstance(record, dict):
+                raise ContentError("invalid_record", "record must be a JSON object")
+            return serialize_record(record, list(self.bundle.record_fields))
+        return text
+
+    def encode(self, prepared: Sequence[str | np.ndarray]) -> Embedded:
+        """Encode already-validated inputs (from ``model_input``), chunked to the model's batch."""
+        if not prepared:
+            return Embedded(np.zeros((0, self.bundle.dim), np.float32), np.zeros(0, np.float32))
+        vectors, oods = [], []
+        step = max(1, self.bundle.max_batch_size)
+        for start in range(0, len(prepared), step):
+            chunk = prepared[start:start + step]
+            started = time.perf_counter()
+            embedding, ood = self.encoder.encode(self._tensors(chunk))
+            ENCODER_SECONDS.labels(self.backend).observe(time.perf_counter() - started)
+            vectors.append(embedding)
+            oods.append(ood)
+        return Embedded(np.concatenate(vectors), np.concatenate(oods))
+
+    def _tensors(self, chunk: Sequence[str | np.ndarray]) -> dict[str, np.ndarray]:
+        if self.tokenizer is None:
+            return {"pixels": np.stack([np.asarray(x, dtype=np.float32) for x in chunk])}
+        encodings = self.tokenizer.encode_batch([str(x) for x in chunk])
+        return {
+            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+        }
+
+
+def make_encoder(bundle: ModelBundle, backend: str, triton_url: str) -> ItemEncoder:
+    """Build the configured encoder backend for a bundle."""
+    if backend == "triton":
+        return ItemEncoder(bundle, TritonEncoder(bundle, triton_url))
+    if backend == "inprocess":
+        return ItemEncoder(bundle, InProcessEncoder(bundle))
+    raise ValueError(f"unknown encoder backend {backend!r}: use 'triton' or 'inprocess'")

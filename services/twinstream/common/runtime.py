@@ -1,0 +1,125 @@
+"""The process around a service: logging, /metrics, a gRPC server with health and reflection,
+and a clean shutdown on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from twinstream.common.config import Settings
+from twinstream.common.logs import configure_logging
+from twinstream.common.metrics import GRPC_REQUESTS, GRPC_SECONDS, serve_metrics
+
+log = logging.getLogger(__name__)
+
+# Registers a servicer on a server, e.g. ``lambda s: add_MatchingServicer_to_server(impl, s)``.
+Registration = Callable[[grpc.Server], None]
+
+
+class _MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts and times every unary and streaming call by method and final status code."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        if handler is None or method in ("Check", "Watch", "ServerReflectionInfo"):
+            return handler
+        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            inner = getattr(handler, kind)
+            if inner is not None:
+                wrapped = self._wrap(inner, method, streaming_out=kind.endswith("stream"))
+                return handler._replace(**{kind: wrapped})  # type: ignore[attr-defined]
+        return handler
+
+    def _wrap(self, inner: Callable[..., Any], method: str, streaming_out: bool) -> Callable[..., Any]:
+        service = self.service
+
+        def record(context: grpc.ServicerContext, started: float) -> None:
+            code = context.code() if hasattr(context, "code") else None
+            name = code.name if isinstance(code, grpc.StatusCode) else "OK"
+            GRPC_REQUESTS.labels(service, method, name).inc()
+            GRPC_SECONDS.labels(service, method).observe(time.perf_counter() - started)
+
+        if streaming_out:
+            def streaming(request: Any, context: grpc.ServicerContext) -> Iterable[Any]:
+                started = time.perf_counter()
+                try:
+                    yield from inner(request, context)
+                finally:
+                    record(context, started)
+            return streaming
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            try:
+                return inner(request, context)
+            finally:
+                record(context, started)
+        return unary
+
+
+class ServiceRuntime:
+    """Runs one service: configure logging, expose /metrics, serve gRPC with health + reflection."""
+
+    def __init__(self, settings: Settings, service_names: Iterable[str] = (),
+                 registrations: Iterable[Registration] = (), max_workers: int = 16) -> None:
+        configure_logging(settings.service, settings.log_level)
+        self.settings = settings
+        self.stopping = threading.Event()
+        self.health = health.HealthServicer()
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            interceptors=[_MetricsInterceptor(settings.service)],
+            options=[("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                     ("grpc.so_reuseport", 0)],
+        )
+        for register in registrations:
+            register(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service_names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(self.service_names, self.server)
+        self.grpc_port = self.server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+        self.metrics_port = serve_metrics(settings.metrics_port, settings.grpc_host)
+
+    def start(self) -> None:
+        """Start serving and install signal handlers (call from the main thread)."""
+        self.server.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        log.info("started", extra={"grpc_port": self.grpc_port, "metrics_port": self.metrics_port})
+
+    def set_serving(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", *self.service_names):
+            self.health.set(name, status)
+
+    def run_until_stopped(self, work: Callable[[threading.Event], None] | None = None) -> None:
+        """Run ``work(stopping)`` (or just wait) until a signal arrives, then shut down."""
+        self.start()
+        try:
+            if work is None:
+                self.set_serving(True)
+                self.stopping.wait()
+            else:
+                work(self.stopping)
+        finally:
+            self.set_serving(False)
+            self.server.stop(grace=5).wait()
+            log.info("stopped")

@@ -1,0 +1,187 @@
+"""Milvus access shared by indexing (writes) and matching (reads): one code path for an
+embedded Milvus Lite folder (``var/milvus.db``) and a Milvus server URI (``http://host:19530``).
+
+One collection per model version (``<prefix>_<model>_v<version>``) so vectors of two versions
+are never compared; the alias ``<prefix>_<model>`` names the version that serves queries.
+Rows are keyed by ``<tenant>/<collection>/<item_id>``, which makes every write idempotent.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pymilvus import DataType, MilvusClient
+
+from twinstream.v1 import decisions_pb2, items_pb2
+
+log = logging.getLogger(__name__)
+
+OUTPUT_FIELDS = ["pk", "item_id", "tenant", "collection", "content_hash", "cluster_id",
+                 "ingest_ms", "event_ms", "metadata", "decision"]
+_SAFE = re.compile(r"[^a-z0-9_]")
+
+
+def row_key(tenant: str, collection: str, item_id: str) -> str:
+    return f"{tenant}/{collection}/{item_id}"
+
+
+def quote(value: str) -> str:
+    """A Milvus string literal (JSON escaping is a subset Milvus accepts)."""
+    return json.dumps(value)
+
+
+def scope_filter(tenant: str, collection: str) -> str:
+    return f"tenant == {quote(tenant)} and collection == {quote(collection)}"
+
+
+def encode_decision(decision: decisions_pb2.Decision) -> str:
+    return base64.b64encode(decision.SerializeToString()).decode()
+
+
+def decode_decision(text: str) -> decisions_pb2.Decision:
+    decision = decisions_pb2.Decision()
+    if text:
+        decision.ParseFromString(base64.b64decode(text))
+    return decision
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A search result with its stored fields."""
+
+    pk: str
+    score: float
+    fields: dict[str, Any]
+
+
+class VectorStore:
+    """A thin, typed layer over MilvusClient for twinstream's schema."""
+
+    def __init__(self, uri: str, token: str = "", prefix: str = "twinstream",
+                 index_type: str = "HNSW") -> None:
+        self.client = MilvusClient(uri=uri, token=token) if token else MilvusClient(uri=uri)
+        self.prefix = prefix
+        self.index_type = index_type
+        self._known: set[str] = set()
+        self._lock = threading.Lock()
+
+    # -- names -----------------------------------------------------------------------------
+    def collection_name(self, model: items_pb2.ModelRef) -> str:
+        return f"{self.prefix}_{_SAFE.sub('_', model.name.lower())}_v{_SAFE.sub('_', model.version)}"
+
+    def alias_name(self, model_name: str) -> str:
+        return f"{self.prefix}_{_SAFE.sub('_', model_name.lower())}"
+
+    # -- schema ----------------------------------------------------------------------------
+    def ensure_collection(self, model: items_pb2.ModelRef, dim: int, make_live: bool = True) -> str:
+        """Create the model version's collection if needed; point the alias at it if unset."""
+        name = self.collection_name(model)
+        with self._lock:
+            if name in self._known:
+                return name
+            if not self.client.has_collection(name):
+                self._create(name, dim)
+            alias = self.alias_name(model.name)
+            if make_live and alias not in self.client.list_aliases(name).get("aliases", []):
+                try:
+                    self.client.describe_alias(alias)
+                except Exception:  # no such alias yet: the first version becomes live
+                    self.client.create_alias(name, alias)
+            self._known.add(name)
+            return name
+
+    def _create(self, name: str, dim: int) -> None:
+        schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=640)
+        schema.add_field("item_id", DataType.VARCHAR, max_length=256)
+        schema.add_field("tenant", DataType.VARCHAR, max_length=64)
+        schema.add_field("collection", DataType.VARCHAR, max_length=64)
+        schema.add_field("content_hash", DataType.VARCHAR, max_length=64)
+        schema.add_field("cluster_id", DataType.VARCHAR, max_length=256)
+        schema.add_field("ingest_ms", DataType.INT64)
+        schema.add_field("event_ms", DataType.INT64)
+        schema.add_field("metadata", DataType.JSON)
+        schema.add_field("decision", DataType.VARCHAR, max_length=65535)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+        index = self.client.prepare_index_params()
+        params = {"M": 16, "efConstruction": 200} if self.index_type == "HNSW" else {}
+        index.add_index("vector", index_type=self.index_type, metric_type="COSINE", params=params)
+        self.client.create_collection(name, schema=schema, index_params=index,
+                                      consistency_level="Strong")
+        log.info("created collection", extra={"collection": name, "dim": dim})
+
+    def switch_alias(self, model_name: str, target: str) -> None:
+        """Make ``target`` the live collection for ``model_name`` (atomic in Milvus)."""
+        alias = self.alias_name(model_name)
+        try:
+            self.client.describe_alias(alias)
+            self.client.alter_alias(target, alias)
+        except Exception:
+            self.client.create_alias(target, alias)
+
+    def live_collection(self, model_name: str) -> str:
+        return str(self.client.describe_alias(self.alias_name(model_name))["collection_name"])
+
+    # -- writes ----------------------------------------------------------------------------
+    def upsert(self, collection: str, rows: Sequence[dict[str, Any]]) -> None:
+        if rows:
+            self.client.upsert(collection, list(rows))
+
+    def delete(self, collection: str, pks: Sequence[str] = (), expr: str = "") -> int:
+        if pks:
+            result = self.client.delete(collection, ids=list(pks))
+        elif expr:
+            result = self.client.delete(collection, filter=expr)
+        else:
+            return 0
+        return int(result.get("delete_count", 0)) if isinstance(result, dict) else 0
+
+    def flush(self, collection: str) -> None:
+        self.client.flush(collection)
+
+    # -- reads -----------------------------------------------------------------------------
+    def get(self, collection: str, pks: Sequence[str],
+            fields: Sequence[str] = OUTPUT_FIELDS) -> dict[str, dict[str, Any]]:
+        if not pks:
+            return {}
+        rows = self.client.get(collection, ids=list(pks), output_fields=list(fields))
+        return {str(row["pk"]): dict(row) for row in rows}
+
+    def query(self, collection: str, expr: str, fields: Sequence[str] = OUTPUT_FIELDS,
+              limit: int = 16384) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.client.query(collection, filter=expr,
+                                                   output_fields=list(fields), limit=limit)]
+
+    def count(self, collection: str, expr: str = "") -> int:
+        rows = self.client.query(collection, filter=expr, output_fields=["count(*)"])
+        return int(rows[0]["count(*)"]) if rows else 0
+
+    def search(self, collection: str, vectors: Sequence[Sequence[float]] | np.ndarray, limit: int,
+               expr: str,
+               fields: Iterable[str] = ("item_id", "cluster_id", "content_hash", "ingest_ms"),
+               min_score: float | None = None, consistency: str = "Strong",
+               offset: int = 0) -> list[list[Hit]]:
+        params: dict[str, Any] = {"metric_type": "COSINE", "params": {"ef": max(64, limit)}}
+        if min_score is not None:
+            params["params"].update({"radius": float(min_score), "range_filter": 1.0001})
+        results = self.client.search(
+            collection, data=[list(map(float, v)) for v in vectors], limit=limit, filter=expr,
+            output_fields=list(fields), search_params=params, consistency_level=consistency,
+            offset=offset,
+        )
+        return [[_hit(h) for h in hits] for hits in results]
+
+
+def _hit(raw: Any) -> Hit:
+    """pymilvus names the key of a hit "id" (server) or after the primary field (Milvus Lite)."""
+    keys = raw.keys() if hasattr(raw, "keys") else ()
+    pk = raw["pk"] if "pk" in keys else raw["id"]
+    return Hit(str(pk), float(raw["distance"]), dict(raw["entity"]))

@@ -1,0 +1,1 @@
+"""Embedding: consumes items.accepted, encodes on Triton, publishes items.embedded."""

@@ -1,0 +1,29 @@
+"""``python -m twinstream.indexing``: items.embedded -> Milvus + items.decisions."""
+
+from __future__ import annotations
+
+import threading
+
+from twinstream.common.bundle import load_bundles
+from twinstream.common.config import Settings
+from twinstream.common.kafka import ConsumeLoop
+from twinstream.common.runtime import ServiceRuntime
+from twinstream.common.vectorstore import VectorStore
+from twinstream.indexing.service import Indexer
+
+
+def main() -> None:
+    settings = Settings.from_env("indexing")
+    runtime = ServiceRuntime(settings)
+    store = VectorStore(settings.milvus_uri, settings.milvus_token, settings.milvus_collection_prefix)
+    indexer = Indexer(settings, store, load_bundles(settings.model_dir))
+    loop = ConsumeLoop(settings, settings.topics.embedded, indexer)
+
+    def work(stopping: threading.Event) -> None:
+        loop.run(stopping, on_ready=lambda: runtime.set_serving(True))
+
+    runtime.run_until_stopped(work)
+
+
+if __name__ == "__main__":
+    main()

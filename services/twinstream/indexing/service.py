@@ -1,0 +1,204 @@
+"""Indexing's batch handler.
+
+For each batch: items already stored (a replay after a crash) get their stored decision again,
+byte for byte; new items are decided, in ingest order, against Milvus and against the earlier
+items of the same batch, then upserted with their decision. The loop then publishes the
+decisions and commits, so a crash anywhere repeats identical decisions and never loses one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from kafka.consumer.fetcher import ConsumerRecord
+
+from twinstream.common.bundle import ModelBundle
+from twinstream.common.config import Settings
+from twinstream.common.kafka import BatchResult, Outgoing, Rejected
+from twinstream.common.metrics import DECISIONS, INGEST_TO_DECISION
+from twinstream.common.vectorstore import (
+    VectorStore,
+    decode_decision,
+    encode_decision,
+    quote,
+    row_key,
+    scope_filter,
+)
+from twinstream.indexing.decide import Candidate, decide
+from twinstream.v1 import decisions_pb2, items_pb2
+
+log = logging.getLogger(__name__)
+
+
+class UnknownModel(RuntimeError):
+    """An item was embedded by a model version this indexer has no bundle for (retry later)."""
+
+
+@dataclass
+class _Pending:
+    """The items of one batch that share a Milvus collection and a tenant/collection scope."""
+
+    collection: str
+    bundle: ModelBundle
+    tenant: str
+    scope: str
+    items: list[tuple[int, items_pb2.EmbeddedItem]] = field(default_factory=list)
+
+
+class Indexer:
+    def __init__(self, settings: Settings, store: VectorStore, bundles: Sequence[ModelBundle]) -> None:
+        self.settings = settings
+        self.store = store
+        self.bundles = {(b.name, b.version): b for b in bundles}
+        self._rows_since_flush: dict[str, int] = {}
+
+    def __call__(self, records: Sequence[ConsumerRecord]) -> BatchResult:
+        result = BatchResult()
+        groups: dict[tuple[str, str, str], _Pending] = {}
+        for index, record in enumerate(records):
+            item = items_pb2.EmbeddedItem()
+            try:
+                item.ParseFromString(record.value or b"")
+            except Exception as exc:
+                result.rejected.append(Rejected(record, "malformed", f"not an EmbeddedItem: {exc}"))
+                continue
+            problem = _invalid(item)
+            if problem:
+                result.rejected.append(Rejected(record, "invalid_embedding", problem,
+                                                item.accepted.item.item_id))
+                continue
+            bundle = self.bundles.get((item.model.name, item.model.version))
+            if bundle is None:
+                raise UnknownModel(f"no bundle for model {item.model.name}:{item.model.version}")
+            collection = self.store.ensure_collection(item.model, len(item.vector))
+            it = item.accepted.item
+            key = (collection, it.tenant, it.collection)
+            if key not in groups:
+                groups[key] = _Pending(collection, bundle, it.tenant,
+                                       scope_filter(it.tenant, it.collection))
+            groups[key].items.append((index, item))
+
+        decided: dict[int, decisions_pb2.Decision] = {}
+        fresh: list[decisions_pb2.Decision] = []
+        for group in groups.values():
+            for index, decision, is_new in self._decide_group(group):
+                decided[index] = decision
+                if is_new:
+                    fresh.append(decision)
+        for index in sorted(decided):
+            decision = decided[index]
+            result.outputs.append(Outgoing(
+                self.settings.topics.decisions,
+                row_key(decision.tenant, decision.collection, decision.item_id).encode(),
+                decision.SerializeToString(),
+            ))
+        result.after_flush = lambda: _observe(fresh)
+        return result
+
+    def _decide_group(self, group: _Pending) -> list[tuple[int, decisions_pb2.Decision, bool]]:
+        items = group.items
+        pks = [row_key(i.accepted.item.tenant, i.accepted.item.collection, i.accepted.item.item_id)
+               for _, i in items]
+        stored = self.store.get(group.collection, pks, ["pk", "decision"])
+        out: list[tuple[int, decisions_pb2.Decision, bool]] = []
+        todo: list[tuple[int, items_pb2.EmbeddedItem, str]] = []
+        seen: set[str] = set()
+        for (index, item), pk in zip(items, pks, strict=True):
+            if pk in stored:  # decided before a crash or rebalance: repeat it identically
+                out.append((index, decode_decision(stored[pk]["decision"]), False))
+            elif pk in seen:  # the same item twice in one batch (a producer retry)
+                continue
+            else:
+                seen.add(pk)
+                todo.append((index, item, pk))
+        if not todo:
+            return out
+        todo.sort(key=lambda t: (t[1].accepted.ingest_time_ms, t[1].accepted.item.item_id))
+        vectors = np.array([list(t[1].vector) for t in todo], dtype=np.float32)
+        k = self.settings.neighbours
+        hits = self.store.search(group.collection, vectors, limit=k, expr=group.scope)
+        hashes = sorted({t[1].accepted.content_hash for t in todo})
+        exact_rows = self.store.query(
+            group.collection,
+            f"{group.scope} and content_hash in [{', '.join(quote(h) for h in hashes)}]",
+            ["item_id", "cluster_id", "content_hash", "ingest_ms"],
+        )
+        similarity = vectors @ vectors.T
+        now_ms = int(time.time() * 1000)
+        rows = []
+        batch_decisions: list[decisions_pb2.Decision] = []
+        for position, (index, item, pk) in enumerate(todo):
+            candidates = [
+                Candidate(h.fields["item_id"], h.score, h.fields["cluster_id"],
+                          int(h.fields["ingest_ms"]),
+                          exact=h.fields["content_hash"] == item.accepted.content_hash)
+                for h in hits[position] if h.pk != pk
+            ]
+            candidates += [
+                Candidate(r["item_id"], 1.0, r["cluster_id"], int(r["ingest_ms"]), exact=True)
+                for r in exact_rows
+                if r["content_hash"] == item.accepted.content_hash
+                and r["item_id"] not in {c.item_id for c in candidates}
+            ]
+            for earlier_position, earlier in enumerate(batch_decisions):  # in-flight items
+                earlier_item = todo[earlier_position][1]
+                candidates.append(Candidate(
+                    earlier.item_id, float(similarity[position, earlier_position]),
+                    earlier.cluster_id, earlier_item.accepted.ingest_time_ms,
+                    exact=earlier.content_hash == item.accepted.content_hash, in_flight=True,
+                ))
+            decision = decide(item, candidates, group.bundle, k, now_ms)
+            batch_decisions.append(decision)
+            out.append((index, decision, True))
+            rows.append(_row(pk, item, decision))
+        self.store.upsert(group.collection, rows)
+        self._maybe_flush(group.collection, len(rows))
+        return out
+
+    def _maybe_flush(self, collection: str, added: int) -> None:
+        """Milvus Lite searches unflushed rows slowly; seal them every ``milvus_flush_rows``."""
+        if self.settings.milvus_flush_rows <= 0:
+            return
+        count = self._rows_since_flush.get(collection, 0) + added
+        if count >= self.settings.milvus_flush_rows:
+            self.store.flush(collection)
+            count = 0
+        self._rows_since_flush[collection] = count
+
+
+def _invalid(item: items_pb2.EmbeddedItem) -> str:
+    if not item.accepted.item.item_id or not item.accepted.item.tenant:
+        return "the item has no id or tenant"
+    if not item.vector:
+        return "the item has no vector"
+    if not np.all(np.isfinite(np.asarray(item.vector, dtype=np.float32))):
+        return "the vector has NaN or infinite values"
+    return ""
+
+
+def _row(pk: str, item: items_pb2.EmbeddedItem, decision: decisions_pb2.Decision) -> dict[str, object]:
+    it = item.accepted.item
+    return {
+        "pk": pk,
+        "item_id": it.item_id,
+        "tenant": it.tenant,
+        "collection": it.collection,
+        "content_hash": item.accepted.content_hash,
+        "cluster_id": decision.cluster_id,
+        "ingest_ms": item.accepted.ingest_time_ms,
+        "event_ms": it.event_time_ms,
+        "metadata": dict(it.metadata),
+        "decision": encode_decision(decision),
+        "vector": list(item.vector),
+    }
+
+
+def _observe(decisions: Sequence[decisions_pb2.Decision]) -> None:
+    now = time.time()
+    for decision in decisions:
+        DECISIONS.labels(decisions_pb2.DecisionKind.Name(decision.kind)).inc()
+        INGEST_TO_DECISION.observe(max(0.0, now - decision.ingest_time_ms / 1000))

@@ -1,0 +1,1 @@
+"""Ingestion: validates items from gRPC and items.raw, publishes them on items.accepted."""

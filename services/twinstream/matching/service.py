@@ -1,0 +1,243 @@
+"""The Matching gRPC servicer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any, NoReturn
+
+import grpc
+import numpy as np
+
+from twinstream.common.bundle import ModelBundle
+from twinstream.common.config import Settings
+from twinstream.common.encoding import ContentError, ItemEncoder
+from twinstream.common.vectorstore import VectorStore, decode_decision, quote, row_key
+from twinstream.matching.requests import (
+    BadRequest,
+    OverLimit,
+    check_item_id,
+    check_scope,
+    full_filter,
+    metadata_filter,
+    next_page_token,
+    page_offset,
+    time_filter,
+)
+from twinstream.v1 import items_pb2, matching_pb2, matching_pb2_grpc
+
+log = logging.getLogger(__name__)
+DEFAULT_K = 10
+# Milvus caps offset + limit of one search at 16384.
+MAX_WINDOW = 16384
+_RESULT_FIELDS = ["item_id", "cluster_id", "ingest_ms", "metadata", "decision"]
+
+
+class NotFound(LookupError):
+    """NOT_FOUND with this message."""
+
+
+class Matching(matching_pb2_grpc.MatchingServicer):
+    """Answers queries against each model's live collection (its alias)."""
+
+    def __init__(self, settings: Settings, store: VectorStore,
+                 encoders: Sequence[ItemEncoder]) -> None:
+        self.settings = settings
+        self.store = store
+        self.encoders = list(encoders)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _live(self, bundle: ModelBundle) -> str:
+        return self.store.alias_name(bundle.name)
+
+    def _find_item(self, tenant: str, collection: str,
+                   item_id: str) -> tuple[ItemEncoder, dict[str, Any]]:
+        pk = row_key(tenant, collection, item_id)
+        for encoder in self.encoders:
+            try:
+                rows = self.store.get(self._live(encoder.bundle), [pk],
+                                      ["pk", "vector", *_RESULT_FIELDS, "content_hash", "event_ms"])
+            except Exception:  # the model has no live collection yet
+                continue
+            if pk in rows:
+                return encoder, rows[pk]
+        raise NotFound(f"item {item_id!r} not found in tenant {tenant!r} collection {collection!r}")
+
+    def _query_vector(self, request: matching_pb2.MatchRequest,
+                      collection: str) -> tuple[ItemEncoder, list[float], str]:
+        which = request.WhichOneof("query")
+        if which == "item_id":
+            check_item_id(request.item_id)
+            encoder, row = self._find_item(request.tenant, collection, request.item_id)
+            return encoder, list(row["vector"]), request.item_id
+        if which == "vector":
+            values = np.asarray(request.vector.values, dtype=np.float32)
+            matches = [e for e in self.encoders if e.bundle.dim == len(values)]
+            if not matches:
+                dims = sorted({e.bundle.dim for e in self.encoders})
+                raise BadRequest(f"vector has {len(values)} dimensions; the models use {dims}")
+            if not np.all(np.isfinite(values)) or not np.any(values):
+                raise BadRequest("vector must be finite and non-zero")
+            return matches[0], values.tolist(), ""
+        if which == "content":
+            content = request.content
+            found = next((e for e in self.encoders if e.bundle.serves(content.modality)), None)
+            if found is None:
+                raise BadRequest(
+                    f"no model serves modality {items_pb2.Modality.Name(content.modality)}"
+                    if content.modality in items_pb2.Modality.values()
+                    else f"unknown modality {content.modality}")
+            if not content.content:
+                raise BadRequest("content is empty")
+            if len(content.content) > self.settings.max_item_bytes:
+                raise OverLimit(f"content exceeds {self.settings.max_item_bytes} bytes")
+            try:
+                prepared = found.model_input(content.modality, content.content)
+            except ContentError as exc:
+                raise BadRequest(f"{exc.reason}: {exc.detail}") from exc
+            vector = found.encode([prepared]).vectors[0]
+            return found, vector.tolist(), ""
+        raise BadRequest("set one of item_id, content or vector")
+
+    def _match(self, request: matching_pb2.MatchRequest,
+               context: grpc.ServicerContext) -> matching_pb2.MatchResponse:
+        collection = check_scope(request.tenant, request.collection)
+        k = request.k or DEFAULT_K
+        if k < 0:
+            raise BadRequest("k must be positive")
+        if k > self.settings.match_k_limit:
+            raise OverLimit(f"k={k} exceeds the limit of {self.settings.match_k_limit}")
+        if not 0.0 <= request.min_score <= 1.0:
+            raise BadRequest("min_score must be within [0, 1]")
+        offset = page_offset(request)
+        expr = full_filter(request.tenant, collection, metadata_filter(request.filters),
+                           time_filter(request.from_time_ms, request.to_time_ms))
+        encoder, vector, self_id = self._query_vector(request, collection)
+        if self_id and not request.include_self:
+            expr = f"{expr} and (item_id != {quote(self_id)})"
+        if offset + k > MAX_WINDOW:
+            raise OverLimit(f"offset+k may not exceed {MAX_WINDOW}; narrow the query")
+        remaining = context.time_remaining()
+        if remaining is not None and remaining < 0.005:
+            raise TimeoutError("the deadline expired before the search started")
+        hits = self.store.search(
+            self._live(encoder.bundle), [vector], limit=k + 1, expr=expr, fields=_RESULT_FIELDS,
+            min_score=request.min_score or None, offset=offset,
+        )[0]
+        bundle = encoder.bundle
+        response = matching_pb2.MatchResponse(model=bundle.model_ref, request_id=request.request_id,
+                                              thresholds=bundle.thresholds)
+        for hit in hits[:k]:
+            fields = hit.fields
+            response.results.add(
+                item_id=fields["item_id"], score=hit.score,
+                duplicate_probability=bundle.duplicate_probability(hit.score),
+                cluster_id=fields["cluster_id"], ingest_time_ms=int(fields["ingest_ms"]),
+                metadata={str(a): str(b) for a, b in (fields.get("metadata") or {}).items()},
+                decision=decode_decision(fields.get("decision") or "").kind,
+            )
+        if len(hits) > k:
+            response.next_page_token = next_page_token(request, offset + k)
+        return response
+
+    # -- gRPC methods ------------------------------------------------------------------------
+    def Match(self, request: matching_pb2.MatchRequest,
+              context: grpc.ServicerContext) -> matching_pb2.MatchResponse:
+        try:
+            return self._match(request, context)
+        except Exception as exc:
+            _abort(context, exc)
+
+    def MatchStream(self, request_iterator: Iterator[matching_pb2.MatchRequest],
+                    context: grpc.ServicerContext) -> Iterator[matching_pb2.MatchResponse]:
+        for request in request_iterator:
+            try:
+                yield self._match(request, context)
+            except Exception as exc:
+                _abort(context, exc)
+
+    def Get(self, request: matching_pb2.GetRequest,
+            context: grpc.ServicerContext) -> matching_pb2.StoredItem:
+        try:
+            collection = check_scope(request.tenant, request.collection)
+            check_item_id(request.item_id)
+            _encoder, row = self._find_item(request.tenant, collection, request.item_id)
+        except Exception as exc:
+            _abort(context, exc)
+        decision = decode_decision(row.get("decision") or "")
+        return matching_pb2.StoredItem(
+            item_id=row["item_id"], tenant=request.tenant, collection=collection,
+            content_hash=row["content_hash"], ingest_time_ms=int(row["ingest_ms"]),
+            event_time_ms=int(row["event_ms"]), decision=decision, model=decision.model,
+            cluster_id=row["cluster_id"],
+            metadata={str(a): str(b) for a, b in (row.get("metadata") or {}).items()},
+        )
+
+    def Delete(self, request: matching_pb2.DeleteRequest,
+               context: grpc.ServicerContext) -> matching_pb2.DeleteResponse:
+        try:
+            collection = check_scope(request.tenant, request.collection)
+            for item_id in request.item_ids:
+                check_item_id(item_id)
+            if not request.item_ids and not request.filters:
+                raise BadRequest("give item_ids or filters; deleting a whole collection is not "
+                                 "offered through this call")
+            if request.item_ids and request.filters:
+                raise BadRequest("give item_ids or filters, not both")
+            deleted = 0
+            conditions = metadata_filter(request.filters)
+            for encoder in self.encoders:
+                live = self._live(encoder.bundle)
+                try:
+                    if request.item_ids:
+                        pks = [row_key(request.tenant, collection, i) for i in request.item_ids]
+                        present = list(self.store.get(live, pks, ["pk"]))
+                        deleted += self.store.delete(live, pks=present) and len(present)
+                    else:
+                        expr = full_filter(request.tenant, collection, conditions)
+                        pks = [r["pk"] for r in self.store.query(live, expr, ["pk"])]
+                        deleted += self.store.delete(live, pks=pks) and len(pks)
+                except BadRequest:
+                    raise
+                except Exception as exc:
+                    if "not exist" in str(exc) or "not found" in str(exc).lower():
+                        continue
+                    raise
+        except Exception as exc:
+            _abort(context, exc)
+        return matching_pb2.DeleteResponse(deleted=deleted)
+
+    def GetCluster(self, request: matching_pb2.GetClusterRequest,
+                   context: grpc.ServicerContext) -> matching_pb2.Cluster:
+        try:
+            collection = check_scope(request.tenant, request.collection)
+            check_item_id(request.item_id)
+            encoder, row = self._find_item(request.tenant, collection, request.item_id)
+            cluster_id = row["cluster_id"]
+            members = self.store.query(
+                self._live(encoder.bundle),
+                full_filter(request.tenant, collection, f"cluster_id == {quote(cluster_id)}"),
+                ["item_id", "ingest_ms"],
+            )
+        except Exception as exc:
+            _abort(context, exc)
+        members.sort(key=lambda r: (int(r["ingest_ms"]), r["item_id"]))
+        return matching_pb2.Cluster(
+            cluster_id=cluster_id,
+            canonical_item_id=members[0]["item_id"] if members else request.item_id,
+            member_ids=[m["item_id"] for m in members],
+        )
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
+    """Map an exception to a precise gRPC status; unexpected ones are logged as INTERNAL."""
+    if isinstance(exc, BadRequest):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, OverLimit):
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    if isinstance(exc, NotFound):
+        context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+    if isinstance(exc, TimeoutError):
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+    log.exception("matching request failed")
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
