@@ -127,6 +127,16 @@ class VectorStore:
         except Exception:
             self.client.create_alias(target, alias)
 
+    def exists(self, name: str) -> bool:
+        """Whether a collection or an alias of that name exists."""
+        if self.client.has_collection(name):
+            return True
+        try:
+            self.client.describe_alias(name)
+        except Exception:  # pymilvus raises when the alias does not exist
+            return False
+        return True
+
     def live_collection(self, model_name: str) -> str:
         return str(self.client.describe_alias(self.alias_name(model_name))["collection_name"])
 
@@ -135,14 +145,10 @@ class VectorStore:
         if rows:
             self.client.upsert(collection, list(rows))
 
-    def delete(self, collection: str, pks: Sequence[str] = (), expr: str = "") -> int:
+    def delete(self, collection: str, pks: Sequence[str]) -> None:
+        """Delete rows by key (idempotent: absent keys are ignored)."""
         if pks:
-            result = self.client.delete(collection, ids=list(pks))
-        elif expr:
-            result = self.client.delete(collection, filter=expr)
-        else:
-            return 0
-        return int(result.get("delete_count", 0)) if isinstance(result, dict) else 0
+            self.client.delete(collection, ids=list(pks))
 
     def flush(self, collection: str) -> None:
         self.client.flush(collection)

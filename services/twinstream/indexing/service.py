@@ -117,7 +117,9 @@ class Indexer:
                 todo.append((index, item, pk))
         if not todo:
             return out
-        todo.sort(key=lambda t: (t[1].accepted.ingest_time_ms, t[1].accepted.item.item_id))
+        # Arrival order: a scope's items share one partition, so offset order is arrival order;
+        # the stable sort only moves re-published items (older ingest times) to their place.
+        todo.sort(key=lambda t: t[1].accepted.ingest_time_ms)
         vectors = np.array([list(t[1].vector) for t in todo], dtype=np.float32)
         k = self.settings.neighbours
         hits = self.store.search(group.collection, vectors, limit=k, expr=group.scope)

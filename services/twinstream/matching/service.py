@@ -54,11 +54,11 @@ class Matching(matching_pb2_grpc.MatchingServicer):
                    item_id: str) -> tuple[ItemEncoder, dict[str, Any]]:
         pk = row_key(tenant, collection, item_id)
         for encoder in self.encoders:
-            try:
-                rows = self.store.get(self._live(encoder.bundle), [pk],
-                                      ["pk", "vector", *_RESULT_FIELDS, "content_hash", "event_ms"])
-            except Exception:  # the model has no live collection yet
+            live = self._live(encoder.bundle)
+            if not self.store.exists(live):  # the model has indexed nothing yet
                 continue
+            rows = self.store.get(live, [pk], ["pk", "vector", *_RESULT_FIELDS, "content_hash",
+                                               "event_ms"])
             if pk in rows:
                 return encoder, rows[pk]
         raise NotFound(f"item {item_id!r} not found in tenant {tenant!r} collection {collection!r}")
@@ -188,21 +188,16 @@ class Matching(matching_pb2_grpc.MatchingServicer):
             conditions = metadata_filter(request.filters)
             for encoder in self.encoders:
                 live = self._live(encoder.bundle)
-                try:
-                    if request.item_ids:
-                        pks = [row_key(request.tenant, collection, i) for i in request.item_ids]
-                        present = list(self.store.get(live, pks, ["pk"]))
-                        deleted += self.store.delete(live, pks=present) and len(present)
-                    else:
-                        expr = full_filter(request.tenant, collection, conditions)
-                        pks = [r["pk"] for r in self.store.query(live, expr, ["pk"])]
-                        deleted += self.store.delete(live, pks=pks) and len(pks)
-                except BadRequest:
-                    raise
-                except Exception as exc:
-                    if "not exist" in str(exc) or "not found" in str(exc).lower():
-                        continue
-                    raise
+                if not self.store.exists(live):
+                    continue
+                if request.item_ids:
+                    pks = [row_key(request.tenant, collection, i) for i in request.item_ids]
+                    present = list(self.store.get(live, pks, ["pk"]))
+                else:
+                    expr = full_filter(request.tenant, collection, conditions)
+                    present = [r["pk"] for r in self.store.query(live, expr, ["pk"])]
+                self.store.delete(live, pks=present)
+                deleted += len(present)
         except Exception as exc:
             _abort(context, exc)
         return matching_pb2.DeleteResponse(deleted=deleted)

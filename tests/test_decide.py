@@ -1,0 +1,73 @@
+"""The decision rule as a pure function."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from twinstream.common.bundle import ModelBundle
+from twinstream.indexing.decide import Candidate, decide
+from twinstream.v1 import decisions_pb2, items_pb2
+
+BUNDLE = ModelBundle(
+    path=Path("."), name="m", version="1", modalities=("text",), dim=3,
+    inputs=("input_ids", "attention_mask"), max_length=16, image_size=0, record_fields=(),
+    duplicate_threshold=0.9, match_threshold=0.7, ood_threshold=0.5, platt_a=20.0, platt_b=-17.0,
+    preprocessing_digest="d", max_batch_size=8, manifest={},
+)
+
+
+def embedded(item_id: str = "new", ood: float = 0.1, content_hash: str = "h-new") -> items_pb2.EmbeddedItem:
+    return items_pb2.EmbeddedItem(
+        accepted=items_pb2.AcceptedItem(
+            item=items_pb2.Item(item_id=item_id, tenant="t", collection="c", modality=items_pb2.TEXT),
+            content_hash=content_hash, ingest_time_ms=1000),
+        vector=[1.0, 0.0, 0.0], model=items_pb2.ModelRef(name="m", version="1"), ood_score=ood)
+
+
+def run(candidates: list[Candidate], **kwargs: object) -> decisions_pb2.Decision:
+    return decide(embedded(**kwargs), candidates, BUNDLE, max_neighbours=3, decided_time_ms=5)  # type: ignore[arg-type]
+
+
+def test_novel_without_neighbours_starts_its_own_cluster() -> None:
+    decision = run([])
+    assert decision.kind == decisions_pb2.NOVEL
+    assert decision.cluster_id == "new" and decision.duplicate_of == ""
+    assert decision.thresholds.duplicate == pytest.approx(0.9) and decision.model.name == "m"
+
+
+def test_near_duplicate_joins_the_earlier_items_cluster() -> None:
+    decision = run([Candidate("a", 0.95, "cluster-a", 10), Candidate("b", 0.8, "b", 11)])
+    assert decision.kind == decisions_pb2.NEAR_DUPLICATE
+    assert decision.duplicate_of == "a" and decision.cluster_id == "cluster-a"
+    assert [n.item_id for n in decision.neighbours] == ["a", "b"]
+    assert decision.duplicate_probability > 0.85  # sigmoid(20 * 0.95 - 17)
+
+
+def test_match_below_duplicate_threshold_keeps_own_cluster() -> None:
+    decision = run([Candidate("a", 0.75, "a", 10)])
+    assert decision.kind == decisions_pb2.MATCH
+    assert decision.duplicate_of == "a" and decision.cluster_id == "new"
+    assert decision.duplicate_probability < 0.5
+
+
+def test_exact_duplicate_wins_and_names_the_earliest_copy() -> None:
+    decision = run([Candidate("late", 1.0, "x", 50, exact=True),
+                    Candidate("early", 1.0, "c-early", 20, exact=True),
+                    Candidate("other", 0.99, "o", 1)], ood=0.9)
+    assert decision.kind == decisions_pb2.EXACT_DUPLICATE
+    assert decision.duplicate_of == "early" and decision.cluster_id == "c-early"
+
+
+def test_out_of_distribution_is_never_forced_into_a_match() -> None:
+    decision = run([Candidate("a", 0.99, "a", 10)], ood=0.8)
+    assert decision.kind == decisions_pb2.OUT_OF_DISTRIBUTION
+    assert decision.duplicate_of == "" and decision.cluster_id == "new"
+    assert decision.ood_score > decision.thresholds.ood
+
+
+def test_neighbours_are_capped_and_ranked() -> None:
+    candidates = [Candidate(f"n{i}", 0.1 * i, f"n{i}", i, in_flight=i % 2 == 0) for i in range(6)]
+    decision = run(candidates)
+    assert [n.item_id for n in decision.neighbours] == ["n5", "n4", "n3"]
+    assert decision.neighbours[1].in_flight
