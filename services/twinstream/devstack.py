@@ -175,10 +175,10 @@ class LocalStack:
         return self
 
     def stop(self) -> None:
-        for name in [*reversed(SERVICES), "prometheus", "milvus", "broker"]:
-            process = self.processes.get(name)
-            if process is not None:
-                process.stop()
+        infrastructure = [n for n in ("prometheus", "milvus", "broker") if n in self.processes]
+        services = [n for n in reversed(self.processes) if n not in infrastructure]
+        for name in [*services, *infrastructure]:
+            self.processes[name].stop()
         if self.triton is not None:
             self.triton.__exit__(None, None, None)  # type: ignore[attr-defined]
             self.triton = None
@@ -248,6 +248,19 @@ class LocalStack:
                     self.service_env(service))
         if wait:
             self.wait_serving(service)
+
+    def start_replica(self, service: str, replica: int) -> str:
+        """Start another instance of ``service`` in the same consumer group (a rebalance)."""
+        name = f"{service}-{replica}"
+        self.grpc_ports[name], self.metrics_ports[name] = free_port(), free_port()
+        env = self.service_env(service)
+        env.update({"TWINSTREAM_GRPC_PORT": str(self.grpc_ports[name]),
+                    "TWINSTREAM_METRICS_PORT": str(self.metrics_ports[name]),
+                    "TWINSTREAM_INSTANCE_ID": name,
+                    "TWINSTREAM_DATA_DIR": str(self.root / "data" / name)})
+        self._spawn(name, [sys.executable, "-m", f"twinstream.{service}"], env)
+        self.wait_serving(name)
+        return name
 
     def kill_service(self, service: str) -> None:
         self.processes[service].kill()
