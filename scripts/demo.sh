@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Installs what is missing (scripts/setup.sh), then runs the main job: the whole pipeline on one
+# machine (tansu broker, Milvus Lite, Triton on CPU, the four services, Prometheus) with FEBRL3
+# streamed through it, ending in a report. Extra args go to `twinstream demo` (see --help).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec .venv/bin/twinstream demo "$@"

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs what is missing (scripts/setup.sh), then runs the whole test suite: unit tests, the
+# real local stack (tansu, Milvus Lite, Triton, the four services, Prometheus), crash/rebalance
+# recovery, Helm and Prometheus config checks, and the learning tests. Extra args go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+set +e
+.venv/bin/python -m pytest -p no:cacheprovider -rs "$@"
+status=$?
+set -e
+if [ "$status" -eq 5 ]; then
+  echo "pytest collected no tests: treating as a failure" >&2
+  exit 1
+fi
+exit "$status"
