@@ -10,7 +10,6 @@ import grpc
 import pytest
 from conftest import read_decisions, record
 from prometheus_client.parser import text_string_to_metric_families
-
 from twinstream.client import TwinstreamClient
 from twinstream.devstack import SERVICES, LocalStack
 

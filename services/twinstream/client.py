@@ -79,7 +79,8 @@ class TwinstreamClient:
 
     # -- matching ----------------------------------------------------------------------------
     def match(self, tenant: str, *, item_id: str = "", text: str | None = None,
-              content: bytes | None = None, modality: int = items_pb2.TEXT,
+              content: bytes | None = None,
+              modality: items_pb2.Modality.ValueType = items_pb2.TEXT,
               vector: Sequence[float] | None = None, collection: str = "default", k: int = 10,
               min_score: float = 0.0,
               filters: Sequence[matching_pb2.MetadataCondition] = (), from_time_ms: int = 0,
@@ -102,9 +103,7 @@ class TwinstreamClient:
 
     def match_stream(self, requests: Iterable[matching_pb2.MatchRequest]
                      ) -> Iterator[matching_pb2.MatchResponse]:
-        responses: Iterator[matching_pb2.MatchResponse] = self.matching.MatchStream(
-            iter(requests), timeout=max(self.timeout_s, 600))
-        return responses
+        return iter(self.matching.MatchStream(iter(requests), timeout=max(self.timeout_s, 600)))
 
     def get(self, tenant: str, item_id: str, collection: str = "default") -> matching_pb2.StoredItem:
         request = matching_pb2.GetRequest(tenant=tenant, collection=collection, item_id=item_id)

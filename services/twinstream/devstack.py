@@ -47,6 +47,14 @@ def tansu_binary() -> Path:
     return path
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM the child when the launcher dies, so no stack outlives a crash."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @dataclass
 class ManagedProcess:
     """A child process in its own process group, with its log file."""
@@ -63,6 +71,7 @@ class ManagedProcess:
             self.popen = subprocess.Popen(
                 self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO_ROOT,
+                preexec_fn=_die_with_parent,
             )
 
     @property
