@@ -39,7 +39,8 @@ def start_stack(bundle: Path, name: str, **overrides: object) -> LocalStack:
 @pytest.fixture(scope="session")
 def stack(base_bundle: Path) -> Iterator[LocalStack]:
     """One shared stack for the tests that do not break it; each test uses its own tenant."""
-    running = start_stack(base_bundle, "shared")
+    running = start_stack(base_bundle, "shared", extra_env={
+        "TWINSTREAM_COLLECTION_TTLS": "*/ephemeral=3", "TWINSTREAM_REAPER_INTERVAL_S": "1"})
     yield running
     running.stop()
 

@@ -58,6 +58,14 @@ class Settings:
     partitions: int = 4
     neighbours: int = 10
     match_k_limit: int = 1000
+    # Time-to-live of items, in seconds: a default (0 = keep forever) and per-scope overrides
+    # "tenant/collection=seconds,*/collection=seconds" (the most specific rule wins).
+    ttl_seconds: int = 0
+    collection_ttls: str = ""
+    # Tombstones of deleted/expired rows are kept this long (>= the Kafka retention), so a
+    # replayed message can never bring a deleted item back.
+    tombstone_retention_s: int = 7 * 24 * 3600
+    reaper_interval_s: float = 60.0
     topics: Topics = field(default_factory=Topics)
 
     @classmethod
@@ -79,6 +87,26 @@ class Settings:
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    def ttl_rules(self) -> list[tuple[str, str, int]]:
+        """(tenant or "*", collection or "*", seconds), most specific first."""
+        rules = []
+        for part in filter(None, (p.strip() for p in self.collection_ttls.split(","))):
+            scope, _, seconds = part.partition("=")
+            tenant, _, collection = scope.partition("/")
+            if not seconds.strip().isdigit() or not tenant or not collection:
+                raise ValueError(f"TWINSTREAM_COLLECTION_TTLS entry {part!r} is not "
+                                 "tenant/collection=seconds")
+            rules.append((tenant.strip(), collection.strip(), int(seconds)))
+        if self.ttl_seconds > 0:
+            rules.append(("*", "*", self.ttl_seconds))
+        return sorted(rules, key=lambda r: (r[0] == "*", r[1] == "*"))
+
+    def ttl_for(self, tenant: str, collection: str) -> int:
+        for rule_tenant, rule_collection, seconds in self.ttl_rules():
+            if rule_tenant in ("*", tenant) and rule_collection in ("*", collection):
+                return seconds
+        return 0
 
 
 def _parse(raw: str, kind: Any, name: str) -> Any:

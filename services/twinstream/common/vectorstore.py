@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,10 @@ from twinstream.v1 import decisions_pb2, items_pb2
 log = logging.getLogger(__name__)
 
 OUTPUT_FIELDS = ["pk", "item_id", "tenant", "collection", "content_hash", "cluster_id",
-                 "ingest_ms", "event_ms", "metadata", "decision"]
+                 "ingest_ms", "event_ms", "metadata", "decision", "deleted_ms"]
+# Deleted rows stay as tombstones (deleted_ms > 0) so a replayed message cannot bring them back;
+# every read path filters on this, and a reaper removes tombstones past the replay horizon.
+LIVE = "deleted_ms == 0"
 _SAFE = re.compile(r"[^a-z0-9_]")
 
 
@@ -38,8 +42,13 @@ def quote(value: str) -> str:
     return json.dumps(value)
 
 
-def scope_filter(tenant: str, collection: str) -> str:
-    return f"tenant == {quote(tenant)} and collection == {quote(collection)}"
+def scope_filter(tenant: str, collection: str, ttl_s: int = 0, now_ms: int | None = None) -> str:
+    """Live rows of one tenant/collection (not deleted; not expired when the scope has a TTL)."""
+    expr = f"tenant == {quote(tenant)} and collection == {quote(collection)} and {LIVE}"
+    if ttl_s > 0:
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        expr += f" and ingest_ms >= {now - ttl_s * 1000}"
+    return expr
 
 
 def encode_decision(decision: decisions_pb2.Decision) -> str:
@@ -110,6 +119,7 @@ class VectorStore:
         schema.add_field("event_ms", DataType.INT64)
         schema.add_field("metadata", DataType.JSON)
         schema.add_field("decision", DataType.VARCHAR, max_length=65535)
+        schema.add_field("deleted_ms", DataType.INT64)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
         index = self.client.prepare_index_params()
         params = {"M": 16, "efConstruction": 200} if self.index_type == "HNSW" else {}
@@ -145,10 +155,34 @@ class VectorStore:
         if rows:
             self.client.upsert(collection, list(rows))
 
-    def delete(self, collection: str, pks: Sequence[str]) -> None:
-        """Delete rows by key (idempotent: absent keys are ignored)."""
+    def tombstone(self, collection: str, pks: Sequence[str], now_ms: int) -> int:
+        """Mark rows deleted (idempotent); returns how many live rows were marked."""
+        rows = [r for r in self.get(collection, pks, [*OUTPUT_FIELDS, "vector"]).values()
+                if not r["deleted_ms"]]
+        for row in rows:
+            row["deleted_ms"] = now_ms
+        self.upsert(collection, rows)
+        return len(rows)
+
+    def relabel_clusters(self, collection: str, scope: str, losers: Sequence[str],
+                         winner: str) -> int:
+        """Move every row of the ``losers`` clusters into ``winner`` (idempotent)."""
+        if not losers:
+            return 0
+        listed = ", ".join(quote(c) for c in losers)
+        rows = self.query(collection, f"{scope} and cluster_id in [{listed}]",
+                          [*OUTPUT_FIELDS, "vector"])
+        for row in rows:
+            row["cluster_id"] = winner
+        self.upsert(collection, rows)
+        return len(rows)
+
+    def purge(self, collection: str, expr: str) -> int:
+        """Hard-delete rows matching ``expr`` (the reaper: old tombstones, expired items)."""
+        pks = [r["pk"] for r in self.query(collection, expr, ["pk"])]
         if pks:
-            self.client.delete(collection, ids=list(pks))
+            self.client.delete(collection, ids=pks)
+        return len(pks)
 
     def flush(self, collection: str) -> None:
         self.client.flush(collection)

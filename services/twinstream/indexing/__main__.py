@@ -9,6 +9,7 @@ from twinstream.common.config import Settings
 from twinstream.common.kafka import ConsumeLoop
 from twinstream.common.runtime import ServiceRuntime
 from twinstream.common.vectorstore import VectorStore
+from twinstream.indexing.reaper import Reaper
 from twinstream.indexing.service import Indexer
 
 
@@ -20,6 +21,9 @@ def main() -> None:
     loop = ConsumeLoop(settings, settings.topics.embedded, indexer)
 
     def work(stopping: threading.Event) -> None:
+        reaper = threading.Thread(target=Reaper(settings, store).run, args=(stopping,),
+                                  name="reaper", daemon=True)
+        reaper.start()
         loop.run(stopping, on_ready=lambda: runtime.set_serving(True))
 
     runtime.run_until_stopped(work)

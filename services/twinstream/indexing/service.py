@@ -78,8 +78,9 @@ class Indexer:
             it = item.accepted.item
             key = (collection, it.tenant, it.collection)
             if key not in groups:
+                ttl = self.settings.ttl_for(it.tenant, it.collection)
                 groups[key] = _Pending(collection, bundle, it.tenant,
-                                       scope_filter(it.tenant, it.collection))
+                                       scope_filter(it.tenant, it.collection, ttl))
             groups[key].items.append((index, item))
 
         decided: dict[int, decisions_pb2.Decision] = {}
@@ -132,6 +133,7 @@ class Indexer:
         similarity = vectors @ vectors.T
         now_ms = int(time.time() * 1000)
         rows = []
+        merges: list[tuple[list[str], str]] = []
         batch_decisions: list[decisions_pb2.Decision] = []
         for position, (index, item, pk) in enumerate(todo):
             candidates = [
@@ -154,12 +156,43 @@ class Indexer:
                     exact=earlier.content_hash == item.accepted.content_hash, in_flight=True,
                 ))
             decision = decide(item, candidates, group.bundle, k, now_ms)
+            linked = _linked_clusters(decision, candidates, group.bundle)
+            if len(linked) > 1:
+                winner = self._oldest_cluster(group, linked, batch_decisions, todo)
+                losers = sorted(linked - {winner})
+                decision.cluster_id = winner
+                decision.merged_clusters.extend(losers)
+                merges.append((losers, winner))
+                for earlier in batch_decisions:  # in-flight rows of merged clusters move too
+                    if earlier.cluster_id in losers:
+                        earlier.cluster_id = winner
             batch_decisions.append(decision)
             out.append((index, decision, True))
+        # Merge before the new rows are written: a crash in between re-decides the new items
+        # against already-merged clusters, so the merge is never lost nor half-applied.
+        for losers, winner in merges:
+            self.store.relabel_clusters(group.collection, group.scope, losers, winner)
+        for (_, item, pk), decision in zip(todo, batch_decisions, strict=True):
             rows.append(_row(pk, item, decision))
         self.store.upsert(group.collection, rows)
         self._maybe_flush(group.collection, len(rows))
         return out
+
+    def _oldest_cluster(self, group: _Pending, clusters: set[str],
+                        batch: Sequence[decisions_pb2.Decision],
+                        todo: Sequence[tuple[int, items_pb2.EmbeddedItem, str]]) -> str:
+        """The cluster whose earliest member came first survives a merge (stable canonical)."""
+        first_seen: dict[str, tuple[int, str]] = {}
+        listed = ", ".join(quote(c) for c in sorted(clusters))
+        for row in self.store.query(group.collection, f"{group.scope} and cluster_id in [{listed}]",
+                                    ["cluster_id", "item_id", "ingest_ms"]):
+            key = (int(row["ingest_ms"]), str(row["item_id"]))
+            first_seen[row["cluster_id"]] = min(first_seen.get(row["cluster_id"], key), key)
+        for decision, (_, item, _) in zip(batch, todo, strict=False):
+            if decision.cluster_id in clusters:
+                key = (item.accepted.ingest_time_ms, decision.item_id)
+                first_seen[decision.cluster_id] = min(first_seen.get(decision.cluster_id, key), key)
+        return min(clusters, key=lambda c: (first_seen.get(c, (2**62, c)), c))
 
     def _maybe_flush(self, collection: str, added: int) -> None:
         """Milvus Lite searches unflushed rows slowly; seal them every ``milvus_flush_rows``."""
@@ -170,6 +203,15 @@ class Indexer:
             self.store.flush(collection)
             count = 0
         self._rows_since_flush[collection] = count
+
+
+def _linked_clusters(decision: decisions_pb2.Decision, candidates: Sequence[Candidate],
+                     bundle: ModelBundle) -> set[str]:
+    """Every cluster a duplicate belongs with: the one it joined and any other it links."""
+    if decision.kind not in (decisions_pb2.NEAR_DUPLICATE, decisions_pb2.EXACT_DUPLICATE):
+        return set()
+    return {decision.cluster_id} | {c.cluster_id for c in candidates
+                                    if c.exact or c.score >= bundle.duplicate_threshold}
 
 
 def _invalid(item: items_pb2.EmbeddedItem) -> str:
@@ -195,6 +237,7 @@ def _row(pk: str, item: items_pb2.EmbeddedItem, decision: decisions_pb2.Decision
         "event_ms": it.event_time_ms,
         "metadata": dict(it.metadata),
         "decision": encode_decision(decision),
+        "deleted_ms": 0,
         "vector": list(item.vector),
     }
 

@@ -67,9 +67,11 @@ def metadata_filter(conditions: Sequence[matching_pb2.MetadataCondition]) -> str
         elif op in (matching_pb2.MetadataCondition.IN, matching_pb2.MetadataCondition.NOT_IN):
             if not values:
                 raise BadRequest(f"filter on {condition.key!r}: IN/NOT_IN need values")
-            listed = ", ".join(quote(v) for v in values)
-            word = "in" if op == matching_pb2.MetadataCondition.IN else "not in"
-            parts.append(f"{field} {word} [{listed}]")
+            # Spelled out: Milvus Lite accepts `in [...]` only on plain fields, not JSON paths.
+            if op == matching_pb2.MetadataCondition.IN:
+                parts.append("(" + " or ".join(f"{field} == {quote(v)}" for v in values) + ")")
+            else:
+                parts.append("(" + " and ".join(f"{field} != {quote(v)}" for v in values) + ")")
         else:
             raise BadRequest(f"filter on {condition.key!r}: op must be EQ, NE, IN or NOT_IN")
     return " and ".join(parts)
@@ -88,8 +90,9 @@ def time_filter(from_ms: int, to_ms: int) -> str:
     return " and ".join(parts)
 
 
-def full_filter(tenant: str, collection: str, *extra: str) -> str:
-    return " and ".join(f"({p})" for p in (scope_filter(tenant, collection), *extra) if p)
+def full_filter(tenant: str, collection: str, ttl_s: int, *extra: str) -> str:
+    """The scope (live, unexpired rows of one tenant/collection) ANDed with the extra parts."""
+    return " and ".join(f"({p})" for p in (scope_filter(tenant, collection, ttl_s), *extra) if p)
 
 
 def _fingerprint(request: matching_pb2.MatchRequest) -> str:

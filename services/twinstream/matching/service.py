@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
@@ -58,10 +59,16 @@ class Matching(matching_pb2_grpc.MatchingServicer):
             if not self.store.exists(live):  # the model has indexed nothing yet
                 continue
             rows = self.store.get(live, [pk], ["pk", "vector", *_RESULT_FIELDS, "content_hash",
-                                               "event_ms"])
-            if pk in rows:
+                                               "event_ms", "deleted_ms"])
+            if pk in rows and self._visible(rows[pk], tenant, collection):
                 return encoder, rows[pk]
         raise NotFound(f"item {item_id!r} not found in tenant {tenant!r} collection {collection!r}")
+
+    def _visible(self, row: dict[str, Any], tenant: str, collection: str) -> bool:
+        """Not deleted and, where the scope has a TTL, not expired."""
+        ttl = self.settings.ttl_for(tenant, collection)
+        expired = ttl > 0 and int(row["ingest_ms"]) < time.time() * 1000 - ttl * 1000
+        return not row["deleted_ms"] and not expired
 
     def _query_vector(self, request: matching_pb2.MatchRequest,
                       collection: str) -> tuple[ItemEncoder, list[float], str]:
@@ -110,7 +117,9 @@ class Matching(matching_pb2_grpc.MatchingServicer):
         if not 0.0 <= request.min_score <= 1.0:
             raise BadRequest("min_score must be within [0, 1]")
         offset = page_offset(request)
-        expr = full_filter(request.tenant, collection, metadata_filter(request.filters),
+        expr = full_filter(request.tenant, collection,
+                           self.settings.ttl_for(request.tenant, collection),
+                           metadata_filter(request.filters),
                            time_filter(request.from_time_ms, request.to_time_ms))
         encoder, vector, self_id = self._query_vector(request, collection)
         if self_id and not request.include_self:
@@ -191,13 +200,11 @@ class Matching(matching_pb2_grpc.MatchingServicer):
                 if not self.store.exists(live):
                     continue
                 if request.item_ids:
-                    pks = [row_key(request.tenant, collection, i) for i in request.item_ids]
-                    present = list(self.store.get(live, pks, ["pk"]))
+                    present = [row_key(request.tenant, collection, i) for i in request.item_ids]
                 else:
-                    expr = full_filter(request.tenant, collection, conditions)
+                    expr = full_filter(request.tenant, collection, 0, conditions)
                     present = [r["pk"] for r in self.store.query(live, expr, ["pk"])]
-                self.store.delete(live, pks=present)
-                deleted += len(present)
+                deleted += self.store.tombstone(live, present, int(time.time() * 1000))
         except Exception as exc:
             _abort(context, exc)
         return matching_pb2.DeleteResponse(deleted=deleted)
@@ -211,7 +218,9 @@ class Matching(matching_pb2_grpc.MatchingServicer):
             cluster_id = row["cluster_id"]
             members = self.store.query(
                 self._live(encoder.bundle),
-                full_filter(request.tenant, collection, f"cluster_id == {quote(cluster_id)}"),
+                full_filter(request.tenant, collection,
+                            self.settings.ttl_for(request.tenant, collection),
+                            f"cluster_id == {quote(cluster_id)}"),
                 ["item_id", "ingest_ms"],
             )
         except Exception as exc:

@@ -134,6 +134,7 @@ class Decision(_message.Message):
     INGEST_TIME_MS_FIELD_NUMBER: _builtins.int
     DECIDED_TIME_MS_FIELD_NUMBER: _builtins.int
     MODALITY_FIELD_NUMBER: _builtins.int
+    MERGED_CLUSTERS_FIELD_NUMBER: _builtins.int
     item_id: _builtins.str
     tenant: _builtins.str
     collection: _builtins.str
@@ -157,6 +158,10 @@ class Decision(_message.Message):
     def thresholds(self) -> Global___Thresholds: ...
     @_builtins.property
     def model(self) -> _items_pb2.ModelRef: ...
+    @_builtins.property
+    def merged_clusters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Dedup clusters this item linked together and that were merged into cluster_id."""
+
     def __init__(
         self,
         *,
@@ -176,10 +181,11 @@ class Decision(_message.Message):
         ingest_time_ms: _builtins.int = ...,
         decided_time_ms: _builtins.int = ...,
         modality: _items_pb2.Modality.ValueType = ...,
+        merged_clusters: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "thresholds", b"thresholds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "collection", b"collection", "content_hash", b"content_hash", "decided_time_ms", b"decided_time_ms", "duplicate_of", b"duplicate_of", "duplicate_probability", b"duplicate_probability", "ingest_time_ms", b"ingest_time_ms", "item_id", b"item_id", "kind", b"kind", "modality", b"modality", "model", b"model", "neighbours", b"neighbours", "ood_score", b"ood_score", "score", b"score", "tenant", b"tenant", "thresholds", b"thresholds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "collection", b"collection", "content_hash", b"content_hash", "decided_time_ms", b"decided_time_ms", "duplicate_of", b"duplicate_of", "duplicate_probability", b"duplicate_probability", "ingest_time_ms", b"ingest_time_ms", "item_id", b"item_id", "kind", b"kind", "merged_clusters", b"merged_clusters", "modality", b"modality", "model", b"model", "neighbours", b"neighbours", "ood_score", b"ood_score", "score", b"score", "tenant", b"tenant", "thresholds", b"thresholds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
