@@ -47,12 +47,10 @@ def tansu_binary() -> Path:
     return path
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGTERM the child when the launcher dies, so no stack outlives a crash."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+# util-linux's setpriv asks the kernel to SIGTERM the child when the launcher dies, so no stack
+# outlives a crashed test run. (A preexec_fn would run Python between fork and exec, which can
+# deadlock in a multi-threaded launcher.)
+_DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "TERM"] if shutil.which("setpriv") else []
 
 
 @dataclass
@@ -69,9 +67,9 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             self.popen = subprocess.Popen(
-                self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO_ROOT,
-                preexec_fn=_die_with_parent,
+                [*_DIE_WITH_PARENT, *self.argv], env=self.env, stdout=out,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                cwd=REPO_ROOT,
             )
 
     @property

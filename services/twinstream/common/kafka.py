@@ -15,8 +15,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
+from google.protobuf.message import Message
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
@@ -35,6 +36,7 @@ from twinstream.common.metrics import (
 from twinstream.v1 import items_pb2
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=Message)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,16 @@ class BatchResult:
     rejected: list[Rejected] = field(default_factory=list)
     # Runs once the outputs are acknowledged by the broker, before the offsets are committed.
     after_flush: Callable[[], None] | None = None
+
+
+def parse_record(record: ConsumerRecord, message_type: type[M]) -> M | Rejected:
+    """Decode a consumed record as ``message_type``, or the dead letter saying why it can't be."""
+    message = message_type()
+    try:
+        message.ParseFromString(record.value or b"")
+    except Exception as exc:  # protobuf's DecodeError and friends
+        return Rejected(record, "malformed", f"not a {message_type.DESCRIPTOR.name}: {exc}")
+    return message
 
 
 class BatchHandler(Protocol):

@@ -9,7 +9,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from twinstream.common.config import Settings
 from twinstream.common.encoding import ContentError, ItemEncoder
-from twinstream.common.kafka import BatchResult, Outgoing, Rejected
+from twinstream.common.kafka import BatchResult, Outgoing, Rejected, parse_record
 from twinstream.v1 import items_pb2
 
 
@@ -32,11 +32,9 @@ class Embedder:
         groups: dict[int, list[tuple[int, items_pb2.AcceptedItem, str | np.ndarray]]] = {}
         outputs: dict[int, Outgoing] = {}
         for index, record in enumerate(records):
-            accepted = items_pb2.AcceptedItem()
-            try:
-                accepted.ParseFromString(record.value or b"")
-            except Exception as exc:
-                result.rejected.append(Rejected(record, "malformed", f"not an AcceptedItem: {exc}"))
+            accepted = parse_record(record, items_pb2.AcceptedItem)
+            if isinstance(accepted, Rejected):
+                result.rejected.append(accepted)
                 continue
             item = accepted.item
             encoder = self.encoder_for(item.modality)

@@ -18,7 +18,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from twinstream.common.bundle import ModelBundle
 from twinstream.common.config import Settings
-from twinstream.common.kafka import BatchResult, Outgoing, Rejected
+from twinstream.common.kafka import BatchResult, Outgoing, Rejected, parse_record
 from twinstream.common.metrics import DECISIONS, INGEST_TO_DECISION
 from twinstream.common.vectorstore import (
     VectorStore,
@@ -60,11 +60,9 @@ class Indexer:
         result = BatchResult()
         groups: dict[tuple[str, str, str], _Pending] = {}
         for index, record in enumerate(records):
-            item = items_pb2.EmbeddedItem()
-            try:
-                item.ParseFromString(record.value or b"")
-            except Exception as exc:
-                result.rejected.append(Rejected(record, "malformed", f"not an EmbeddedItem: {exc}"))
+            item = parse_record(record, items_pb2.EmbeddedItem)
+            if isinstance(item, Rejected):
+                result.rejected.append(item)
                 continue
             problem = _invalid(item)
             if problem:

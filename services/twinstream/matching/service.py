@@ -165,12 +165,17 @@ class Matching(matching_pb2_grpc.MatchingServicer):
             except Exception as exc:
                 _abort(context, exc)
 
+    def _lookup(self, request: matching_pb2.GetRequest | matching_pb2.GetClusterRequest
+                ) -> tuple[str, ItemEncoder, dict[str, Any]]:
+        """Validate an item reference; returns (collection, its model's encoder, its row)."""
+        collection = check_scope(request.tenant, request.collection)
+        check_item_id(request.item_id)
+        return (collection, *self._find_item(request.tenant, collection, request.item_id))
+
     def Get(self, request: matching_pb2.GetRequest,
             context: grpc.ServicerContext) -> matching_pb2.StoredItem:
         try:
-            collection = check_scope(request.tenant, request.collection)
-            check_item_id(request.item_id)
-            _encoder, row = self._find_item(request.tenant, collection, request.item_id)
+            collection, _encoder, row = self._lookup(request)
         except Exception as exc:
             _abort(context, exc)
         decision = decode_decision(row.get("decision") or "")
@@ -212,9 +217,7 @@ class Matching(matching_pb2_grpc.MatchingServicer):
     def GetCluster(self, request: matching_pb2.GetClusterRequest,
                    context: grpc.ServicerContext) -> matching_pb2.Cluster:
         try:
-            collection = check_scope(request.tenant, request.collection)
-            check_item_id(request.item_id)
-            encoder, row = self._find_item(request.tenant, collection, request.item_id)
+            collection, encoder, row = self._lookup(request)
             cluster_id = row["cluster_id"]
             members = self.store.query(
                 self._live(encoder.bundle),

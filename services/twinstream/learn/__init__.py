@@ -1,0 +1,1 @@
+"""The learning side: Siamese encoders, losses, training, calibration, OOD, Triton export."""

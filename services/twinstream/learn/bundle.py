@@ -1,0 +1,121 @@
+"""Calibrate a trained tower and write it as a model bundle (docs/model-bundle.md)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional
+from tqdm import tqdm
+
+from twinstream.learn.calibration import calibrate
+from twinstream.learn.data import ViewSet
+from twinstream.learn.encoders import EmbeddingModel, ood_from_prototypes, spherical_kmeans
+from twinstream.learn.modalities import DataSizes, Modality
+
+
+def _over_batches(call: Callable[..., Any], modality: Modality, views: list[Any], device: torch.device,
+                  batch_size: int, progress: str | None) -> list[Any]:
+    outputs = []
+    starts = range(0, len(views), batch_size)
+    with torch.inference_mode():
+        for start in tqdm(starts, desc=progress, leave=False, disable=progress is None):
+            outputs.append(call(*[t.to(device) for t in modality.collate(views[start:start + batch_size])]))
+    return outputs
+
+
+def run_encoder(module: nn.Module, modality: Modality, views: list[Any], batch_size: int = 128,
+                device: torch.device | None = None, progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Run an export module (eager or TorchScript) over views -> (embeddings, ood scores)."""
+    outputs = _over_batches(module, modality, views, device or torch.device("cpu"), batch_size, progress)
+    return (np.concatenate([e.float().cpu().numpy() for e, _ in outputs]),
+            np.concatenate([o.float().reshape(-1).cpu().numpy() for _, o in outputs]))
+
+
+def backbone_features(model: EmbeddingModel, modality: Modality, views: list[Any], device: torch.device,
+                      batch_size: int = 128, progress: str | None = None) -> torch.Tensor:
+    """The backbone's features of ``views`` (what a frozen backbone caches, what OOD is scored on)."""
+    model.eval()
+    return torch.cat(_over_batches(model.backbone, modality, views, device, batch_size, progress)).clone()
+
+
+def embed(model: EmbeddingModel, modality: Modality, views: list[Any], device: torch.device,
+          batch_size: int = 128, progress: str | None = None) -> np.ndarray:
+    """Embeddings of ``views`` by the tower alone (no OOD score)."""
+    model.eval()
+    outputs = _over_batches(model, modality, views, device, batch_size, progress)
+    return np.concatenate([e.float().cpu().numpy() for e in outputs])
+
+
+@dataclass
+class Calibrated:
+    """An export module with its prototypes, and the manifest sections fitted for it."""
+
+    module: nn.Module
+    fitted: dict[str, dict[str, object]]
+
+
+def calibrate_model(model: EmbeddingModel, modality: Modality, val: ViewSet[Any], sizes: DataSizes,
+                    seed: int, prototypes: int = 32, device: torch.device | None = None) -> Calibrated:
+    """OOD prototypes (k-means of in-distribution backbone features), the OOD threshold at 95% TPR on
+    held-out in-distribution views, and duplicate/match thresholds + Platt on ``val``."""
+    device = device or torch.device("cpu")
+    model = model.to(device).eval()
+    fit_views, heldout_views = modality.in_distribution(sizes, seed)
+    fit = functional.normalize(backbone_features(model, modality, fit_views, device, progress="OOD reference"))
+    centroids = torch.from_numpy(spherical_kmeans(fit.cpu().numpy(), prototypes, seed)).to(device)
+    heldout = backbone_features(model, modality, heldout_views, device)
+    heldout_ood = ood_from_prototypes(heldout, centroids).cpu().numpy()
+    stream = val.shuffled(seed)
+    val_vectors = embed(model, modality, stream.views, device, progress="embedding validation")
+    fitted = calibrate(val_vectors, stream.entities, heldout_ood, modality.data_description)
+    fitted["calibration"]["ood_reference"] = {"prototypes": len(centroids), "fit_views": len(fit_views),
+                                              "heldout_views": len(heldout_views)}
+    return Calibrated(modality.export_module(model, centroids).eval(), fitted)
+
+
+def preprocessing_digest(manifest: dict[str, object], tokenizer_file: Path | None) -> str:
+    digest = hashlib.sha256(tokenizer_file.read_bytes() if tokenizer_file else b"")
+    settings = {key: manifest.get(key) for key in ("max_length", "image_size", "record_fields")}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def write_bundle(out_dir: Path, calibrated: Calibrated, modality: Modality, version: str,
+                 extra: dict[str, object] | None = None) -> dict[str, object]:
+    """Trace the export module to encoder.pt and write tokenizer.json and manifest.json."""
+    if not version.isdigit() or int(version) < 1:
+        raise ValueError(f"bundle version must be a positive integer, got {version!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    module = calibrated.module.cpu().eval()
+    example = modality.collate(modality.example_views())
+    with torch.inference_mode():
+        traced = torch.jit.trace(module, example, check_trace=False)
+    traced.save(str(out_dir / "encoder.pt"))
+    tokenizer_file = modality.tokenizer_file
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, out_dir / "tokenizer.json")
+    manifest: dict[str, object] = {"name": modality.bundle_name, "version": version,
+                                   **modality.manifest_fields(), "max_batch_size": 64,
+                                   **calibrated.fitted, **(extra or {})}
+    manifest["preprocessing_digest"] = preprocessing_digest(manifest, tokenizer_file)
+    manifest["created_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def load_bundle_module(bundle_dir: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    """The TorchScript encoder and the manifest of a bundle."""
+    manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text())
+    module = torch.jit.load(str(Path(bundle_dir) / "encoder.pt"), map_location="cpu").eval()
+    return module, manifest

@@ -1,0 +1,247 @@
+"""Triton model repositories from model bundles, and a real Triton server to serve them.
+
+On CPU (here) the only backend the pip-installed Triton ships is the python backend, so each
+version folder holds ``model.py`` that loads the TorchScript ``encoder.pt``. On GPU nodes the
+same ``encoder.pt`` is served by the ``pytorch_libtorch`` backend (``gpu=True``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+MODEL_PY = '''"""Triton python backend: runs a twinstream TorchScript encoder (written by twinstream)."""
+import json
+import os
+import sys
+
+# The backend stub's embedded interpreter runs isolated (it ignores PYTHONPATH), so the
+# launcher names the site-packages holding numpy and torch in TWINSTREAM_TRITON_SITE.
+_SITE = os.environ.get("TWINSTREAM_TRITON_SITE")
+if _SITE and _SITE not in sys.path:
+    sys.path.insert(0, _SITE)
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        here = os.path.dirname(os.path.abspath(__file__))
+        config = json.loads(args["model_config"])
+        self.inputs = [i["name"] for i in config["input"]]
+        torch.set_num_threads(int(os.environ.get("TWINSTREAM_TRITON_THREADS", "2")))
+        self.module = torch.jit.load(os.path.join(here, "encoder.pt"), map_location="cpu").eval()
+
+    def execute(self, requests):
+        # Dynamic batching hands us several requests: run them as one padded batch.
+        arrays = [[pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs]
+                  for r in requests]
+        sizes = [a[0].shape[0] for a in arrays]
+        merged = []
+        for position in range(len(self.inputs)):
+            parts = [a[position] for a in arrays]
+            if parts[0].ndim == 2:  # token tensors: pad to the longest sequence
+                width = max(p.shape[1] for p in parts)
+                parts = [np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in parts]
+            merged.append(torch.from_numpy(np.concatenate(parts)))
+        with torch.inference_mode():
+            embedding, ood = self.module(*merged)
+        embedding = embedding.numpy().astype(np.float32)
+        ood = ood.reshape(-1, 1).numpy().astype(np.float32)
+        responses, start = [], 0
+        for size in sizes:
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("embedding", embedding[start:start + size]),
+                pb_utils.Tensor("ood_score", ood[start:start + size]),
+            ]))
+            start += size
+        return responses
+'''
+
+
+def _config(manifest: dict[str, object], gpu: bool, instances: int) -> str:
+    """config.pbtxt for one bundle: python backend on CPU, or pytorch_libtorch on GPU."""
+    name, dim = manifest["name"], manifest["dim"]
+    max_batch = int(manifest.get("max_batch_size", 64))  # type: ignore[call-overload]
+    if "image" in manifest["modalities"]:  # type: ignore[operator]
+        size = manifest["image_size"]
+        inputs = f'  {{ name: "pixels" data_type: TYPE_FP32 dims: [ 3, {size}, {size} ] }}'
+    else:
+        inputs = ('  { name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] },\n'
+                  '  { name: "attention_mask" data_type: TYPE_INT64 dims: [ -1 ] }')
+    # encoder.pt returns ood_score as [B]; libtorch needs the reshape to serve it as [B, 1].
+    ood = '{ name: "ood_score" data_type: TYPE_FP32 dims: [ 1 ]%s }'
+    if gpu:
+        backend, kind, ood = 'platform: "pytorch_libtorch"', "KIND_GPU", ood % " reshape: { shape: [ ] }"
+        note = "# GPU form: pytorch_libtorch runs <version>/model.pt (= encoder.pt) on the GPU."
+    else:
+        backend, kind, ood = 'backend: "python"', "KIND_CPU", ood % ""
+        note = ("# CPU form: the python backend's <version>/model.py runs encoder.pt with torch.\n"
+                "# Production GPU form (write_repository(..., gpu=True)): replace the backend line by\n"
+                '#   platform: "pytorch_libtorch"   (serves <version>/model.pt, a copy of encoder.pt)\n'
+                '# give ood_score `reshape: { shape: [ ] }`, and use instance_group kind KIND_GPU.')
+    return f'''# Written by twinstream.learn.triton_repo from the model bundle manifest.
+{note}
+name: "{name}"
+{backend}
+max_batch_size: {max_batch}
+version_policy: {{ all: {{ }} }}  # serve every version present: services pin theirs
+input [
+{inputs}
+]
+output [
+  {{ name: "embedding" data_type: TYPE_FP32 dims: [ {dim} ] }},
+  {ood}
+]
+dynamic_batching {{
+  preferred_batch_size: [ {max(1, max_batch // 4)}, {max_batch} ]
+  max_queue_delay_microseconds: 2000
+}}
+instance_group [ {{ kind: {kind} count: {instances} }} ]
+'''
+
+
+def write_repository(bundles: list[Path], repo_dir: Path, gpu: bool = False,
+                     instances: int = 1) -> None:
+    """Write (or refresh) a Triton model repository holding every bundle's encoder."""
+    repo_dir.mkdir(parents=True, exist_ok=True)
+    for bundle in bundles:
+        manifest = json.loads((Path(bundle) / "manifest.json").read_text())
+        model_dir = repo_dir / str(manifest["name"])
+        version_dir = model_dir / str(manifest["version"])
+        version_dir.mkdir(parents=True, exist_ok=True)
+        (model_dir / "config.pbtxt").write_text(_config(manifest, gpu, instances))
+        target = version_dir / ("model.pt" if gpu else "encoder.pt")
+        shutil.copyfile(Path(bundle) / "encoder.pt", target)
+        if not gpu:
+            (version_dir / "model.py").write_text(MODEL_PY)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class TritonServer:
+    """Runs the real Triton Inference Server from ``.venv-triton`` on loopback."""
+
+    def __init__(self, repository: Path, log_path: Path | None = None, venv: Path | None = None,
+                 threads: int = 2, ready_timeout_s: float = 180.0, grpc_port: int | None = None,
+                 http_port: int | None = None, metrics_port: int | None = None) -> None:
+        """Ports left as None are picked free on 127.0.0.1; the venv defaults to
+        ``$TWINSTREAM_TRITON_VENV`` or ``<repo root>/.venv-triton``."""
+        self.repository = Path(repository)
+        self.venv = Path(venv or os.environ.get("TWINSTREAM_TRITON_VENV", REPO_ROOT / ".venv-triton"))
+        self.log_path = Path(log_path or self.repository.parent / "triton.log")
+        self.threads = threads
+        self.ready_timeout_s = ready_timeout_s
+        self.grpc_port = grpc_port or _free_port()
+        self.http_port = http_port or _free_port()
+        self.metrics_port = metrics_port or _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def _site_packages(self) -> Path:
+        found = sorted((self.venv / "lib").glob("python3.*/site-packages"))
+        if not found:
+            raise FileNotFoundError(f"no Triton venv at {self.venv}: run scripts/setup.sh")
+        return found[0]
+
+    def _backend_dir(self, site: Path) -> Path:
+        """Assemble the python backend with the stub for this Python version."""
+        triton = site / "pytriton" / "tritonserver"
+        python_version = site.parent.name.removeprefix("python")
+        backends = self.repository.parent / f"{self.repository.name}-backends"
+        python_dir = backends / "python"
+        python_dir.mkdir(parents=True, exist_ok=True)
+        sources = [*sorted((triton / "backends" / "python").iterdir()),
+                   triton / "python_backend_stubs" / python_version / "triton_python_backend_stub"]
+        for source in sources:
+            link = python_dir / source.name
+            if not link.exists():
+                link.symlink_to(source)
+        return backends
+
+    def start(self) -> None:
+        site = self._site_packages()
+        binary = site / "pytriton" / "tritonserver" / "bin" / "tritonserver"
+        argv = [
+            str(binary), f"--model-repository={self.repository}",
+            f"--backend-directory={self._backend_dir(site)}",
+            "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
+            "--http-address=127.0.0.1", f"--http-port={self.http_port}",
+            "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false", "--log-verbose=0",
+        ]
+        env = {**os.environ, "PYTHONPATH": str(site), "TWINSTREAM_TRITON_SITE": str(site),
+               "OMP_NUM_THREADS": str(self.threads), "TWINSTREAM_TRITON_THREADS": str(self.threads)}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        self.wait_ready()
+
+    def wait_ready(self) -> None:
+        import tritonclient.grpc as triton_grpc
+
+        client = triton_grpc.InferenceServerClient(self.grpc_url)
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited ({self.process.returncode}):\n{self.log_tail()}")
+            with contextlib.suppress(Exception):
+                if client.is_server_ready():
+                    return
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"Triton not ready after {self.ready_timeout_s:.0f}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
