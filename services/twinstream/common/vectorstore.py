@@ -76,7 +76,11 @@ class VectorStore:
 
     def __init__(self, uri: str, token: str = "", prefix: str = "twinstream",
                  index_type: str = "HNSW") -> None:
-        self.client = MilvusClient(uri=uri, token=token) if token else MilvusClient(uri=uri)
+        # pymilvus pings every 10 s, even idle; gRPC servers built on grpcio (Milvus Lite's) answer
+        # pings more often than every 5 min without traffic with GOAWAY "too_many_pings".
+        options = {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": False}
+        extra: dict[str, Any] = {"token": token} if token else {}
+        self.client = MilvusClient(uri=uri, grpc_options=options, **extra)
         self.prefix = prefix
         self.index_type = index_type
         self._known: set[str] = set()
