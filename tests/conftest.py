@@ -31,8 +31,8 @@ def base_bundle() -> Path:
 
 
 def start_stack(bundle: Path, name: str, **overrides: object) -> LocalStack:
-    config = StackConfig(root=REPO_ROOT / "var" / "test-stacks" / name, bundles=[bundle],
-                         **overrides)  # type: ignore[arg-type]
+    settings: dict[str, object] = {"bundles": [bundle], **overrides}
+    config = StackConfig(root=REPO_ROOT / "var" / "test-stacks" / name, **settings)  # type: ignore[arg-type]
     return LocalStack(config).start()
 
 

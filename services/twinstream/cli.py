@@ -6,6 +6,8 @@
   twinstream match ...                 top-k similar items for an item id, text or file
   twinstream train ...                 train an encoder (see docs/learn.md)
   twinstream base-bundle --out DIR     build the untrained MiniLM bundle
+  twinstream reembed --bundle DIR      fill a new model version's collection from items.accepted
+  twinstream promote --model M --version V   switch the live alias to that version
 """
 
 from __future__ import annotations
@@ -110,6 +112,39 @@ def cmd_stack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reembed(args: argparse.Namespace) -> int:
+    """An embedding instance for the new bundle, in its own consumer group from the earliest
+    offset, so the whole retained items.accepted log is embedded beside the live version."""
+    import os
+
+    from twinstream.common.bundle import ModelBundle
+    from twinstream.embedding.__main__ import main as embedding_main
+
+    bundle = ModelBundle.load(args.bundle)
+    os.environ["TWINSTREAM_MODEL_DIR"] = str(args.bundle)
+    os.environ["TWINSTREAM_CONSUMER_GROUP"] = f"twinstream-reembed-{bundle.name}-v{bundle.version}"
+    embedding_main()
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from twinstream.common.config import Settings
+    from twinstream.common.vectorstore import VectorStore
+    from twinstream.v1 import items_pb2
+
+    settings = Settings.from_env("cli")
+    store = VectorStore(args.milvus_uri or settings.milvus_uri, settings.milvus_token,
+                        settings.milvus_collection_prefix)
+    target = store.collection_name(items_pb2.ModelRef(name=args.model, version=args.version))
+    if not store.client.has_collection(target):
+        print(f"no collection {target}: run `twinstream reembed` for that version first")
+        return 2
+    store.flush(target)
+    store.switch_alias(args.model, target)
+    print(f"{store.alias_name(args.model)} -> {target} ({store.count(target)} rows)")
+    return 0
+
+
 def _delegate(module: str, argv: list[str]) -> int:
     entry = importlib.import_module(module)
     return int(entry.main(argv) or 0)
@@ -153,6 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     stack.add_argument("action", choices=["up"])
     stack.add_argument("--bundle", type=Path, action="append", default=None)
     stack.set_defaults(run=cmd_stack)
+    reembed = commands.add_parser("reembed", help="embed the retained stream with a new model version")
+    reembed.add_argument("--bundle", type=Path, required=True)
+    reembed.set_defaults(run=cmd_reembed)
+    promote = commands.add_parser("promote", help="make a model version live (alias switch)")
+    promote.add_argument("--model", required=True)
+    promote.add_argument("--version", required=True)
+    promote.add_argument("--milvus-uri", default="")
+    promote.set_defaults(run=cmd_promote)
     args = parser.parse_args(argv)
     if getattr(args, "bundle", "unset") is None:
         args.bundle = [DEFAULT_BUNDLE]

@@ -8,6 +8,7 @@ restart pieces of it). Every process logs to ``<root>/logs/<name>.log``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -109,6 +110,9 @@ class ManagedProcess:
 class StackConfig:
     root: Path = REPO_ROOT / "var" / "stack"
     bundles: list[Path] = field(default_factory=list)
+    # What the embedding service encodes with (default: all bundles). While a re-embed job fills
+    # a new version, indexing and matching load both versions but embedding runs the live one.
+    embedding_bundles: list[Path] | None = None
     partitions: int = 4
     encoder_backend: str = "triton"     # or "inprocess" (explicit fallback)
     prometheus: bool = True
@@ -251,10 +255,27 @@ class LocalStack:
         return env
 
     def start_service(self, service: str, wait: bool = True) -> None:
-        self._spawn(service, [sys.executable, "-m", f"twinstream.{service}"],
-                    self.service_env(service))
+        env = self.service_env(service)
+        if service == "embedding" and self.config.embedding_bundles is not None:
+            env["TWINSTREAM_MODEL_DIR"] = ",".join(str(b) for b in self.config.embedding_bundles)
+        self._spawn(service, [sys.executable, "-m", f"twinstream.{service}"], env)
         if wait:
             self.wait_serving(service)
+
+    def start_reembed(self, bundle: Path) -> str:
+        """Run a re-embed job for ``bundle``: an embedding instance in a consumer group of its
+        own that reads items.accepted from the beginning (see ``twinstream reembed``)."""
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        name = f"reembed-{manifest['name']}-v{manifest['version']}"
+        self.grpc_ports[name], self.metrics_ports[name] = free_port(), free_port()
+        env = self.service_env("embedding")
+        env.update({"TWINSTREAM_GRPC_PORT": str(self.grpc_ports[name]),
+                    "TWINSTREAM_METRICS_PORT": str(self.metrics_ports[name]),
+                    "TWINSTREAM_INSTANCE_ID": name})
+        self._spawn(name, [sys.executable, "-m", "twinstream.cli", "reembed", "--bundle",
+                           str(bundle)], env)
+        self.wait_serving(name)
+        return name
 
     def start_replica(self, service: str, replica: int) -> str:
         """Start another instance of ``service`` in the same consumer group (a rebalance)."""

@@ -25,6 +25,9 @@ CONSUMER_LAG = Gauge(
     "twinstream_consumer_lag", "Records behind the end of the partition",
     ["service", "topic", "partition"],
 )
+BACKFILLED = Counter(
+    "twinstream_backfilled", "Items written into a model version that is not live yet (re-embedding)"
+)
 DECISIONS = Counter("twinstream_decisions", "Decisions published, by kind", ["kind"])
 INGEST_TO_DECISION = Histogram(
     "twinstream_ingest_to_decision_seconds", "From acceptance at ingestion to the published decision",

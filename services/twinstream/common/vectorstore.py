@@ -84,6 +84,7 @@ class VectorStore:
         self.prefix = prefix
         self.index_type = index_type
         self._known: set[str] = set()
+        self._live_cache: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
 
     # -- names -----------------------------------------------------------------------------
@@ -153,6 +154,16 @@ class VectorStore:
 
     def live_collection(self, model_name: str) -> str:
         return str(self.client.describe_alias(self.alias_name(model_name))["collection_name"])
+
+    def is_live(self, model: items_pb2.ModelRef, max_age_s: float = 2.0) -> bool:
+        """Whether ``model``'s version is the one its alias serves (cached for ``max_age_s``)."""
+        now = time.monotonic()
+        cached = self._live_cache.get(model.name)
+        if cached is None or now - cached[1] > max_age_s:
+            live = self.live_collection(model.name) if self.exists(self.alias_name(model.name)) else ""
+            cached = (live, now)
+            self._live_cache[model.name] = cached
+        return cached[0] == self.collection_name(model)
 
     # -- writes ----------------------------------------------------------------------------
     def upsert(self, collection: str, rows: Sequence[dict[str, Any]]) -> None:

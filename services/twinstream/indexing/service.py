@@ -19,7 +19,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from twinstream.common.bundle import ModelBundle
 from twinstream.common.config import Settings
 from twinstream.common.kafka import BatchResult, Outgoing, Rejected, parse_record
-from twinstream.common.metrics import DECISIONS, INGEST_TO_DECISION
+from twinstream.common.metrics import BACKFILLED, DECISIONS, INGEST_TO_DECISION
 from twinstream.common.vectorstore import (
     VectorStore,
     decode_decision,
@@ -44,6 +44,7 @@ class _Pending:
 
     collection: str
     bundle: ModelBundle
+    model: items_pb2.ModelRef
     tenant: str
     scope: str
     items: list[tuple[int, items_pb2.EmbeddedItem]] = field(default_factory=list)
@@ -77,14 +78,20 @@ class Indexer:
             key = (collection, it.tenant, it.collection)
             if key not in groups:
                 ttl = self.settings.ttl_for(it.tenant, it.collection)
-                groups[key] = _Pending(collection, bundle, it.tenant,
+                groups[key] = _Pending(collection, bundle, item.model, it.tenant,
                                        scope_filter(it.tenant, it.collection, ttl))
             groups[key].items.append((index, item))
 
         decided: dict[int, decisions_pb2.Decision] = {}
         fresh: list[decisions_pb2.Decision] = []
         for group in groups.values():
+            # A version that is not live is being back-filled by a re-embed job: its rows are
+            # written (ready for the alias switch) but users get decisions from the live model.
+            live = self.store.is_live(group.model)
             for index, decision, is_new in self._decide_group(group):
+                if not live:
+                    BACKFILLED.inc()
+                    continue
                 decided[index] = decision
                 if is_new:
                     fresh.append(decision)

@@ -45,7 +45,15 @@ class Matching(matching_pb2_grpc.MatchingServicer):
                  encoders: Sequence[ItemEncoder]) -> None:
         self.settings = settings
         self.store = store
-        self.encoders = list(encoders)
+        self._all_encoders = list(encoders)
+
+    @property
+    def encoders(self) -> list[ItemEncoder]:
+        """The encoders of the live versions (a model may be loaded in several versions while a
+        re-embed job fills the next one; queries follow its alias)."""
+        live = [e for e in self._all_encoders if self.store.is_live(e.bundle.model_ref)]
+        names = {e.bundle.name for e in live}
+        return live + [e for e in self._all_encoders if e.bundle.name not in names]
 
     # -- helpers -----------------------------------------------------------------------------
     def _live(self, bundle: ModelBundle) -> str:
