@@ -4,7 +4,7 @@
   twinstream stack up                  run the local stack on the default ports until Ctrl-C
   twinstream ingest FILE...            send JSONL/text/image files to ingestion
   twinstream match ...                 top-k similar items for an item id, text or file
-  twinstream train ...                 train an encoder (see docs/learn.md)
+  twinstream train|evaluate|temperature-study ...   the learning side (see docs/learn.md)
   twinstream base-bundle --out DIR     build the untrained MiniLM bundle
   twinstream reembed --bundle DIR      fill a new model version's collection from items.accepted
   twinstream promote --model M --version V   switch the live alias to that version
@@ -152,11 +152,12 @@ def _delegate(module: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    delegated = {"demo": "twinstream.demo", "train": "twinstream.learn.cli",
-                 "evaluate": "twinstream.learn.cli", "base-bundle": "twinstream.learn.base"}
+    delegated = {"demo": "twinstream.demo", "base-bundle": "twinstream.learn.base"}
+    learning = ("train", "evaluate", "temperature-study")  # subcommands of twinstream.learn.cli
     if argv and argv[0] in delegated:
-        rest = argv[1:] if argv[0] != "evaluate" else argv
-        return _delegate(delegated[argv[0]], rest)
+        return _delegate(delegated[argv[0]], argv[1:])
+    if argv and argv[0] in learning:
+        return _delegate("twinstream.learn.cli", argv)
     from twinstream.demo import DEFAULT_BUNDLE
 
     parser = argparse.ArgumentParser(prog="twinstream", description=__doc__,
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ingestion", default="127.0.0.1:50051")
     parser.add_argument("--matching", default="127.0.0.1:50054")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in delegated:
+    for name in (*delegated, *learning):
         commands.add_parser(name, help=f"see `twinstream {name} --help`")
     ingest = commands.add_parser("ingest", help="send files to ingestion")
     ingest.add_argument("files", type=Path, nargs="+")
