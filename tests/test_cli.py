@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import read_decisions
 
+from conftest import read_decisions
 from twinstream.cli import main
 from twinstream.devstack import LocalStack
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from twinstream.common.bundle import ModelBundle
 from twinstream.indexing.decide import Candidate, decide
 from twinstream.v1 import decisions_pb2, items_pb2

@@ -281,7 +281,8 @@ def test_env_carries_backends_from_values() -> None:
 
 def test_subcharts_are_optional_and_wired_when_enabled() -> None:
     dependencies = {d["name"]: d for d in yaml.safe_load((CHART / "Chart.yaml").read_text())["dependencies"]}
-    assert {n: d["condition"] for n, d in dependencies.items()} == {"milvus": "milvus.enabled", "kafka": "kafka.enabled"}
+    conditions = {name: d["condition"] for name, d in dependencies.items()}
+    assert conditions == {"milvus": "milvus.enabled", "kafka": "kafka.enabled"}
     with helm.Chart.load(CHART) as chart:
         assert chart.values["milvus"]["enabled"] is False and chart.values["kafka"]["enabled"] is False
     manifests = render({"milvus": {"enabled": True}, "kafka": {"enabled": True}})

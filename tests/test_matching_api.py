@@ -10,9 +10,10 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from conftest import first, read_decisions, record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from conftest import first, read_decisions, record
 from twinstream.client import TwinstreamClient
 from twinstream.common.kafka import make_producer
 from twinstream.common.vectorstore import VectorStore

@@ -8,8 +8,9 @@ import urllib.request
 
 import grpc
 import pytest
-from conftest import read_decisions, record
 from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import read_decisions, record
 from twinstream.client import TwinstreamClient
 from twinstream.devstack import SERVICES, LocalStack
 

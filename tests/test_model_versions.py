@@ -12,8 +12,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import first, read_decisions, record, start_stack
 
+from conftest import first, read_decisions, record, start_stack
 from twinstream.cli import main as cli_main
 from twinstream.client import TwinstreamClient
 from twinstream.common.vectorstore import VectorStore, decode_decision

@@ -7,10 +7,11 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from conftest import first, read_decisions, record
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+
+from conftest import first, read_decisions, record
 from twinstream.client import TwinstreamClient
 from twinstream.common.vectorstore import VectorStore
 from twinstream.devstack import LocalStack

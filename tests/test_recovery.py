@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from conftest import read_decisions, start_stack
 from twinstream.common.kafka import TopicReader, make_producer
 from twinstream.common.vectorstore import VectorStore
