@@ -21,11 +21,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from twinstream.common.config import Settings
+
+if TYPE_CHECKING:
+    from twinstream.learn.triton_repo import TritonServer
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -138,7 +142,7 @@ class LocalStack:
         self.grpc_ports = {s: (50051 + i if fixed else free_port()) for i, s in enumerate(SERVICES)}
         self.metrics_ports = {s: (DEFAULT_METRICS_PORTS[s] if fixed else free_port())
                               for s in SERVICES}
-        self.triton: object | None = None
+        self.triton: TritonServer | None = None
         self.triton_url = ""
 
     # -- addresses ---------------------------------------------------------------------------
@@ -191,7 +195,7 @@ class LocalStack:
         for name in [*services, *infrastructure]:
             self.processes[name].stop()
         if self.triton is not None:
-            self.triton.__exit__(None, None, None)  # type: ignore[attr-defined]
+            self.triton.stop()
             self.triton = None
 
     def __enter__(self) -> LocalStack:
@@ -229,7 +233,7 @@ class LocalStack:
         repo = self.root / "triton-repository"
         write_repository(list(self.config.bundles), repo)
         server = TritonServer(repo, log_path=self.root / "logs" / "triton.log")
-        server.__enter__()
+        server.start()
         self.triton = server
         self.triton_url = server.grpc_url
 
@@ -331,8 +335,8 @@ class LocalStack:
         text = template.read_text()
         for service, port in DEFAULT_METRICS_PORTS.items():
             text = text.replace(f"127.0.0.1:{port}", f"127.0.0.1:{self.metrics_ports[service]}")
-        triton_metrics = getattr(self.triton, "metrics_url", "")
-        match = re.match(r"https?://([^/]+)", str(triton_metrics))
+        triton_metrics = self.triton.metrics_url if self.triton is not None else ""
+        match = re.match(r"https?://([^/]+)", triton_metrics)
         if match:
             text = text.replace("127.0.0.1:8002", match.group(1))
         rules = REPO_ROOT / "deploy" / "prometheus" / "rules.yml"
