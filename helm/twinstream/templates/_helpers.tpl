@@ -1,0 +1,167 @@
+{{/*
+Names, labels and the values derived from several keys. Helpers that describe one component take
+(dict "root" $ "component" "<name>").
+*/}}
+
+{{- define "twinstream.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "twinstream.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "twinstream.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+<fullname>-<component>, at most 52 characters with the component suffix kept whole: a StatefulSet's
+name plus its controller-revision-hash suffix must fit a 63-character label value.
+*/}}
+{{- define "twinstream.componentName" -}}
+{{- $base := include "twinstream.fullname" .root | trunc (int (sub 51 (len .component))) | trimSuffix "-" }}
+{{- printf "%s-%s" $base .component }}
+{{- end }}
+
+{{- define "twinstream.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "twinstream.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+{{- if .component }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+{{- end }}
+
+{{- define "twinstream.labels" -}}
+helm.sh/chart: {{ include "twinstream.chart" .root }}
+{{ include "twinstream.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: twinstream
+{{- end }}
+
+{{- define "twinstream.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "twinstream.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "twinstream.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+
+{{/*
+What each service needs: the topic it consumes (KEDA scales on that group's lag) and which
+backends it talks to. These follow the service code (twinstream.<name>.__main__), not user choice.
+*/}}
+{{- define "twinstream.traits" -}}
+ingestion: {consumes: items.raw, kafka: true, milvus: false, triton: false, models: false, data: true}
+embedding: {consumes: items.accepted, kafka: true, milvus: false, triton: true, models: true, data: false}
+indexing: {consumes: items.embedded, kafka: true, milvus: true, triton: false, models: true, data: false}
+matching: {consumes: "", kafka: false, milvus: true, triton: true, models: true, data: false}
+{{- end }}
+
+{{/* A subchart's fullname, computed the way the milvus and bitnami charts do. (dict "root" $ "chart" "kafka") */}}
+{{- define "twinstream.subchartFullname" -}}
+{{- $sub := index .root.Values .chart }}
+{{- $override := dig "fullnameOverride" "" $sub }}
+{{- if $override }}
+{{- $override | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := dig "nameOverride" "" $sub | default .chart }}
+{{- if contains $name .root.Release.Name }}
+{{- .root.Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .root.Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "twinstream.kafkaBootstrap" -}}
+{{- if .Values.kafka.enabled }}
+{{- printf "%s:9092" (include "twinstream.subchartFullname" (dict "root" . "chart" "kafka")) }}
+{{- else }}
+{{- required "externalKafka.bootstrap is required when kafka.enabled is false" .Values.externalKafka.bootstrap }}
+{{- end }}
+{{- end }}
+
+{{- define "twinstream.milvusUri" -}}
+{{- if .Values.milvus.enabled }}
+{{- printf "http://%s:19530" (include "twinstream.subchartFullname" (dict "root" . "chart" "milvus")) }}
+{{- else }}
+{{- required "externalMilvus.uri is required when milvus.enabled is false" .Values.externalMilvus.uri }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret holding the Milvus token, or "" when Milvus needs none. */}}
+{{- define "twinstream.milvusSecretName" -}}
+{{- if .Values.externalMilvus.existingSecret }}
+{{- .Values.externalMilvus.existingSecret }}
+{{- else if .Values.externalMilvus.token }}
+{{- include "twinstream.componentName" (dict "root" . "component" "milvus-token") }}
+{{- end }}
+{{- end }}
+
+{{- define "twinstream.tritonUrl" -}}
+{{- if .Values.triton.enabled }}
+{{- printf "%s:8001" (include "twinstream.componentName" (dict "root" . "component" "triton")) }}
+{{- else }}
+{{- required "triton.url is required when triton.enabled is false" .Values.triton.url }}
+{{- end }}
+{{- end }}
+
+{{- define "twinstream.modelDir" -}}
+{{- $dirs := list }}
+{{- range .Values.models.bundles }}
+{{- $dirs = append $dirs (printf "%s/%s" (trimSuffix "/" $.Values.models.mountPath) (trimPrefix "/" .)) }}
+{{- end }}
+{{- join "," $dirs }}
+{{- end }}
+
+{{/* The models volume (named "models"), read-only for every consumer. */}}
+{{- define "twinstream.modelsVolume" -}}
+- name: models
+{{- if eq .Values.models.source "pvc" }}
+  persistentVolumeClaim:
+    claimName: {{ required "models.existingClaim is required when models.source is pvc" .Values.models.existingClaim }}
+    readOnly: true
+{{- else }}
+  emptyDir:
+    sizeLimit: {{ .Values.models.sizeLimit }}
+{{- end }}
+{{- end }}
+
+{{/* For models.source=image: copy the model image's files into the "models" emptyDir. */}}
+{{- define "twinstream.modelsInitContainer" -}}
+{{- if eq .Values.models.source "image" }}
+- name: fetch-models
+  image: {{ printf "%s:%s" (required "models.image.repository is required when models.source is image" .Values.models.image.repository) (required "models.image.tag is required when models.source is image" .Values.models.image.tag) }}
+  imagePullPolicy: {{ .Values.models.image.pullPolicy }}
+  command: ["sh", "-c", {{ printf "cp -a %s/. /work-models/" (trimSuffix "/" .Values.models.image.copyFrom) | quote }}]
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  volumeMounts:
+    - name: models
+      mountPath: /work-models
+{{- end }}
+{{- end }}
+
+{{/* Native gRPC probe against grpc.health.v1 on the given port. (dict "port" 50051 "probe" .Values.probes.readiness) */}}
+{{- define "twinstream.grpcProbe" -}}
+grpc:
+  port: {{ .port }}
+periodSeconds: {{ .probe.periodSeconds }}
+timeoutSeconds: {{ .probe.timeoutSeconds }}
+failureThreshold: {{ .probe.failureThreshold }}
+{{- end }}
