@@ -166,6 +166,7 @@ class ConsumeLoop:
             fetch_max_wait_ms=50,
         )
         self._lag_checked = 0.0
+        self._lag_partitions: set[TopicPartition] = set()
 
     def run(self, stopping: threading.Event, on_ready: Callable[[], None] = lambda: None) -> None:
         """Process batches until ``stopping`` is set, then close cleanly."""
@@ -268,6 +269,9 @@ class ConsumeLoop:
             return
         self._lag_checked = now
         assigned = list(self.consumer.assignment())
+        for lost in self._lag_partitions - set(assigned):  # moved to another replica
+            CONSUMER_LAG.remove(self.settings.service, lost.topic, str(lost.partition))
+        self._lag_partitions = set(assigned)
         if not assigned:
             return
         try:
