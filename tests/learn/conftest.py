@@ -9,9 +9,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pathlib import Path
 
 import pytest
+
 from twinstream.learn.modalities import DataSizes
 
-TINY = DataSizes(train_entities=48, eval_views=160, reference_views=80, ood_views=40)
+TINY = DataSizes.tiny()
 
 
 @pytest.fixture(scope="session")

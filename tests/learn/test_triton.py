@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from twinstream.learn.encoders import load_tokenizer
 from twinstream.learn.triton_repo import TritonServer, write_repository
 
@@ -91,9 +92,9 @@ def test_failed_start_reports_the_log(base_bundle: Path, tmp_path: Path) -> None
     repo = tmp_path / "repo"
     write_repository([base_bundle], repo)
     (repo / "twinstream_text" / "1" / "encoder.pt").write_bytes(b"not a torchscript file")
-    with pytest.raises((RuntimeError, TimeoutError)) as failure:
-        with TritonServer(repo, log_path=tmp_path / "triton.log", ready_timeout_s=120):
-            pass
+    server = TritonServer(repo, log_path=tmp_path / "triton.log", ready_timeout_s=120)
+    with pytest.raises((RuntimeError, TimeoutError)) as failure, server:
+        pass
     assert "twinstream_text" in str(failure.value)
 
 

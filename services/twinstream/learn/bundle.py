@@ -66,15 +66,23 @@ class Calibrated:
 
 def calibrate_model(model: EmbeddingModel, modality: Modality, val: ViewSet[Any], sizes: DataSizes,
                     seed: int, prototypes: int = 32, device: torch.device | None = None) -> Calibrated:
-    """OOD prototypes (k-means of in-distribution backbone features), the OOD threshold at 95% TPR on
+    """OOD prototypes (k-means of in-distribution features or embeddings), the OOD threshold at 95% TPR on
     held-out in-distribution views, and duplicate/match thresholds + Platt on ``val``."""
     device = device or torch.device("cpu")
     model = model.to(device).eval()
     fit_views, heldout_views = modality.in_distribution(sizes, seed)
-    fit = functional.normalize(backbone_features(model, modality, fit_views, device, progress="OOD reference"))
+
+    def ood_space(views: list[Any], progress: str | None = None) -> torch.Tensor:
+        if modality.ood_on_features:
+            model.eval()
+            reference = _over_batches(lambda *x: model.backbone.features_and_reference(*x)[1],
+                                      modality, views, device, 128, progress)
+            return functional.normalize(torch.cat(reference))
+        return torch.from_numpy(embed(model, modality, views, device, progress=progress)).to(device)
+
+    fit = ood_space(fit_views, "OOD reference")
     centroids = torch.from_numpy(spherical_kmeans(fit.cpu().numpy(), prototypes, seed)).to(device)
-    heldout = backbone_features(model, modality, heldout_views, device)
-    heldout_ood = ood_from_prototypes(heldout, centroids).cpu().numpy()
+    heldout_ood = ood_from_prototypes(ood_space(heldout_views), centroids).cpu().numpy()
     stream = val.shuffled(seed)
     val_vectors = embed(model, modality, stream.views, device, progress="embedding validation")
     fitted = calibrate(val_vectors, stream.entities, heldout_ood, modality.data_description)

@@ -1,4 +1,4 @@
-"""``python -m twinstream.learn {train,evaluate,temperature-study,base} ...``
+"""``python -m twinstream.learn {train,evaluate,temperature-study,loss-study,base} ...``
 
 ``main(argv)`` also accepts the train options alone (``twinstream train --modality ...``).
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 from twinstream.learn.modalities import IMAGE_BUNDLE, TEXT_BUNDLE, DataSizes, ModelOptions
 
 # Per-modality defaults, chosen by measurement (docs/learn.md): minutes on two CPU cores.
-DEFAULT_EPOCHS = {"record": 30, "text": 30, "image": 12}
-COMMANDS = ("train", "evaluate", "temperature-study", "base")
+DEFAULT_EPOCHS = {"record": 2, "text": 2, "image": 10}
+COMMANDS = ("train", "evaluate", "temperature-study", "loss-study", "base")
 
 
 def _sizes(parser: argparse.ArgumentParser) -> None:
@@ -39,8 +39,8 @@ def _training(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1")
-    parser.add_argument("--text-tuning", choices=["head", "finetune"], default="head",
-                        help="head: frozen MiniLM + residual head; finetune: train MiniLM's top layers")
+    parser.add_argument("--text-tuning", choices=["finetune", "head"], default="finetune",
+                        help="finetune: train MiniLM's top layers; head: frozen MiniLM + residual head")
     parser.add_argument("--trainable-layers", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--no-progress", action="store_true")
@@ -86,19 +86,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from twinstream.learn.evaluate import evaluate, markdown, write_report
 
     sizes = DataSizes(0, args.eval_views, args.reference_views, args.ood_views)
-    report = evaluate(args.modality, args.bundle, args.base, sizes, args.seed)
+    report = evaluate(args.modality, args.bundle, args.base, sizes, args.seed, args.device)
     text = markdown(report)
     write_report(args.out, f"evaluation-{args.modality}", report, text)
     print(text)
     return 0
 
 
-def cmd_temperature_study(args: argparse.Namespace) -> int:
-    from twinstream.learn.evaluate import temperature_markdown, temperature_study, write_report
+def cmd_study(args: argparse.Namespace) -> int:
+    from twinstream.learn.evaluate import loss_study, study_markdown, temperature_study, write_report
 
-    study = temperature_study(args.modality, args.temperatures, _config(args), not args.no_progress)
-    text = temperature_markdown(study)
-    write_report(args.out, f"temperature-{args.modality}", study, text)
+    if args.command == "temperature-study":
+        study = temperature_study(args.modality, args.temperatures, _config(args), not args.no_progress)
+    else:
+        study = loss_study(args.modality, args.losses, _config(args), not args.no_progress)
+    text = study_markdown(study)
+    write_report(args.out, f"{args.command}-{args.modality}", study, text)
     print(text)
     return 0
 
@@ -120,27 +123,29 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a base bundle (default: the untrained tower, calibrated in memory)")
     evaluate.add_argument("--seed", type=int, default=None, help="default: the bundle's training seed")
     evaluate.add_argument("--out", type=Path, required=True, help="folder for the .md and .json report")
+    evaluate.add_argument("--device", default="auto")
     _sizes(evaluate)
     evaluate.set_defaults(run=cmd_evaluate)
     study = commands.add_parser("temperature-study", help="InfoNCE at several temperatures")
     _training(study)
     study.add_argument("--temperatures", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2])
     study.add_argument("--out", type=Path, required=True)
-    study.set_defaults(run=cmd_temperature_study)
-    base = commands.add_parser("base", help="build the untrained base bundle (see twinstream.learn.base)")
-    base.add_argument("rest", nargs=argparse.REMAINDER)
-    base.set_defaults(run=lambda a: _base_main(a.rest))
+    study.set_defaults(run=cmd_study)
+    losses = commands.add_parser("loss-study", help="contrastive vs triplet vs InfoNCE")
+    _training(losses)
+    losses.add_argument("--losses", nargs="+", default=["contrastive", "triplet", "infonce"])
+    losses.add_argument("--out", type=Path, required=True)
+    losses.set_defaults(run=cmd_study)
+    commands.add_parser("base", help="build the untrained base bundle: base --out DIR [--seed N]")
     return parser
-
-
-def _base_main(rest: list[str]) -> int:
-    from twinstream.learn.base import main as base_main
-
-    return base_main(rest)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "base":
+        from twinstream.learn.base import main as base_main
+
+        return base_main(argv[1:])
     if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
         argv = ["train", *argv]  # `twinstream train --modality ...` hands over the options only
     args = build_parser().parse_args(argv)

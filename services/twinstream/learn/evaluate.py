@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from twinstream.learn.calibration import (
     threshold_for_precision,
 )
 from twinstream.learn.data import Splits
+from twinstream.learn.encoders import resolve_device
 from twinstream.learn.modalities import DataSizes, Modality, ModelOptions, get_modality
 from twinstream.learn.train import TrainConfig, seed_everything, train
 
@@ -52,24 +54,27 @@ class EvalData:
     splits: Splits[Any]
     ood_views: list[Any]
     seed: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
-def load_eval_data(modality: Modality, sizes: DataSizes, seed: int) -> EvalData:
+def load_eval_data(modality: Modality, sizes: DataSizes, seed: int, device: torch.device) -> EvalData:
     """The same entity-disjoint splits training used (they depend on the seed only)."""
     splits = modality.load_splits(replace(sizes, train_entities=0), seed)
-    return EvalData(modality, splits, modality.ood_views(sizes.ood_views, seed + 1), seed)
+    return EvalData(modality, splits, modality.ood_views(sizes.ood_views, seed + 1), seed, device)
 
 
 def score_encoder(module: nn.Module, data: EvalData, label: str) -> Scores:
     """Calibrate the duplicate threshold on validation, then measure on test and OOD views."""
+    module = module.to(data.device)
+    encode = partial(run_encoder, module, data.modality, device=data.device)
     val = data.splits.val.shuffled(data.seed)
-    val_vectors, _ = run_encoder(module, data.modality, val.views, progress=f"{label}: validation")
+    val_vectors, _ = encode(val.views, progress=f"{label}: validation")
     val_decisions = stream_decisions(val_vectors, val.entities)
     threshold = threshold_for_precision(val_decisions.scores, val_decisions.nearest_is_same,
                                         DUPLICATE_PRECISION)
     test = data.splits.test.shuffled(data.seed)
-    vectors, in_ood = run_encoder(module, data.modality, test.views, progress=f"{label}: test")
-    _, out_ood = run_encoder(module, data.modality, data.ood_views, progress=f"{label}: other domain")
+    vectors, in_ood = encode(test.views, progress=f"{label}: test")
+    _, out_ood = encode(data.ood_views, progress=f"{label}: other domain")
     sims, same = all_pairs(vectors, test.entities)
     precision, recall, f1 = precision_recall_f1(stream_decisions(vectors, test.entities), threshold)
     alignment, uniformity = alignment_uniformity(vectors, test.entities)
@@ -81,18 +86,19 @@ def score_encoder(module: nn.Module, data: EvalData, label: str) -> Scores:
 def base_encoder(modality: Modality, data: EvalData, sizes: DataSizes) -> Calibrated:
     """The untrained tower (MiniLM as shipped; the CNN at its seeded random init), calibrated."""
     seed_everything(data.seed)
-    return calibrate_model(modality.build_model(data.seed), modality, data.splits.val, sizes, data.seed)
+    return calibrate_model(modality.build_model(data.seed), modality, data.splits.val, sizes, data.seed,
+                           device=data.device)
 
 
 def evaluate(modality_name: str, bundle: Path, base: Path | None, sizes: DataSizes,
-             seed: int | None = None) -> dict[str, Any]:
+             seed: int | None = None, device: str = "auto") -> dict[str, Any]:
     """Base vs trained on the held-out test split of ``modality_name``."""
     trained_module, manifest = load_bundle_module(bundle)
     training = manifest.get("training", {})
     seed = int(training.get("seed", 0)) if seed is None else seed
     options = ModelOptions(**training.get("config", {}).get("options", {}))
     modality = get_modality(modality_name, options)
-    data = load_eval_data(modality, sizes, seed)
+    data = load_eval_data(modality, sizes, seed, resolve_device(device))
     if base is not None:
         base_module: nn.Module = load_bundle_module(base)[0]
         base_label = f"base ({base})"
@@ -110,6 +116,7 @@ def evaluate(modality_name: str, bundle: Path, base: Path | None, sizes: DataSiz
     }
 
 
+TRAINING_KEYS = ("loss", "temperature", "epochs", "train_seconds")
 METRICS = [("pair_roc_auc", "pair ROC-AUC"), ("duplicate_threshold", "duplicate threshold (val, P>=0.95)"),
            ("precision", "precision"), ("recall", "recall"), ("f1", "F1"),
            ("alignment", "alignment (lower = tighter duplicates)"),
@@ -124,7 +131,7 @@ def markdown(report: dict[str, Any]) -> str:
              f"- test split: {report['test_views']} views of {report['test_entities']} entities "
              f"(entity-disjoint from training and validation, seed {report['seed']})",
              f"- other domain for OOD: {report['ood_domain']} ({report['ood_views']} views)",
-             f"- trained with: {json.dumps({k: report['training'].get(k) for k in ('loss', 'temperature', 'epochs', 'train_seconds')})}",
+             f"- trained with: {json.dumps({k: report['training'].get(k) for k in TRAINING_KEYS})}",
              "", "| metric | " + " | ".join(s["label"] for s in scores) + " |",
              "|---|" + "---|" * len(scores)]
     for key, title in METRICS:
@@ -132,33 +139,48 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def temperature_study(modality_name: str, temperatures: list[float], base_config: TrainConfig,
-                      progress: bool = True) -> dict[str, Any]:
-    """Train one InfoNCE model per temperature (same data, seed and epochs) and score each."""
+def compare_runs(title: str, runs: list[tuple[str, TrainConfig]], progress: bool = True) -> dict[str, Any]:
+    """Train one model per labelled config (same data and seed) and score each on the test split."""
     results = []
-    for temperature in temperatures:
-        config = replace(base_config, modality=modality_name, loss="infonce", temperature=temperature)
+    for label, config in runs:
         started = time.perf_counter()
         run = train(config, progress)
+        device = resolve_device(config.device)
         data = EvalData(run.modality, run.splits,
-                        run.modality.ood_views(config.sizes.ood_views, config.seed + 1), config.seed)
-        calibrated = calibrate_model(run.model, run.modality, run.splits.val, config.sizes, config.seed)
-        scores = score_encoder(calibrated.module, data, f"T={temperature}")
-        results.append({**asdict(scores), "temperature": temperature,
-                        "train_seconds": round(run.history.seconds, 1),
+                        run.modality.ood_views(config.sizes.ood_views, config.seed + 1), config.seed, device)
+        calibrated = calibrate_model(run.model, run.modality, run.splits.val, config.sizes, config.seed,
+                                     config.prototypes, device)
+        scores = score_encoder(calibrated.module, data, label)
+        results.append({**asdict(scores), "loss": config.loss, "temperature": config.temperature,
+                        "epochs": config.epochs, "train_seconds": round(run.history.seconds, 1),
                         "total_seconds": round(time.perf_counter() - started, 1),
                         "final_train_loss": run.history.epochs[-1]["train_loss"] if run.history.epochs else None})
-        torch.set_grad_enabled(True)
-    return {"modality": modality_name, "epochs": base_config.epochs, "seed": base_config.seed,
-            "results": results}
+    return {"title": title, "results": results}
 
 
-def temperature_markdown(study: dict[str, Any]) -> str:
-    lines = [f"## InfoNCE temperature study: {study['modality']} ({study['epochs']} epochs, seed {study['seed']})",
-             "", "| T | pair ROC-AUC | F1 | precision | recall | alignment | uniformity | OOD AUROC | train s |",
+def temperature_study(modality_name: str, temperatures: list[float], base_config: TrainConfig,
+                      progress: bool = True) -> dict[str, Any]:
+    """InfoNCE at each temperature, everything else fixed."""
+    runs = [(f"T={t}", replace(base_config, modality=modality_name, loss="infonce", temperature=t))
+            for t in temperatures]
+    return compare_runs(f"InfoNCE temperature study: {modality_name} ({base_config.epochs} epochs, "
+                        f"seed {base_config.seed})", runs, progress)
+
+
+def loss_study(modality_name: str, losses: list[str], base_config: TrainConfig,
+               progress: bool = True) -> dict[str, Any]:
+    """Each loss with its default hyper-parameter, everything else fixed."""
+    runs = [(loss, replace(base_config, modality=modality_name, loss=loss)) for loss in losses]
+    return compare_runs(f"Loss study: {modality_name} ({base_config.epochs} epochs, seed {base_config.seed})",
+                        runs, progress)
+
+
+def study_markdown(study: dict[str, Any]) -> str:
+    lines = [f"## {study['title']}", "",
+             "| run | pair ROC-AUC | F1 | precision | recall | alignment | uniformity | OOD AUROC | train s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in study["results"]:
-        lines.append(f"| {r['temperature']} | {r['pair_roc_auc']:.4f} | {r['f1']:.4f} | {r['precision']:.4f} | "
+        lines.append(f"| {r['label']} | {r['pair_roc_auc']:.4f} | {r['f1']:.4f} | {r['precision']:.4f} | "
                      f"{r['recall']:.4f} | {r['alignment']:.4f} | {r['uniformity']:.4f} | "
                      f"{r['ood_auroc']:.4f} | {r['train_seconds']} |")
     return "\n".join(lines) + "\n"

@@ -46,10 +46,15 @@ class DataSizes:
     reference_views: int = 600   # in-distribution views for the OOD prototypes (and as many held out)
     ood_views: int = 400         # views of the other domain (evaluation only)
 
+    @classmethod
+    def tiny(cls) -> DataSizes:
+        """Seconds instead of minutes: for tests and smoke runs."""
+        return cls(train_entities=48, eval_views=160, reference_views=80, ood_views=40)
+
 
 @dataclass(frozen=True)
 class ModelOptions:
-    text_tuning: str = "head"    # "head": frozen MiniLM + residual head; "finetune": top layers
+    text_tuning: str = "finetune"  # "finetune": MiniLM's top layers; "head": frozen MiniLM + head
     trainable_layers: int = 2    # MiniLM layers trained with text_tuning="finetune"
     image_size: int = 64
     image_dim: int = 128
@@ -69,6 +74,7 @@ class Modality(ABC):
     serves: list[str]
     ood_domain: str
     data_description: str
+    ood_on_features: bool  # OOD prototypes in backbone-feature space (else embedding space)
 
     def __init__(self, options: ModelOptions | None = None) -> None:
         self.options = options or ModelOptions()
@@ -115,6 +121,7 @@ class TextFamily(Modality):
 
     bundle_name = TEXT_BUNDLE
     serves = ["text", "record"]
+    ood_on_features = True  # MiniLM's own space (see encoders._BundleEncoder)
     ood_domain = "Python standard-library source code (6-line windows of argparse, csv, json, ...)"
 
     def __init__(self, options: ModelOptions | None = None) -> None:
@@ -142,7 +149,7 @@ class TextFamily(Modality):
         return ids, mask
 
     def export_module(self, model: EmbeddingModel, prototypes: torch.Tensor) -> nn.Module:
-        return TokenBundleEncoder(model, prototypes)
+        return TokenBundleEncoder(model, prototypes, self.ood_on_features)
 
     def manifest_fields(self) -> dict[str, object]:
         return {"modalities": self.serves, "dim": MINILM_DIM, "inputs": ["input_ids", "attention_mask"],
@@ -275,6 +282,7 @@ class ImageModality(Modality):
     name = "image"
     bundle_name = IMAGE_BUNDLE
     serves = ["image"]
+    ood_on_features = False  # no pretrained image space exists here; see docs/learn.md on image OOD
     ood_domain = "rendered text pages (reference-manual paragraphs typeset black on white, augmented)"
     data_description = ("crops of 21 sample photos from scikit-image, scikit-learn and matplotlib, split "
                         "by photo; duplicates made by augly (DISC21-style) transformations")
@@ -331,7 +339,7 @@ class ImageModality(Modality):
         return (torch.from_numpy(np.stack(views).astype(np.float32)),)
 
     def export_module(self, model: EmbeddingModel, prototypes: torch.Tensor) -> nn.Module:
-        return PixelBundleEncoder(model, prototypes)
+        return PixelBundleEncoder(model, prototypes, self.ood_on_features)
 
     def manifest_fields(self) -> dict[str, object]:
         return {"modalities": self.serves, "dim": self.options.image_dim, "inputs": ["pixels"],

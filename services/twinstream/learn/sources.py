@@ -53,19 +53,41 @@ def febrl_records() -> tuple[Record, ...]:
     return tuple(records)
 
 
+def _shingles(text: str) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.lower())
+    return {tuple(words[i:i + 3]) for i in range(len(words) - 2)}
+
+
+def _is_prose(paragraph: str) -> bool:
+    """Sentences, not code examples or grammar rules: starts upper-case, ends with a full stop,
+    and is at least 90% letters, spaces and ordinary punctuation."""
+    ordinary = sum(c.isalpha() or c in " ,.;:'\"()-" for c in paragraph)
+    return paragraph[0].isupper() and paragraph.endswith(".") and ordinary >= 0.9 * len(paragraph)
+
+
 @cache
-def prose_paragraphs() -> tuple[tuple[str, str], ...]:
-    """(topic, paragraph) pairs from the Python reference manual, whitespace-normalised."""
+def prose_paragraphs(max_overlap: float = 0.3) -> tuple[tuple[str, str], ...]:
+    """(topic, paragraph) pairs from the Python reference manual, whitespace-normalised.
+
+    The manual has template twins ("Return True if all cased characters are lowercase ..." /
+    "... uppercase ...") closer to each other than an edited copy is to its original; a paragraph
+    whose word 3-grams overlap an earlier one's by Jaccard >= ``max_overlap`` is dropped, so the
+    ground truth (different paragraph = different entity) holds.
+    """
     import pydoc_data.topics
 
     found: list[tuple[str, str]] = []
-    seen: set[str] = set()
+    kept: list[set[tuple[str, ...]]] = []
     for topic, body in sorted(pydoc_data.topics.topics.items()):
         for block in re.split(r"\n\s*\n", body):
             paragraph = " ".join(block.split())
-            if 100 <= len(paragraph) <= 800 and paragraph[0].isalpha() and paragraph not in seen:
-                seen.add(paragraph)
-                found.append((topic, paragraph))
+            if not (100 <= len(paragraph) <= 800 and _is_prose(paragraph)):
+                continue
+            shingles = _shingles(paragraph)
+            if any(len(shingles & other) >= max_overlap * len(shingles | other) for other in kept):
+                continue
+            kept.append(shingles)
+            found.append((topic, paragraph))
     return tuple(found)
 
 

@@ -144,7 +144,7 @@ class TritonServer:
         """Ports left as None are picked free on 127.0.0.1; the venv defaults to
         ``$TWINSTREAM_TRITON_VENV`` or ``<repo root>/.venv-triton``."""
         self.repository = Path(repository)
-        self.venv = Path(venv or os.environ.get("TWINSTREAM_TRITON_VENV", REPO_ROOT / ".venv-triton"))
+        self.venv = Path(venv or os.environ.get("TWINSTREAM_TRITON_VENV") or REPO_ROOT / ".venv-triton")
         self.log_path = Path(log_path or self.repository.parent / "triton.log")
         self.threads = threads
         self.ready_timeout_s = ready_timeout_s

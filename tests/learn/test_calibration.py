@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from twinstream.learn.calibration import (
+    alignment_uniformity,
+    calibrate,
+    fit_platt,
+    ood_metrics,
+    precision_recall_f1,
+    roc_auc,
+    stream_decisions,
+    threshold_for_precision,
+)
+
+
+def test_roc_auc_matches_pair_counting_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, size=60).astype(float)
+    labels = rng.random(60) < 0.4
+    pos, neg = scores[labels], scores[~labels]
+    brute = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg)])
+    assert roc_auc(scores, labels) == pytest.approx(brute)
+
+
+def test_threshold_for_precision_is_the_lowest_reaching_the_target() -> None:
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    labels = np.array([True, True, False, True, False])
+    assert threshold_for_precision(scores, labels, 1.0) == 0.8
+    assert threshold_for_precision(scores, labels, 0.75) == 0.6
+
+
+def test_stream_decisions_and_demo_style_scoring() -> None:
+    # a, b are one entity; c is alone; d duplicates c but its nearest earlier item is a.
+    vectors = np.array([[1, 0], [0.99, 0.14], [0, 1], [0.8, 0.6]], dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    decisions = stream_decisions(vectors, ["x", "x", "c", "c"])
+    assert decisions.nearest_is_same.tolist() == [True, False, False]
+    assert decisions.has_earlier_same.tolist() == [True, False, True]
+    precision, recall, f1 = precision_recall_f1(decisions, threshold=0.75)
+    assert (precision, recall) == (0.5, 0.5) and f1 == pytest.approx(0.5)
+
+
+def test_platt_is_increasing_in_the_score() -> None:
+    rng = np.random.default_rng(1)
+    scores = np.concatenate([rng.normal(0.9, 0.05, 200), rng.normal(0.5, 0.1, 200)])
+    labels = np.concatenate([np.ones(200, bool), np.zeros(200, bool)])
+    a, b = fit_platt(scores, labels)
+    assert a > 0 and 1 / (1 + np.exp(-(a * 0.95 + b))) > 0.9 > 0.1 > 1 / (1 + np.exp(-(a * 0.4 + b)))
+
+
+def test_calibrate_orders_thresholds() -> None:
+    rng = np.random.default_rng(2)
+    centres = rng.normal(size=(50, 16))
+    vectors = np.concatenate([centres, centres[:25] + rng.normal(scale=0.3, size=(25, 16))])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    entities = [str(i) for i in range(50)] + [str(i) for i in range(25)]
+    fitted = calibrate(vectors.astype(np.float32), entities, rng.random(100), "synthetic")
+    thresholds = fitted["thresholds"]
+    assert thresholds["match"] <= thresholds["duplicate"]
+    assert fitted["calibration"]["true_duplicates"] == 25
+
+
+def test_ood_metrics_on_separated_and_identical_scores() -> None:
+    inside = np.linspace(0, 1, 100)
+    assert ood_metrics(inside, inside + 2) == {"auroc": 1.0, "fpr_at_95_tpr": 0.0}
+    same = ood_metrics(inside, inside.copy())
+    assert same["auroc"] == pytest.approx(0.5) and same["fpr_at_95_tpr"] == pytest.approx(0.95)
+
+
+def test_alignment_and_uniformity() -> None:
+    tight = np.array([[1, 0], [1, 0], [-1, 0], [-1, 0]], dtype=np.float32)
+    alignment, uniformity = alignment_uniformity(tight, ["a", "a", "b", "b"])
+    assert alignment == pytest.approx(0.0, abs=1e-6)
+    # pairs: 2 at distance^2 0 and 4 at 4 -> log((2 + 4 e^-8) / 6)
+    assert uniformity == pytest.approx(np.log((2 + 4 * np.exp(-8)) / 6), rel=1e-5)
