@@ -1,0 +1,214 @@
+"""The methods under comparison, each reduced to streaming links (see ``bench.metrics``).
+
+* dense similarity (cosine of embeddings, Hamming similarity of perceptual hashes): the best
+  earlier item by exact search over everything before it;
+* MinHash LSH (``datasketch``): candidates from the LSH index, ranked by estimated Jaccard;
+* twinstream: its encoder in-process and the indexer's own decision rule
+  (``twinstream.indexing.decide``) over the exact top-k earlier neighbours and content hashes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from bench.metrics import Link
+from twinstream.common.bundle import ModelBundle
+from twinstream.common.encoding import ItemEncoder, make_encoder
+from twinstream.indexing.decide import Candidate, decide
+from twinstream.ingestion.validation import Limits, validate
+from twinstream.v1 import decisions_pb2, items_pb2
+
+DUPLICATE_KINDS = (decisions_pb2.EXACT_DUPLICATE, decisions_pb2.NEAR_DUPLICATE)
+_TENANT = "bench"
+
+
+def top_earlier(vectors: np.ndarray, k: int, block: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and inner products of each row's ``k`` most similar earlier rows, best first
+    (index -1 where fewer than ``k`` rows came before)."""
+    n = len(vectors)
+    index = np.full((n, k), -1, dtype=np.int64)
+    score = np.full((n, k), -np.inf, dtype=np.float32)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        sims = vectors[start:stop] @ vectors[:stop].T
+        rows = np.arange(stop - start)[:, None]
+        sims[np.arange(stop)[None, :] >= start + rows] = -np.inf  # only earlier items
+        take = min(k, stop)
+        part = np.argpartition(-sims, take - 1, axis=1)[:, :take]
+        part_scores = np.take_along_axis(sims, part, axis=1)
+        order = np.argsort(-part_scores, axis=1, kind="stable")
+        best = np.take_along_axis(part, order, axis=1)
+        best_scores = np.take_along_axis(part_scores, order, axis=1)
+        valid = np.isfinite(best_scores)
+        index[start:stop, :take] = np.where(valid, best, -1)
+        score[start:stop, :take] = best_scores
+    return index, score
+
+
+def dense_links(vectors: np.ndarray, entities: Sequence[str]) -> list[Link]:
+    """Links to the most similar earlier item (no decision yet: see ``metrics.at_threshold``)."""
+    index, score = top_earlier(np.ascontiguousarray(vectors, dtype=np.float32), 1)
+    return [Link(entity, entities[j] if j >= 0 else None, float(s) if j >= 0 else -np.inf, False)
+            for entity, j, s in zip(entities, index[:, 0], score[:, 0], strict=True)]
+
+
+def bits_as_vectors(bits: np.ndarray) -> np.ndarray:
+    """Hash bits [N, B] as +-1/sqrt(B) vectors: inner product = 1 - 2 * Hamming / B."""
+    signs = np.where(bits.astype(bool), 1.0, -1.0).astype(np.float32)
+    return signs / np.sqrt(bits.shape[1])
+
+
+def shingles(text: str, size: int = 5) -> set[bytes]:
+    """Character ``size``-grams of the lower-cased, whitespace-collapsed text."""
+    norm = " ".join(text.lower().split())
+    return {norm[i:i + size].encode() for i in range(max(1, len(norm) - size + 1))}
+
+
+@dataclass(frozen=True)
+class MinHashConfig:
+    num_perm: int = 128
+    shingle: int = 5
+    lsh_threshold: float = 0.3  # candidate generation only; the decision threshold is calibrated
+
+    def describe(self) -> str:
+        return (f"datasketch MinHashLSH, {self.num_perm} permutations, character {self.shingle}-gram "
+                f"shingles, LSH threshold {self.lsh_threshold} for candidates, ranked by estimated Jaccard")
+
+
+def minhash_links(texts: Sequence[str], entities: Sequence[str], config: MinHashConfig) -> list[Link]:
+    """Stream the texts through a MinHash LSH index: query, then insert, item by item."""
+    from datasketch import MinHash, MinHashLSH
+
+    lsh = MinHashLSH(threshold=config.lsh_threshold, num_perm=config.num_perm)
+    seen: list[MinHash] = []
+    links = []
+    for i, (text, entity) in enumerate(zip(texts, entities, strict=True)):
+        sketch = MinHash(num_perm=config.num_perm, seed=1)
+        sketch.update_batch(list(shingles(text, config.shingle)))
+        scored = [(sketch.jaccard(seen[int(key)]), int(key)) for key in lsh.query(sketch)]
+        if scored:
+            best_score, best = max(scored, key=lambda pair: (pair[0], -pair[1]))
+            links.append(Link(entity, entities[best], float(best_score), False))
+        else:
+            links.append(Link(entity, None, -np.inf, False))
+        lsh.insert(str(i), sketch)
+        seen.append(sketch)
+    return links
+
+
+# -- twinstream ---------------------------------------------------------------------------------
+def load_encoder(bundle_dir: Path) -> ItemEncoder:
+    """The bundle's encoder in this process (the bare encoder, no Triton, no pipeline)."""
+    return make_encoder(ModelBundle.load(bundle_dir), "inprocess", "")
+
+
+def encode_contents(encoder: ItemEncoder, modality: int, contents: Sequence[bytes],
+                    batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocess and encode item contents exactly as the embedding service does."""
+    prepared = [encoder.model_input(modality, content) for content in contents]
+    vectors, oods = [], []
+    for start in range(0, len(prepared), batch):
+        embedded = encoder.encode(prepared[start:start + batch])
+        vectors.append(embedded.vectors)
+        oods.append(embedded.ood_scores)
+    return np.concatenate(vectors), np.concatenate(oods)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Items in arrival order: ids, ground-truth entities, raw contents and their modality."""
+
+    ids: list[str]
+    entities: list[str]
+    contents: list[bytes]
+    modality: items_pb2.Modality.ValueType
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def item(self, i: int) -> items_pb2.Item:
+        return items_pb2.Item(item_id=self.ids[i], tenant=_TENANT, collection="bench",
+                              modality=self.modality, content=self.contents[i])
+
+    def subset(self, keep: Sequence[int]) -> Stream:
+        return Stream([self.ids[i] for i in keep], [self.entities[i] for i in keep],
+                      [self.contents[i] for i in keep], self.modality)
+
+
+def content_hashes(stream: Stream) -> list[str]:
+    """The ingestion service's exact-duplicate keys."""
+    limits = Limits(max_item_bytes=1 << 24, max_text_chars=1 << 20)
+    return [validate(stream.item(i), limits) for i in range(len(stream))]
+
+
+@dataclass(frozen=True)
+class Embedded:
+    vectors: np.ndarray
+    ood: np.ndarray
+    hashes: list[str]
+
+
+def embed_stream(encoder: ItemEncoder, stream: Stream) -> Embedded:
+    vectors, ood = encode_contents(encoder, stream.modality, stream.contents)
+    return Embedded(vectors, ood, content_hashes(stream))
+
+
+def replay_decisions(bundle: ModelBundle, stream: Stream, embedded: Embedded,
+                     neighbours: int = 10) -> list[decisions_pb2.Decision]:
+    """twinstream's decisions for the stream: the indexer's rule over the exact top-k earlier
+    neighbours and every earlier item with the same content hash."""
+    index, score = top_earlier(embedded.vectors, neighbours)
+    model = bundle.model_ref
+    first_with_hash: dict[str, int] = {}
+    clusters: list[str] = []
+    decisions = []
+    for i in range(len(stream)):
+        candidates = [Candidate(stream.ids[j], float(s), clusters[j], j,
+                                exact=embedded.hashes[j] == embedded.hashes[i])
+                      for j, s in zip(index[i], score[i], strict=True) if j >= 0]
+        same = first_with_hash.get(embedded.hashes[i])
+        if same is not None and all(c.item_id != stream.ids[same] for c in candidates):
+            candidates.append(Candidate(stream.ids[same], 1.0, clusters[same], same, exact=True))
+        accepted = items_pb2.AcceptedItem(item=stream.item(i), content_hash=embedded.hashes[i],
+                                          ingest_time_ms=i)
+        item = items_pb2.EmbeddedItem(accepted=accepted, model=model, ood_score=float(embedded.ood[i]))
+        decision = decide(item, candidates, bundle, neighbours, i)
+        decisions.append(decision)
+        clusters.append(decision.cluster_id)
+        first_with_hash.setdefault(embedded.hashes[i], i)
+    return decisions
+
+
+def decision_links(decisions: Sequence[decisions_pb2.Decision], entity_of: dict[str, str]) -> list[Link]:
+    """Links from twinstream decisions (replayed or read off ``items.decisions``): the named
+    earlier item for duplicates, else the top neighbour; the score of that link."""
+    links = []
+    for decision in decisions:
+        entity = entity_of[decision.item_id]
+        if decision.kind in DUPLICATE_KINDS:
+            links.append(Link(entity, entity_of.get(decision.duplicate_of), decision.score, True))
+        elif decision.neighbours:
+            top = max(decision.neighbours, key=lambda n: n.score)
+            links.append(Link(entity, entity_of.get(top.item_id), top.score, False))
+        else:
+            links.append(Link(entity, None, -np.inf, False))
+    return links
+
+
+def with_duplicate_threshold(bundle: ModelBundle, threshold: float) -> ModelBundle:
+    """The bundle with another duplicate threshold (the match threshold kept at most as high)."""
+    return replace(bundle, duplicate_threshold=threshold,
+                   match_threshold=min(bundle.match_threshold, threshold))
+
+
+_SAFE_ID = re.compile(r"[^A-Za-z0-9_.:@+=-]")
+
+
+def safe_id(text: str) -> str:
+    """An item id the ingestion service accepts."""
+    return _SAFE_ID.sub("_", text)[:256]

@@ -1,0 +1,265 @@
+"""The report: JSON (everything), Markdown tables and PNG plots, both rendered from the JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "twinstream-bench/1"
+ROW_KEYS = ("method", "kind", "decision", "threshold", "precision", "recall", "f1", "micro_ap",
+            "duplicates_said", "true_duplicates", "items", "refused_ood", "curve")
+QUERY_KEYS = ("vectors", "dims", "insert_s", "index_build_s", "latency_queries", "qps", "p50_ms", "p99_ms",
+              "batch_qps", "recall_at_10", "milvus_rss_mib")
+EFFICIENCY_TARGET = 0.8
+RECALL_TARGET = 0.98
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and (math.isnan(value) or math.isinf(value))):
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows), ""]
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The human-readable report."""
+    config = data["config"]
+    lines = [f"# twinstream benchmark{' (quick)' if data['quick'] else ''}", "",
+             f"`{data['command']}` — {data['created_at']}, {data['machine']['cpus']} CPU cores, load average "
+             f"{data['machine']['load_start']} at start; {data['seconds']['total']:.0f} s in all. Every speed "
+             "figure is a ratio to, or shown next to, a baseline measured in the same run.", ""]
+    lines += ["Bundles: " + "; ".join(f"**{role}** `{b['path']}` ({b['name']} v{b['version']}, "
+                                      f"{'trained on ' + b['trained_on'] if b['trained_on'] else 'untrained'})"
+                                      for role, b in data["bundles"].items()), ""]
+    lines += _quality_md(data.get("quality", {}))
+    speed = data.get("speed", {})
+    lines += ["## Speed", ""]
+    if "pipeline" in speed:
+        lines += _pipeline_md(speed)
+    if "queries" in speed:
+        lines += _queries_md(speed["queries"], config)
+    if data["notes"]:
+        lines += ["## Notes", "", *(f"- {n}" for n in data["notes"]), ""]
+    lines += ["![quality](quality.png)", "", "![speed](speed.png)", ""]
+    return "\n".join(lines)
+
+
+def _quality_md(quality: dict[str, Any]) -> list[str]:
+    if not quality:
+        return []
+    lines = ["## Quality of duplicate decisions", "",
+             "Each item of a stream, in arrival order, is linked to its best earlier item; a duplicate call "
+             "is right when that item is the same entity. Recall is over the items with an earlier "
+             "duplicate; µAP (micro-average precision, DISC21-style) ranks every item's best link by score "
+             "and needs no threshold.", ""]
+    for name, result in quality.items():
+        rows = result["rows"]
+        truth = rows[0]["true_duplicates"] if rows else 0
+        lines += [f"### {name}", "", f"{result['description']}. Test stream: {result['test_items']} items, "
+                  f"{result['test_entities']} entities, {truth} with an earlier duplicate"
+                  + (f"; validation stream: {result['val_items']} items." if result["val_items"] else "."), ""]
+        lines += _table(["method", "decision", "threshold", "precision", "recall", "F1", "µAP", "OOD refusals"],
+                        [[r["method"], r["decision"], _num(r["threshold"]), _num(r["precision"]),
+                          _num(r["recall"]), _num(r["f1"]), _num(r["micro_ap"]), _num(r["refused_ood"])]
+                         for r in rows])
+        lines += [f"- {n}" for n in result["notes"]] + ([""] if result["notes"] else [])
+    return lines
+
+
+def _pipeline_md(speed: dict[str, Any]) -> list[str]:
+    pipeline, encoder = speed["pipeline"], speed["encoder"]
+    best = encoder["best"]
+    lines = ["### Pipeline efficiency", "",
+             f"FEBRL3 records through the running stack (bundle `{encoder['bundle']}`), one gRPC IngestStream, "
+             "until the last decision is read off `items.decisions`; against the same bundle's bare encoder "
+             "called in-process (preprocessing included) at its best batch size.", ""]
+    lines += _table(["measure", "value"], [
+        ["bare encoder, best batch", f"{_num(best['items_per_s'], 1)} items/s (batch {best['batch']})"],
+        ["end to end through the stack", f"{_num(pipeline['items_per_s'], 1)} items/s "
+                                         f"({pipeline['decided']}/{pipeline['items']} items in "
+                                         f"{_num(pipeline['seconds'], 1)} s)"],
+        ["**efficiency** (end to end / bare)", f"**{_num(pipeline['efficiency'])}** (target ≥ {EFFICIENCY_TARGET})"],
+        ["ingest → decision latency p50 / p99", f"{_num(pipeline['latency_p50_ms'], 0)} / "
+                                                f"{_num(pipeline['latency_p99_ms'], 0)} ms (under the burst)"],
+        ["decisions", ", ".join(f"{k} {v}" for k, v in pipeline["decisions"].items())],
+    ])
+    lines += ["Bare encoder by batch size (before the stack started; the best batch measured again with the "
+              "stack idle afterwards):", ""]
+    lines += _table(["batch", "items/s"], [[str(p["batch"]), _num(p["items_per_s"], 1)] for p in encoder["batches"]]
+                    + [[f"{encoder['after']['batch']} (after)", _num(encoder["after"]["items_per_s"], 1)]])
+    fresh = speed["freshness"]
+    lines += ["### Freshness (ingest → searchable)", "",
+              "One record at a time: unary gRPC Ingest, then Match by its id (itself included) every 5 ms "
+              "until it comes back.", ""]
+    lines += _table(["probes", "p50 ms", "p99 ms", "max ms"],
+                    [[str(fresh["probes"]), _num(fresh["p50_ms"], 0), _num(fresh["p99_ms"], 0),
+                      _num(fresh["max_ms"], 0)]])
+    matching = speed["matching"]
+    lines += ["### Match API vs the Milvus search it wraps", "",
+              f"Sequential queries by item id (k=10) on the stack's collection ({matching['collection_rows']} "
+              "rows of the tenant).", ""]
+    lines += _table(["call", "calls", "QPS", "p50 ms", "p99 ms"],
+                    [[label, str(m["calls"]), _num(m["qps"], 1), _num(m["p50_ms"], 1), _num(m["p99_ms"], 1)]
+                     for label, m in (("gRPC Match", matching["grpc_match"]),
+                                      ("VectorStore.search", matching["milvus_search"]))])
+    lines += ["### Memory (peak RSS per process tree)", ""]
+    lines += _table(["process", "peak RSS MiB"], [[k, _num(v, 0)] for k, v in speed["memory_mib"].items()])
+    return lines
+
+
+def _queries_md(points: list[dict[str, Any]], config: dict[str, Any]) -> list[str]:
+    lines = ["### Match queries at scale", "",
+             f"Synthetic clustered unit vectors ({config['dims']} dims) in a Milvus Lite server through "
+             "twinstream's VectorStore (HNSW M=16, efConstruction=200, ef=64, the Match scope filter, k+1=11); "
+             "recall@10 against exact numpy search.", ""]
+    lines += _table(["vectors", "insert s", "index build s", "queries", "QPS", "p50 ms", "p99 ms",
+                     "QPS, 100/request", "recall@10", "Milvus RSS MiB"],
+                    [[_num(p["vectors"]), _num(p["insert_s"], 1), _num(p["index_build_s"], 1),
+                      str(p["latency_queries"]), _num(p["qps"], 1), _num(p["p50_ms"], 1), _num(p["p99_ms"], 1),
+                      _num(p["batch_qps"], 1), _num(p["recall_at_10"]), _num(p["milvus_rss_mib"], 0)]
+                     for p in points])
+    return lines
+
+
+# -- plots -----------------------------------------------------------------------------------------
+def plots(data: dict[str, Any], out_dir: Path) -> list[Path]:
+    """quality.png (precision-recall per dataset) and speed.png (four panels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    return [_quality_png(data.get("quality", {}), out_dir / "quality.png"),
+            _speed_png(data.get("speed", {}), out_dir / "speed.png")]
+
+
+def _quality_png(quality: dict[str, Any], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    names = list(quality) or ["quality"]
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 6.4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        ax.set_title(name)
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        if name not in quality:
+            ax.text(0.5, 0.5, "not run", ha="center")
+            continue
+        colors: dict[str, str] = {}
+        for r in quality[name]["rows"]:
+            same_curve = r["kind"] == "twinstream" and r["method"] in colors  # recalibrated: same scores
+            if r["curve"]["recall"] and not same_curve:
+                (line,) = ax.plot(r["curve"]["recall"], r["curve"]["precision"], lw=1.2, alpha=0.8)
+                colors[r["method"]] = line.get_color()
+            ax.plot([r["recall"]], [r["precision"]], "o" if r["kind"] == "twinstream" else "s",
+                    color=colors.get(r["method"]), label=f"{r['method']} [{r['decision']}]", ms=6)
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
+    fig.suptitle("precision-recall of duplicate calls (curves: threshold sweep; markers: operating points)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _speed_png(speed: dict[str, Any], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    (enc, fresh), (query, memory) = axes
+    if "encoder" in speed:
+        batches = speed["encoder"]["batches"]
+        enc.plot([p["batch"] for p in batches], [p["items_per_s"] for p in batches], "o-", label="bare encoder")
+        enc.axhline(speed["pipeline"]["items_per_s"], color="C3", ls="--",
+                    label=f"end to end (efficiency {speed['pipeline']['efficiency']:.2f})")
+        enc.set_xscale("log", base=2)
+        enc.legend(fontsize=8)
+    enc.set(title="items/s: bare encoder by batch vs the stack", xlabel="batch size", ylabel="items/s")
+    if "freshness" in speed and speed["freshness"]["samples_ms"]:
+        samples = sorted(speed["freshness"]["samples_ms"])
+        fresh.plot(samples, [(i + 1) / len(samples) for i in range(len(samples))], drawstyle="steps-post")
+    fresh.set(title="freshness: ingest → searchable (CDF)", xlabel="ms", ylabel="share of probes")
+    if speed.get("queries"):
+        points = speed["queries"]
+        sizes = [p["vectors"] for p in points]
+        query.plot(sizes, [p["p50_ms"] for p in points], "o-", label="p50")
+        query.plot(sizes, [p["p99_ms"] for p in points], "s--", label="p99")
+        query.set_xscale("log")
+        query.set_yscale("log")
+        for p in points:
+            query.annotate(f"recall@10 {p['recall_at_10']:.3f}", (p["vectors"], p["p50_ms"]), fontsize=7)
+        query.legend(fontsize=8)
+    query.set(title="match query latency vs collection size", xlabel="vectors", ylabel="ms")
+    if speed.get("memory_mib"):
+        names = list(speed["memory_mib"])
+        memory.barh(names, [speed["memory_mib"][n] for n in names])
+    memory.set(title="peak RSS per process tree", xlabel="MiB")
+    for ax in (enc, fresh, query, memory):
+        ax.grid(alpha=0.3)
+        if not ax.has_data():
+            ax.text(0.5, 0.5, "not run", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# -- files and schema ---------------------------------------------------------------------------------
+def write(data: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """report.json, report.md, quality.png, speed.png in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "report.json"
+    json_path.write_text(json.dumps(data, indent=1, default=_plain) + "\n")
+    md_path = out_dir / "report.md"
+    md_path.write_text(markdown(data))
+    quality_png, speed_png = plots(data, out_dir)
+    return {"json": json_path, "markdown": md_path, "quality_png": quality_png, "speed_png": speed_png}
+
+
+def _plain(value: object) -> object:
+    if hasattr(value, "item"):
+        return value.item()  # numpy scalars
+    return str(value)
+
+
+def problems(data: dict[str, Any]) -> list[str]:
+    """What is missing or malformed in a report (empty when it is well-formed)."""
+    found = []
+    for key in ("schema", "created_at", "command", "quick", "machine", "config", "bundles", "quality", "speed",
+                "notes", "seconds", "sections"):
+        if key not in data:
+            found.append(f"missing {key}")
+    if data.get("schema") != SCHEMA:
+        found.append(f"schema is {data.get('schema')!r}, not {SCHEMA!r}")
+    for name, result in data.get("quality", {}).items():
+        for key in ("description", "test_items", "test_entities", "val_items", "rows", "notes", "seconds"):
+            if key not in result:
+                found.append(f"quality.{name}: missing {key}")
+        for i, r in enumerate(result.get("rows", [])):
+            found += [f"quality.{name}.rows[{i}]: missing {k}" for k in ROW_KEYS if k not in r]
+            for k in ("precision", "recall", "f1", "micro_ap"):
+                if k in r and not 0.0 <= r[k] <= 1.0:
+                    found.append(f"quality.{name}.rows[{i}].{k} = {r[k]} is not in [0, 1]")
+    speed = data.get("speed", {})
+    if "pipeline" in speed:
+        for key in ("encoder", "freshness", "matching", "memory_mib"):
+            if key not in speed:
+                found.append(f"speed: missing {key}")
+        for key in ("items", "decided", "items_per_s", "efficiency", "latency_p50_ms", "latency_p99_ms"):
+            if key not in speed["pipeline"]:
+                found.append(f"speed.pipeline: missing {key}")
+    for i, point in enumerate(speed.get("queries", [])):
+        found += [f"speed.queries[{i}]: missing {k}" for k in QUERY_KEYS if k not in point]
+        if "recall_at_10" in point and not 0.0 <= point["recall_at_10"] <= 1.0:
+            found.append(f"speed.queries[{i}].recall_at_10 out of range")
+    return found

@@ -1,0 +1,260 @@
+"""Speed through the running stack, each figure next to its baseline from the same run.
+
+* the bare encoder: the bundle's TorchScript module called in this process, preprocessing
+  included, at several batch sizes (the best is the pipeline's ceiling);
+* the pipeline: items/s from the first gRPC ingest to the last decision on ``items.decisions``;
+* freshness: ingest one item over gRPC, poll Matching until a Match finds it;
+* the Match API over gRPC, next to the bare Milvus search it wraps;
+* peak RSS (VmHWM) of every process tree of the stack.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from bench.methods import Stream
+from bench.metrics import percentiles
+from twinstream.client import TwinstreamClient
+from twinstream.common.encoding import ItemEncoder
+from twinstream.common.kafka import TopicReader
+from twinstream.common.vectorstore import VectorStore, row_key, scope_filter
+from twinstream.devstack import LocalStack
+from twinstream.v1 import decisions_pb2, matching_pb2
+
+COLLECTION = "bench"
+
+
+# -- the bare encoder ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EncoderPoint:
+    batch: int
+    items_per_s: float
+
+
+def encoder_sweep(encoder: ItemEncoder, contents: Sequence[bytes], modality: int, batch_sizes: Sequence[int],
+                  min_seconds: float) -> list[EncoderPoint]:
+    """Items/s of preprocessing + encoding at each batch size, each run for ``min_seconds``."""
+    points = []
+    for batch in batch_sizes:
+        sized = ItemEncoder(replace(encoder.bundle, max_batch_size=batch), encoder.encoder)
+        sized.encode([sized.model_input(modality, c) for c in contents[:batch]])  # warm-up
+        done, position, started = 0, 0, time.perf_counter()
+        while done < 2 * batch or time.perf_counter() - started < min_seconds:
+            chunk = [contents[(position + k) % len(contents)] for k in range(batch)]
+            sized.encode([sized.model_input(modality, c) for c in chunk])
+            position, done = position + batch, done + batch
+        points.append(EncoderPoint(batch, done / (time.perf_counter() - started)))
+    return points
+
+
+# -- the pipeline --------------------------------------------------------------------------------
+@dataclass
+class StreamRun:
+    """What the stack decided for a stream and how fast."""
+
+    items: int
+    decisions: list[decisions_pb2.Decision]  # in the stream's order
+    seconds: float
+    latencies_ms: list[float]
+
+    @property
+    def items_per_s(self) -> float:
+        return len(self.decisions) / self.seconds if self.seconds > 0 else 0.0
+
+
+def stream_through(stack: LocalStack, stream: Stream, tenant: str, timeout_s: float = 900) -> StreamRun:
+    """Ingest the stream over one gRPC IngestStream call and read its decisions back."""
+    settings = stack.settings()
+    reader = TopicReader(settings, settings.topics.decisions)
+    items = []
+    for i in range(len(stream)):
+        item = stream.item(i)
+        item.tenant, item.collection = tenant, COLLECTION
+        items.append(item)
+    wanted = set(stream.ids)
+    found: dict[str, decisions_pb2.Decision] = {}
+    received: dict[str, float] = {}
+    errors: list[BaseException] = []
+    with TwinstreamClient(stack.grpc_target("ingestion"), stack.grpc_target("matching")) as client:
+        def ingest() -> None:
+            try:
+                summary = client.ingest_many(iter(items))
+                if summary.rejected:
+                    errors.append(RuntimeError(f"ingestion rejected {summary.rejected} items"))
+            except grpc.RpcError as exc:
+                errors.append(exc)
+
+        started = time.time()
+        sender = threading.Thread(target=ingest, daemon=True)
+        sender.start()
+        deadline = time.monotonic() + timeout_s
+        try:
+            while len(found) < len(wanted) and time.monotonic() < deadline and not errors:
+                for record in reader.poll(200):
+                    decision = decisions_pb2.Decision.FromString(record.value)
+                    if decision.tenant == tenant and decision.item_id in wanted and decision.item_id not in found:
+                        found[decision.item_id] = decision
+                        received[decision.item_id] = time.time()
+        finally:
+            reader.close()
+            sender.join(timeout=60)
+    if errors:
+        raise RuntimeError(f"streaming failed: {errors[0]}")
+    ordered = [found[i] for i in stream.ids if i in found]
+    elapsed = max(received.values()) - started if received else 0.0
+    latencies = [received[d.item_id] * 1000 - d.ingest_time_ms for d in ordered]
+    return StreamRun(len(stream), ordered, elapsed, latencies)
+
+
+@dataclass
+class Latency:
+    """Per-request latencies of one kind of call, made one after another."""
+
+    calls: int
+    qps: float
+    p50_ms: float
+    p99_ms: float
+
+    @classmethod
+    def of(cls, seconds: Sequence[float]) -> Latency:
+        p50, p99 = percentiles([s * 1000 for s in seconds])
+        total = float(sum(seconds))
+        return cls(len(seconds), len(seconds) / total if total else 0.0, p50, p99)
+
+
+def freshness(stack: LocalStack, stream: Stream, tenant: str, probes: int,
+              timeout_s: float = 60) -> list[float]:
+    """Seconds from a unary gRPC Ingest until Match (by the item's id, itself included) returns
+    the item; one probe at a time, each a record the tenant has not seen."""
+    waits = []
+    with TwinstreamClient(stack.grpc_target("ingestion"), stack.grpc_target("matching")) as client:
+        for k in range(min(probes, len(stream))):
+            item = stream.item(k)
+            item.tenant, item.collection, item.item_id = tenant, COLLECTION, f"fresh-{k}"
+            request = matching_pb2.MatchRequest(tenant=tenant, collection=COLLECTION, item_id=item.item_id,
+                                                k=3, include_self=True)
+            started = time.perf_counter()
+            client.ingest(item)
+            while time.perf_counter() - started < timeout_s:
+                try:
+                    response = client.matching.Match(request, timeout=10)
+                    if any(r.item_id == item.item_id for r in response.results):
+                        waits.append(time.perf_counter() - started)
+                        break
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.NOT_FOUND:
+                        raise
+                time.sleep(0.005)
+    return waits
+
+
+@dataclass
+class MatchingLatency:
+    grpc_match: Latency
+    milvus_search: Latency
+    collection_rows: int
+
+
+def matching_latency(stack: LocalStack, bundle_name: str, tenant: str, item_ids: Sequence[str],
+                     queries: int, seed: int) -> MatchingLatency:
+    """Match by item id over gRPC (k=10) vs the Milvus search it wraps, on the same items."""
+    rng = np.random.default_rng(seed)
+    chosen = [str(x) for x in rng.choice(list(item_ids), size=min(queries, len(item_ids)), replace=False)]
+    grpc_s, milvus_s = [], []
+    with TwinstreamClient(stack.grpc_target("ingestion"), stack.grpc_target("matching")) as client:
+        for item_id in chosen:
+            started = time.perf_counter()
+            client.match(tenant, item_id=item_id, collection=COLLECTION, k=10)
+            grpc_s.append(time.perf_counter() - started)
+    store = VectorStore(stack.milvus_uri)
+    alias = store.alias_name(bundle_name)
+    rows = store.get(alias, [row_key(tenant, COLLECTION, i) for i in chosen], ["pk", "vector"])
+    expr = scope_filter(tenant, COLLECTION)
+    for stored in rows.values():
+        started = time.perf_counter()
+        store.search(alias, [stored["vector"]], 11, expr)
+        milvus_s.append(time.perf_counter() - started)
+    count = store.count(alias, expr)
+    store.client.close()
+    return MatchingLatency(Latency.of(grpc_s), Latency.of(milvus_s), count)
+
+
+# -- memory ----------------------------------------------------------------------------------------
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def hwm_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def peak_rss_mib(stack: LocalStack) -> dict[str, float]:
+    """Peak RSS (VmHWM) of each stack process with its children (Triton's python-backend stubs
+    included), summed over the tree: an upper bound if they peaked at different times."""
+    roots = {name: p.popen.pid for name, p in stack.processes.items() if p.popen is not None and p.alive}
+    triton = getattr(stack.triton, "process", None)
+    if triton is not None:
+        roots["triton"] = int(triton.pid)
+    tree = _children()
+    out = {}
+    for name, pid in roots.items():
+        pending, total = [pid], 0
+        while pending:
+            current = pending.pop()
+            total += hwm_kib(current)
+            pending += tree.get(current, [])
+        out[name] = round(total / 1024, 1)
+    return out
+
+
+@dataclass
+class PipelineResult:
+    bundle: str
+    run: StreamRun
+    encoder_before: list[EncoderPoint]
+    encoder_after: EncoderPoint
+    freshness_s: list[float]
+    matching: MatchingLatency
+    memory_mib: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def best_bare(self) -> EncoderPoint:
+        best = max(self.encoder_before, key=lambda p: p.items_per_s)
+        return self.encoder_after if self.encoder_after.items_per_s > best.items_per_s else best
+
+    @property
+    def efficiency(self) -> float:
+        return self.run.items_per_s / self.best_bare.items_per_s
+
+
+def default_batch_sizes(quick: bool) -> list[int]:
+    return [1, 16, 64] if quick else [1, 8, 32, 64, 128]
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))
