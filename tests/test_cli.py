@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_decisions
+from stack_helpers import read_decisions
 from twinstream.cli import main
 from twinstream.devstack import LocalStack
 

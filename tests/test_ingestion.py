@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from conftest import read_decisions, text
+from stack_helpers import read_decisions, text
 from twinstream.client import TwinstreamClient
 from twinstream.common.kafka import TopicReader, make_producer
 from twinstream.devstack import LocalStack

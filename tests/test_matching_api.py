@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import first, read_decisions, record
+from stack_helpers import first, read_decisions, record
 from twinstream.client import TwinstreamClient
 from twinstream.common.kafka import make_producer
 from twinstream.common.vectorstore import VectorStore

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import read_decisions, record
+from stack_helpers import read_decisions, record
 from twinstream.client import TwinstreamClient
 from twinstream.devstack import SERVICES, LocalStack
 

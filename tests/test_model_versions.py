@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import first, read_decisions, record, start_stack
+from stack_helpers import first, read_decisions, record, start_stack
 from twinstream.cli import main as cli_main
 from twinstream.client import TwinstreamClient
 from twinstream.common.vectorstore import VectorStore, decode_decision

@@ -11,7 +11,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from conftest import first, read_decisions, record
+from stack_helpers import first, read_decisions, record
 from twinstream.client import TwinstreamClient
 from twinstream.common.vectorstore import VectorStore
 from twinstream.devstack import LocalStack

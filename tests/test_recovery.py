@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_decisions, start_stack
+from stack_helpers import read_decisions, start_stack
 from twinstream.common.kafka import TopicReader, make_producer
 from twinstream.common.vectorstore import VectorStore
 from twinstream.demo import febrl_items
