@@ -66,9 +66,10 @@ def test_calibrate_orders_thresholds() -> None:
 
 def test_ood_metrics_on_separated_and_identical_scores() -> None:
     inside = np.linspace(0, 1, 100)
-    assert ood_metrics(inside, inside + 2) == {"auroc": 1.0, "fpr_at_95_tpr": 0.0}
+    assert ood_metrics(inside, inside + 2) == {"auroc": 1.0, "fpr_at_95_tpr": 0.0, "fpr_at_99_tpr": 0.0}
     same = ood_metrics(inside, inside.copy())
     assert same["auroc"] == pytest.approx(0.5) and same["fpr_at_95_tpr"] == pytest.approx(0.95)
+    assert same["fpr_at_99_tpr"] == pytest.approx(0.99)
 
 
 def test_alignment_and_uniformity() -> None:

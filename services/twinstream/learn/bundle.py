@@ -66,7 +66,7 @@ class Calibrated:
 
 def calibrate_model(model: EmbeddingModel, modality: Modality, val: ViewSet[Any], sizes: DataSizes,
                     seed: int, prototypes: int = 32, device: torch.device | None = None) -> Calibrated:
-    """OOD prototypes (k-means of in-distribution features or embeddings), the OOD threshold at 95% TPR on
+    """OOD prototypes (k-means of in-distribution features or embeddings), the OOD threshold at 99% TPR on
     held-out in-distribution views, and duplicate/match thresholds + Platt on ``val``."""
     device = device or torch.device("cpu")
     model = model.to(device).eval()

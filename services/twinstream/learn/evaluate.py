@@ -46,6 +46,7 @@ class Scores:
     uniformity: float
     ood_auroc: float
     ood_fpr_at_95_tpr: float
+    ood_fpr_at_99_tpr: float
 
 
 @dataclass
@@ -80,7 +81,7 @@ def score_encoder(module: nn.Module, data: EvalData, label: str) -> Scores:
     alignment, uniformity = alignment_uniformity(vectors, test.entities)
     ood = ood_metrics(in_ood, out_ood)
     return Scores(label, threshold, roc_auc(sims, same), precision, recall, f1, alignment, uniformity,
-                  ood["auroc"], ood["fpr_at_95_tpr"])
+                  ood["auroc"], ood["fpr_at_95_tpr"], ood["fpr_at_99_tpr"])
 
 
 def base_encoder(modality: Modality, data: EvalData, sizes: DataSizes) -> Calibrated:
@@ -121,7 +122,7 @@ METRICS = [("pair_roc_auc", "pair ROC-AUC"), ("duplicate_threshold", "duplicate 
            ("precision", "precision"), ("recall", "recall"), ("f1", "F1"),
            ("alignment", "alignment (lower = tighter duplicates)"),
            ("uniformity", "uniformity (lower = more spread)"), ("ood_auroc", "OOD AUROC"),
-           ("ood_fpr_at_95_tpr", "OOD FPR@95%TPR")]
+           ("ood_fpr_at_95_tpr", "OOD FPR@95%TPR"), ("ood_fpr_at_99_tpr", "OOD FPR@99%TPR (served threshold)")]
 
 
 def markdown(report: dict[str, Any]) -> str:
