@@ -28,6 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 from bench.methods import Stream, safe_id
+from twinstream.learn.augment import ImageEdit, apply_random_edits
 from twinstream.v1 import items_pb2
 
 DOCSTRING_PACKAGES = ("numpy", "scipy", "pandas", "sklearn", "matplotlib")
@@ -247,7 +248,7 @@ def text_streams(items: int, seed: int, cache_dir: Path) -> SplitStreams:
 
 
 # -- images ------------------------------------------------------------------------------------
-def _image_edits() -> list[Callable[[Image.Image, random.Random], Image.Image]]:
+def _image_edits() -> list[ImageEdit]:
     import augly.image as imaugs
 
     def crop(img: Image.Image, rng: random.Random) -> Image.Image:
@@ -290,16 +291,14 @@ def _image_edits() -> list[Callable[[Image.Image, random.Random], Image.Image]]:
     ]
 
 
-_EDITS: list[Callable[[Image.Image, random.Random], Image.Image]] = []
+_EDITS: list[ImageEdit] = []
 
 
 def copy_image(image: Image.Image, rng: random.Random) -> Image.Image:
     """A DISC21-style copy: one to three augly transformations."""
     if not _EDITS:
         _EDITS.extend(_image_edits())
-    for edit in rng.sample(_EDITS, rng.randint(1, 3)):
-        image = edit(image, rng).convert("RGB")
-    return image
+    return apply_random_edits(image, _EDITS, rng)
 
 
 def _crops(photo: Image.Image, count: int, rng: random.Random) -> list[Image.Image]:

@@ -84,7 +84,10 @@ def _color(rng: random.Random) -> tuple[int, int, int]:
     return (rng.randrange(256), rng.randrange(256), rng.randrange(256))
 
 
-def _image_edits() -> list[Callable[[Image.Image, random.Random], Image.Image]]:
+ImageEdit = Callable[[Image.Image, random.Random], Image.Image]
+
+
+def _image_edits() -> list[ImageEdit]:
     import augly.image as imaugs
 
     def crop(img: Image.Image, rng: random.Random) -> Image.Image:
@@ -119,13 +122,18 @@ def _image_edits() -> list[Callable[[Image.Image, random.Random], Image.Image]]:
     ]
 
 
-_IMAGE_EDITS: list[Callable[[Image.Image, random.Random], Image.Image]] = []
+_IMAGE_EDITS: list[ImageEdit] = []
+
+
+def apply_random_edits(image: Image.Image, edits: list[ImageEdit], rng: random.Random, most: int = 3) -> Image.Image:
+    """``image`` after one to ``most`` distinct edits drawn from ``edits`` (RGB after each)."""
+    for edit in rng.sample(edits, rng.randint(1, most)):
+        image = edit(image, rng).convert("RGB")
+    return image
 
 
 def augment_image(image: Image.Image, rng: random.Random) -> Image.Image:
     """A DISC21-style copy of ``image``: one to three augly transformations."""
     if not _IMAGE_EDITS:
         _IMAGE_EDITS.extend(_image_edits())
-    for edit in rng.sample(_IMAGE_EDITS, rng.randint(1, 3)):
-        image = edit(image, rng).convert("RGB")
-    return image
+    return apply_random_edits(image, _IMAGE_EDITS, rng)

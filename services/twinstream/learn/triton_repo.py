@@ -12,13 +12,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+from twinstream.devstack import REPO_ROOT, free_port
 
 MODEL_PY = '''"""Triton python backend: runs a twinstream TorchScript encoder (written by twinstream)."""
 import json
@@ -129,12 +128,6 @@ def write_repository(bundles: list[Path], repo_dir: Path, gpu: bool = False,
             (version_dir / "model.py").write_text(MODEL_PY)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class TritonServer:
     """Runs the real Triton Inference Server from ``.venv-triton`` on loopback."""
 
@@ -148,9 +141,9 @@ class TritonServer:
         self.log_path = Path(log_path or self.repository.parent / "triton.log")
         self.threads = threads
         self.ready_timeout_s = ready_timeout_s
-        self.grpc_port = grpc_port or _free_port()
-        self.http_port = http_port or _free_port()
-        self.metrics_port = metrics_port or _free_port()
+        self.grpc_port = grpc_port or free_port()
+        self.http_port = http_port or free_port()
+        self.metrics_port = metrics_port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
