@@ -10,6 +10,7 @@ from twinstream.learn.calibration import (
     calibrate,
     fit_platt,
     ood_metrics,
+    ood_threshold,
     precision_recall_f1,
     roc_auc,
     stream_decisions,
@@ -58,7 +59,7 @@ def test_calibrate_orders_thresholds() -> None:
     vectors = np.concatenate([centres, centres[:25] + rng.normal(scale=0.3, size=(25, 16))])
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     entities = [str(i) for i in range(50)] + [str(i) for i in range(25)]
-    fitted = calibrate(vectors.astype(np.float32), entities, rng.random(100), "synthetic")
+    fitted = calibrate(vectors.astype(np.float32), entities, [rng.random(100)], "synthetic")
     thresholds = fitted["thresholds"]
     assert thresholds["match"] <= thresholds["duplicate"]
     assert fitted["calibration"]["true_duplicates"] == 25
@@ -70,6 +71,14 @@ def test_ood_metrics_on_separated_and_identical_scores() -> None:
     same = ood_metrics(inside, inside.copy())
     assert same["auroc"] == pytest.approx(0.5) and same["fpr_at_95_tpr"] == pytest.approx(0.95)
     assert same["fpr_at_99_tpr"] == pytest.approx(0.99)
+
+
+def test_ood_threshold_keeps_the_tpr_of_every_kind() -> None:
+    tight, loose = np.linspace(0.0, 0.1, 1000), np.linspace(0.0, 0.5, 100)
+    threshold = ood_threshold([tight, loose])
+    assert (loose <= threshold).mean() >= 0.99 and (tight <= threshold).mean() == 1.0
+    pooled = float(np.quantile(np.concatenate([tight, loose]), 0.99))
+    assert (loose <= pooled).mean() < 0.9  # why kinds are not pooled
 
 
 def test_alignment_and_uniformity() -> None:

@@ -67,7 +67,7 @@ class Calibrated:
 def calibrate_model(model: EmbeddingModel, modality: Modality, val: ViewSet[Any], sizes: DataSizes,
                     seed: int, prototypes: int = 32, device: torch.device | None = None) -> Calibrated:
     """OOD prototypes (k-means of in-distribution features or embeddings), the OOD threshold at 99% TPR on
-    held-out in-distribution views, and duplicate/match thresholds + Platt on ``val``."""
+    held-out in-distribution views of each kind served, and duplicate/match thresholds + Platt on ``val``."""
     device = device or torch.device("cpu")
     model = model.to(device).eval()
     fit_views, heldout_views = modality.in_distribution(sizes, seed)
@@ -82,12 +82,12 @@ def calibrate_model(model: EmbeddingModel, modality: Modality, val: ViewSet[Any]
 
     fit = ood_space(fit_views, "OOD reference")
     centroids = torch.from_numpy(spherical_kmeans(fit.cpu().numpy(), prototypes, seed)).to(device)
-    heldout_ood = ood_from_prototypes(ood_space(heldout_views), centroids).cpu().numpy()
+    heldout_ood = [ood_from_prototypes(ood_space(views), centroids).cpu().numpy() for views in heldout_views]
     stream = val.shuffled(seed)
     val_vectors = embed(model, modality, stream.views, device, progress="embedding validation")
     fitted = calibrate(val_vectors, stream.entities, heldout_ood, modality.data_description)
     fitted["calibration"]["ood_reference"] = {"prototypes": len(centroids), "fit_views": len(fit_views),
-                                              "heldout_views": len(heldout_views)}
+                                              "heldout_views": [len(v) for v in heldout_views]}
     return Calibrated(modality.export_module(model, centroids).eval(), fitted)
 
 

@@ -71,17 +71,24 @@ def fit_platt(scores: np.ndarray, labels: np.ndarray, iterations: int = 100) -> 
     return float(w[0]), float(w[1])
 
 
-def calibrate(vectors: np.ndarray, entities: list[str], heldout_ood_scores: np.ndarray,
+def ood_threshold(heldout_ood_scores: list[np.ndarray], tpr: float = OOD_SERVING_TPR) -> float:
+    """The lowest OOD threshold that keeps ``tpr`` of the held-out items of every kind served:
+    pooling kinds would let a tight kind (records) pull the threshold down until a looser one
+    (prose) is refused far more often than 1 - ``tpr``."""
+    return max(float(np.quantile(scores, tpr)) for scores in heldout_ood_scores)
+
+
+def calibrate(vectors: np.ndarray, entities: list[str], heldout_ood_scores: list[np.ndarray],
               data: str) -> dict[str, dict[str, object]]:
     """``thresholds`` and ``calibration`` manifest sections from a simulated stream over
-    validation items (``vectors`` in arrival order) and in-distribution OOD scores."""
+    validation items (``vectors`` in arrival order) and in-distribution OOD scores per kind."""
     decisions = stream_decisions(vectors, entities)
     duplicate = threshold_for_precision(decisions.scores, decisions.nearest_is_same, DUPLICATE_PRECISION)
     match = threshold_for_precision(decisions.scores, decisions.nearest_is_same, MATCH_PRECISION)
     platt_a, platt_b = fit_platt(decisions.scores, decisions.nearest_is_same)
     return {
         "thresholds": {"duplicate": duplicate, "match": min(match, duplicate),
-                       "ood": float(np.quantile(heldout_ood_scores, OOD_SERVING_TPR))},
+                       "ood": ood_threshold(heldout_ood_scores)},
         "calibration": {"platt_a": platt_a, "platt_b": platt_b,
                         "target_precision": DUPLICATE_PRECISION, "match_precision": MATCH_PRECISION,
                         "ood_tpr": OOD_SERVING_TPR, "decisions": len(decisions.scores),
