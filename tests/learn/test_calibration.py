@@ -7,6 +7,7 @@ import pytest
 
 from twinstream.learn.calibration import (
     alignment_uniformity,
+    band_threshold,
     calibrate,
     fit_platt,
     ood_metrics,
@@ -71,6 +72,16 @@ def test_ood_metrics_on_separated_and_identical_scores() -> None:
     same = ood_metrics(inside, inside.copy())
     assert same["auroc"] == pytest.approx(0.5) and same["fpr_at_95_tpr"] == pytest.approx(0.95)
     assert same["fpr_at_99_tpr"] == pytest.approx(0.99)
+
+
+def test_match_band_is_judged_on_its_own_decisions() -> None:
+    # 60% of the stream are true duplicates: pooled, precision never falls below 0.5
+    scores = np.array([0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
+    labels = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0, 0], dtype=bool)
+    assert threshold_for_precision(scores, labels, 0.5) == pytest.approx(0.2)
+    # below the duplicate threshold 0.8 the band keeps precision >= 0.5 down to 0.4 (2 of 4 true)
+    assert band_threshold(scores, labels, 0.8, 0.5) == pytest.approx(0.4)
+    assert band_threshold(scores, labels, 0.1, 0.5) == pytest.approx(0.1)  # nothing below: empty band
 
 
 def test_ood_threshold_keeps_the_tpr_of_every_kind() -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 DUPLICATE_PRECISION = 0.95  # the duplicate threshold is the lowest cosine reaching this precision
-MATCH_PRECISION = 0.5       # the (lower) match threshold: "worth a look", half of them true
+MATCH_PRECISION = 0.5       # the match band below the duplicate threshold: "worth a look", half of it true
 OOD_TPR = 0.95              # reported: FPR at 95% TPR (the literature's yardstick)
 OOD_SERVING_TPR = 0.99      # served: the OOD threshold keeps 99% of held-out in-distribution inputs
 
@@ -55,6 +55,16 @@ def threshold_for_precision(scores: np.ndarray, labels: np.ndarray, target: floa
     return float(sorted_scores[ok.max()])
 
 
+def band_threshold(scores: np.ndarray, labels: np.ndarray, upper: float, target: float) -> float:
+    """The lowest threshold t whose band [t, ``upper``) still has ``target`` precision: the band
+    is judged on its own decisions, not together with the surer ones above it (pooled, a stream
+    where most items have a duplicate reaches any precision below its base rate at every t)."""
+    below = scores < upper
+    if not below.any():
+        return upper
+    return min(upper, threshold_for_precision(scores[below], labels[below], target))
+
+
 def fit_platt(scores: np.ndarray, labels: np.ndarray, iterations: int = 100) -> tuple[float, float]:
     """Logistic regression p = sigmoid(a*s + b) by Newton's method (L2-regularised a little)."""
     x = np.stack([scores.astype(np.float64), np.ones(len(scores))], axis=1)
@@ -84,10 +94,10 @@ def calibrate(vectors: np.ndarray, entities: list[str], heldout_ood_scores: list
     validation items (``vectors`` in arrival order) and in-distribution OOD scores per kind."""
     decisions = stream_decisions(vectors, entities)
     duplicate = threshold_for_precision(decisions.scores, decisions.nearest_is_same, DUPLICATE_PRECISION)
-    match = threshold_for_precision(decisions.scores, decisions.nearest_is_same, MATCH_PRECISION)
+    match = band_threshold(decisions.scores, decisions.nearest_is_same, duplicate, MATCH_PRECISION)
     platt_a, platt_b = fit_platt(decisions.scores, decisions.nearest_is_same)
     return {
-        "thresholds": {"duplicate": duplicate, "match": min(match, duplicate),
+        "thresholds": {"duplicate": duplicate, "match": match,
                        "ood": ood_threshold(heldout_ood_scores)},
         "calibration": {"platt_a": platt_a, "platt_b": platt_b,
                         "target_precision": DUPLICATE_PRECISION, "match_precision": MATCH_PRECISION,

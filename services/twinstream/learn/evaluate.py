@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -47,6 +48,9 @@ class Scores:
     ood_auroc: float
     ood_fpr_at_95_tpr: float
     ood_fpr_at_99_tpr: float
+    ood_threshold: float           # the bundle's own (calibrated on validation data)
+    refused_in_distribution: float  # share of test items at or above it: real items decided OOD
+    accepted_other_domain: float    # share of other-domain items below it
 
 
 @dataclass
@@ -64,8 +68,9 @@ def load_eval_data(modality: Modality, sizes: DataSizes, seed: int, device: torc
     return EvalData(modality, splits, modality.ood_views(sizes.ood_views, seed + 1), seed, device)
 
 
-def score_encoder(module: nn.Module, data: EvalData, label: str) -> Scores:
-    """Calibrate the duplicate threshold on validation, then measure on test and OOD views."""
+def score_encoder(module: nn.Module, data: EvalData, label: str, ood_threshold: float) -> Scores:
+    """Calibrate the duplicate threshold on validation, then measure on test and OOD views
+    (``ood_threshold``: the bundle's, to measure what it refuses)."""
     module = module.to(data.device)
     encode = partial(run_encoder, module, data.modality, device=data.device)
     val = data.splits.val.shuffled(data.seed)
@@ -81,7 +86,13 @@ def score_encoder(module: nn.Module, data: EvalData, label: str) -> Scores:
     alignment, uniformity = alignment_uniformity(vectors, test.entities)
     ood = ood_metrics(in_ood, out_ood)
     return Scores(label, threshold, roc_auc(sims, same), precision, recall, f1, alignment, uniformity,
-                  ood["auroc"], ood["fpr_at_95_tpr"], ood["fpr_at_99_tpr"])
+                  ood["auroc"], ood["fpr_at_95_tpr"], ood["fpr_at_99_tpr"], ood_threshold,
+                  float((in_ood > ood_threshold).mean()), float((out_ood <= ood_threshold).mean()))
+
+
+def _ood_threshold(manifest: Mapping[str, Any]) -> float:
+    """``thresholds.ood`` of a manifest (or of the sections calibration fitted)."""
+    return float(manifest["thresholds"]["ood"])
 
 
 def base_encoder(modality: Modality, data: EvalData, sizes: DataSizes) -> Calibrated:
@@ -100,14 +111,18 @@ def evaluate(modality_name: str, bundle: Path, base: Path | None, sizes: DataSiz
     options = ModelOptions(**training.get("config", {}).get("options", {}))
     modality = get_modality(modality_name, options)
     data = load_eval_data(modality, sizes, seed, resolve_device(device))
+    base_module: nn.Module
     if base is not None:
-        base_module: nn.Module = load_bundle_module(base)[0]
+        base_module, base_manifest = load_bundle_module(base)
+        base_ood = _ood_threshold(base_manifest)
         base_label = f"base ({base})"
     else:
-        base_module = base_encoder(get_modality(modality_name, ModelOptions(
-            image_size=options.image_size, image_dim=options.image_dim)), data, sizes).module
+        calibrated = base_encoder(get_modality(modality_name, ModelOptions(
+            image_size=options.image_size, image_dim=options.image_dim)), data, sizes)
+        base_module, base_ood = calibrated.module, _ood_threshold(calibrated.fitted)
         base_label = "base (untrained, in memory)"
-    rows = [score_encoder(base_module, data, "base"), score_encoder(trained_module, data, "trained")]
+    rows = [score_encoder(base_module, data, "base", base_ood),
+            score_encoder(trained_module, data, "trained", _ood_threshold(manifest))]
     return {
         "modality": modality_name, "seed": seed, "bundle": str(bundle), "base": base_label,
         "data": modality.data_description, "ood_domain": modality.ood_domain,
@@ -122,7 +137,9 @@ METRICS = [("pair_roc_auc", "pair ROC-AUC"), ("duplicate_threshold", "duplicate 
            ("precision", "precision"), ("recall", "recall"), ("f1", "F1"),
            ("alignment", "alignment (lower = tighter duplicates)"),
            ("uniformity", "uniformity (lower = more spread)"), ("ood_auroc", "OOD AUROC"),
-           ("ood_fpr_at_95_tpr", "OOD FPR@95%TPR"), ("ood_fpr_at_99_tpr", "OOD FPR@99%TPR (served threshold)")]
+           ("ood_fpr_at_95_tpr", "OOD FPR@95%TPR"), ("ood_fpr_at_99_tpr", "OOD FPR@99%TPR"),
+           ("refused_in_distribution", "test items refused as OOD at the bundle's threshold"),
+           ("accepted_other_domain", "other-domain items accepted at the bundle's threshold")]
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -151,7 +168,7 @@ def compare_runs(title: str, runs: list[tuple[str, TrainConfig]], progress: bool
                         run.modality.ood_views(config.sizes.ood_views, config.seed + 1), config.seed, device)
         calibrated = calibrate_model(run.model, run.modality, run.splits.val, config.sizes, config.seed,
                                      config.prototypes, device)
-        scores = score_encoder(calibrated.module, data, label)
+        scores = score_encoder(calibrated.module, data, label, _ood_threshold(calibrated.fitted))
         results.append({**asdict(scores), "loss": config.loss, "temperature": config.temperature,
                         "epochs": config.epochs, "train_seconds": round(run.history.seconds, 1),
                         "total_seconds": round(time.perf_counter() - started, 1),
