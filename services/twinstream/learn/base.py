@@ -21,9 +21,8 @@ def build_base_bundle(out_dir: Path, name: str = TEXT_BUNDLE, version: str = "1"
 
     Duplicate threshold: the lowest cosine with precision >= 0.95 for nearest-earlier decisions
     on a shuffled stream of FEBRL validation records; match threshold: the band below it keeps
-    precision >= 0.5; Platt
-    scaling on the same decisions; OOD: 1 - max cosine to 32 k-means prototypes of records and
-    prose, threshold at 99% TPR on held-out records and prose.
+    precision >= 0.5; Platt scaling on the same decisions; OOD: 1 - max cosine to 32 k-means
+    prototypes of records and prose, threshold at 99% TPR on held-out records and on prose.
     """
     seed_everything(seed)
     sizes = sizes or DataSizes()
