@@ -67,6 +67,21 @@ def test_out_of_distribution_is_never_forced_into_a_match() -> None:
     assert decision.ood_score > decision.thresholds.ood
 
 
+def test_each_modality_is_judged_by_its_own_ood_threshold() -> None:
+    from dataclasses import replace
+
+    bundle = replace(BUNDLE, modalities=("text", "record"), ood_threshold=0.5,
+                     ood_by_modality={"record": 0.05, "text": 0.5})
+    as_text, as_record = embedded(ood=0.2), embedded(ood=0.2)
+    as_record.accepted.item.modality = items_pb2.RECORD
+    text_decision = decide(as_text, [Candidate("a", 0.99, "a", 10)], bundle, 3, 5)
+    record_decision = decide(as_record, [Candidate("a", 0.99, "a", 10)], bundle, 3, 5)
+    assert text_decision.kind == decisions_pb2.NEAR_DUPLICATE
+    assert record_decision.kind == decisions_pb2.OUT_OF_DISTRIBUTION
+    assert record_decision.thresholds.ood == pytest.approx(0.05)
+    assert text_decision.thresholds.ood == pytest.approx(0.5)
+
+
 def test_neighbours_are_capped_and_ranked() -> None:
     candidates = [Candidate(f"n{i}", 0.1 * i, f"n{i}", i, in_flight=i % 2 == 0) for i in range(6)]
     decision = run(candidates)

@@ -11,7 +11,7 @@ from twinstream.learn.calibration import (
     calibrate,
     fit_platt,
     ood_metrics,
-    ood_threshold,
+    ood_thresholds,
     precision_recall_f1,
     roc_auc,
     stream_decisions,
@@ -60,7 +60,7 @@ def test_calibrate_orders_thresholds() -> None:
     vectors = np.concatenate([centres, centres[:25] + rng.normal(scale=0.3, size=(25, 16))])
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     entities = [str(i) for i in range(50)] + [str(i) for i in range(25)]
-    fitted = calibrate(vectors.astype(np.float32), entities, [rng.random(100)], "synthetic")
+    fitted = calibrate(vectors.astype(np.float32), entities, {"text": rng.random(100)}, "synthetic")
     thresholds = fitted["thresholds"]
     assert thresholds["match"] <= thresholds["duplicate"]
     assert fitted["calibration"]["true_duplicates"] == 25
@@ -84,10 +84,11 @@ def test_match_band_is_judged_on_its_own_decisions() -> None:
     assert band_threshold(scores, labels, 0.1, 0.5) == pytest.approx(0.1)  # nothing below: empty band
 
 
-def test_ood_threshold_keeps_the_tpr_of_every_kind() -> None:
+def test_each_kind_gets_an_ood_threshold_that_keeps_its_tpr() -> None:
     tight, loose = np.linspace(0.0, 0.1, 1000), np.linspace(0.0, 0.5, 100)
-    threshold = ood_threshold([tight, loose])
-    assert (loose <= threshold).mean() >= 0.99 and (tight <= threshold).mean() == 1.0
+    thresholds = ood_thresholds({"record": tight, "text": loose})
+    assert (loose <= thresholds["text"]).mean() >= 0.99 and (tight <= thresholds["record"]).mean() >= 0.99
+    assert thresholds["record"] < 0.11 < thresholds["text"]
     pooled = float(np.quantile(np.concatenate([tight, loose]), 0.99))
     assert (loose <= pooled).mean() < 0.9  # why kinds are not pooled
 

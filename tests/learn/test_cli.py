@@ -7,6 +7,7 @@ from pathlib import Path
 
 from twinstream.common.bundle import ModelBundle
 from twinstream.learn.cli import main
+from twinstream.v1 import items_pb2
 
 TINY_FLAGS = ["--train-entities", "48", "--eval-views", "160", "--reference-views", "80", "--ood-views", "40"]
 
@@ -20,6 +21,8 @@ def test_train_then_evaluate(tmp_path: Path, capsys: object) -> None:
     assert (loaded.name, loaded.version, loaded.modalities, loaded.image_size) == (
         "twinstream_image", "3", ("image",), 32)
     assert loaded.match_threshold <= loaded.duplicate_threshold
+    assert set(loaded.ood_by_modality) == {"image"}
+    assert loaded.ood_threshold_for(items_pb2.IMAGE) == loaded.ood_threshold
     assert 0.0 <= loaded.duplicate_probability(loaded.duplicate_threshold) <= 1.0
     assert (bundle / "training_curve.png").is_file() and (bundle / "history.json").is_file()
 

@@ -104,5 +104,8 @@ def test_manifest_contract(base_bundle: Path) -> None:
     assert manifest["modalities"] == ["text", "record"] and manifest["trained"] is False
     thresholds = manifest["thresholds"]
     assert -1 < thresholds["match"] <= thresholds["duplicate"] < 1
+    # records and prose each keep 99% of their held-out items; the bundle-wide one is the loosest
+    assert set(thresholds["ood_by_modality"]) == {"text", "record"}
+    assert thresholds["ood"] == max(thresholds["ood_by_modality"].values())
     assert manifest["calibration"]["platt_a"] > 0  # higher cosine, likelier duplicate
     assert (base_bundle / "tokenizer.json").is_file() and len(manifest["preprocessing_digest"]) == 64

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,13 @@ class ModelBundle:
     record_fields: tuple[str, ...]
     duplicate_threshold: float
     match_threshold: float
-    ood_threshold: float
+    ood_threshold: float  # the loosest of the per-modality ones (and the one for a modality without its own)
     platt_a: float
     platt_b: float
     preprocessing_digest: str
     max_batch_size: int
     manifest: dict[str, Any]
+    ood_by_modality: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path) -> ModelBundle:
@@ -64,6 +65,7 @@ class ModelBundle:
             preprocessing_digest=str(manifest.get("preprocessing_digest", "")),
             max_batch_size=int(manifest.get("max_batch_size", 64)),
             manifest=manifest,
+            ood_by_modality={str(k): float(v) for k, v in thresholds.get("ood_by_modality", {}).items()},
         )
 
     def serves(self, modality: int) -> bool:
@@ -75,11 +77,22 @@ class ModelBundle:
             name=self.name, version=self.version, preprocessing_digest=self.preprocessing_digest
         )
 
+    def ood_threshold_for(self, modality: int) -> float:
+        """The OOD threshold calibrated for items of ``modality`` (each kind served keeps 99% of
+        its own held-out items), else the bundle-wide one."""
+        return self.ood_by_modality.get(MODALITY_NAMES.get(modality, ""), self.ood_threshold)
+
     @property
     def thresholds(self) -> decisions_pb2.Thresholds:
         return decisions_pb2.Thresholds(
             duplicate=self.duplicate_threshold, match=self.match_threshold, ood=self.ood_threshold
         )
+
+    def thresholds_for(self, modality: int) -> decisions_pb2.Thresholds:
+        """The thresholds a decision on an item of ``modality`` uses."""
+        thresholds = self.thresholds
+        thresholds.ood = self.ood_threshold_for(modality)
+        return thresholds
 
     def duplicate_probability(self, score: float) -> float:
         """Calibrated P(duplicate | cosine score), Platt scaling fitted at calibration time."""

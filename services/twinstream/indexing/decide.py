@@ -34,7 +34,7 @@ def decide(item: items_pb2.EmbeddedItem, candidates: Sequence[Candidate], bundle
         item_id=accepted.item.item_id,
         tenant=accepted.item.tenant,
         collection=accepted.item.collection,
-        thresholds=bundle.thresholds,
+        thresholds=bundle.thresholds_for(accepted.item.modality),
         model=item.model,
         ood_score=item.ood_score,
         content_hash=accepted.content_hash,
@@ -59,7 +59,7 @@ def decide(item: items_pb2.EmbeddedItem, candidates: Sequence[Candidate], bundle
     if best is not None:
         decision.score = best.score
         decision.duplicate_probability = bundle.duplicate_probability(best.score)
-    if item.ood_score > bundle.ood_threshold:
+    if item.ood_score > decision.thresholds.ood:
         decision.kind = decisions_pb2.OUT_OF_DISTRIBUTION
         return decision
     if best is None or best.score < bundle.match_threshold:

@@ -82,12 +82,13 @@ def calibrate_model(model: EmbeddingModel, modality: Modality, val: ViewSet[Any]
 
     fit = ood_space(fit_views, "OOD reference")
     centroids = torch.from_numpy(spherical_kmeans(fit.cpu().numpy(), prototypes, seed)).to(device)
-    heldout_ood = [ood_from_prototypes(ood_space(views), centroids).cpu().numpy() for views in heldout_views]
+    heldout_ood = {kind: ood_from_prototypes(ood_space(views), centroids).cpu().numpy()
+                   for kind, views in heldout_views.items()}
     stream = val.shuffled(seed)
     val_vectors = embed(model, modality, stream.views, device, progress="embedding validation")
     fitted = calibrate(val_vectors, stream.entities, heldout_ood, modality.data_description)
     fitted["calibration"]["ood_reference"] = {"prototypes": len(centroids), "fit_views": len(fit_views),
-                                              "heldout_views": [len(v) for v in heldout_views]}
+                                              "heldout_views": {k: len(v) for k, v in heldout_views.items()}}
     return Calibrated(modality.export_module(model, centroids).eval(), fitted)
 
 

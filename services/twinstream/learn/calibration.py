@@ -81,24 +81,26 @@ def fit_platt(scores: np.ndarray, labels: np.ndarray, iterations: int = 100) -> 
     return float(w[0]), float(w[1])
 
 
-def ood_threshold(heldout_ood_scores: list[np.ndarray], tpr: float = OOD_SERVING_TPR) -> float:
-    """The lowest OOD threshold that keeps ``tpr`` of the held-out items of every kind served:
-    pooling kinds would let a tight kind (records) pull the threshold down until a looser one
-    (prose) is refused far more often than 1 - ``tpr``."""
-    return max(float(np.quantile(scores, tpr)) for scores in heldout_ood_scores)
+def ood_thresholds(heldout_ood_scores: dict[str, np.ndarray], tpr: float = OOD_SERVING_TPR) -> dict[str, float]:
+    """Per kind of item served, the OOD threshold that keeps ``tpr`` of its held-out items. One
+    pooled threshold fails both ways: the tight kind (records) pulls it down until the loose one
+    (prose) is refused far more often than 1 - ``tpr``, and a threshold loose enough for prose
+    lets through records-shaped garbage that the record threshold refuses."""
+    return {kind: float(np.quantile(scores, tpr)) for kind, scores in heldout_ood_scores.items()}
 
 
-def calibrate(vectors: np.ndarray, entities: list[str], heldout_ood_scores: list[np.ndarray],
+def calibrate(vectors: np.ndarray, entities: list[str], heldout_ood_scores: dict[str, np.ndarray],
               data: str) -> dict[str, dict[str, object]]:
     """``thresholds`` and ``calibration`` manifest sections from a simulated stream over
     validation items (``vectors`` in arrival order) and in-distribution OOD scores per kind."""
     decisions = stream_decisions(vectors, entities)
     duplicate = threshold_for_precision(decisions.scores, decisions.nearest_is_same, DUPLICATE_PRECISION)
     match = band_threshold(decisions.scores, decisions.nearest_is_same, duplicate, MATCH_PRECISION)
+    by_kind = ood_thresholds(heldout_ood_scores)
     platt_a, platt_b = fit_platt(decisions.scores, decisions.nearest_is_same)
     return {
         "thresholds": {"duplicate": duplicate, "match": match,
-                       "ood": ood_threshold(heldout_ood_scores)},
+                       "ood": max(by_kind.values()), "ood_by_modality": by_kind},
         "calibration": {"platt_a": platt_a, "platt_b": platt_b,
                         "target_precision": DUPLICATE_PRECISION, "match_precision": MATCH_PRECISION,
                         "ood_tpr": OOD_SERVING_TPR, "decisions": len(decisions.scores),

@@ -90,9 +90,10 @@ def score_encoder(module: nn.Module, data: EvalData, label: str, ood_threshold: 
                   float((in_ood > ood_threshold).mean()), float((out_ood <= ood_threshold).mean()))
 
 
-def _ood_threshold(manifest: Mapping[str, Any]) -> float:
-    """``thresholds.ood`` of a manifest (or of the sections calibration fitted)."""
-    return float(manifest["thresholds"]["ood"])
+def _ood_threshold(manifest: Mapping[str, Any], modality: str) -> float:
+    """The OOD threshold a manifest (or the sections calibration fitted) sets for ``modality``."""
+    thresholds = manifest["thresholds"]
+    return float(thresholds.get("ood_by_modality", {}).get(modality, thresholds["ood"]))
 
 
 def base_encoder(modality: Modality, data: EvalData, sizes: DataSizes) -> Calibrated:
@@ -114,15 +115,15 @@ def evaluate(modality_name: str, bundle: Path, base: Path | None, sizes: DataSiz
     base_module: nn.Module
     if base is not None:
         base_module, base_manifest = load_bundle_module(base)
-        base_ood = _ood_threshold(base_manifest)
+        base_ood = _ood_threshold(base_manifest, modality_name)
         base_label = f"base ({base})"
     else:
         calibrated = base_encoder(get_modality(modality_name, ModelOptions(
             image_size=options.image_size, image_dim=options.image_dim)), data, sizes)
-        base_module, base_ood = calibrated.module, _ood_threshold(calibrated.fitted)
+        base_module, base_ood = calibrated.module, _ood_threshold(calibrated.fitted, modality_name)
         base_label = "base (untrained, in memory)"
     rows = [score_encoder(base_module, data, "base", base_ood),
-            score_encoder(trained_module, data, "trained", _ood_threshold(manifest))]
+            score_encoder(trained_module, data, "trained", _ood_threshold(manifest, modality_name))]
     return {
         "modality": modality_name, "seed": seed, "bundle": str(bundle), "base": base_label,
         "data": modality.data_description, "ood_domain": modality.ood_domain,
@@ -168,7 +169,8 @@ def compare_runs(title: str, runs: list[tuple[str, TrainConfig]], progress: bool
                         run.modality.ood_views(config.sizes.ood_views, config.seed + 1), config.seed, device)
         calibrated = calibrate_model(run.model, run.modality, run.splits.val, config.sizes, config.seed,
                                      config.prototypes, device)
-        scores = score_encoder(calibrated.module, data, label, _ood_threshold(calibrated.fitted))
+        scores = score_encoder(calibrated.module, data, label,
+                               _ood_threshold(calibrated.fitted, config.modality))
         results.append({**asdict(scores), "loss": config.loss, "temperature": config.temperature,
                         "epochs": config.epochs, "train_seconds": round(run.history.seconds, 1),
                         "total_seconds": round(time.perf_counter() - started, 1),

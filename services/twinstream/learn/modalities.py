@@ -84,9 +84,9 @@ class Modality(ABC):
         """Entity-disjoint train / val / test views."""
 
     @abstractmethod
-    def in_distribution(self, sizes: DataSizes, seed: int) -> tuple[list[Any], list[list[Any]]]:
-        """Views the bundle should accept: (to fit OOD prototypes on, held out for its threshold:
-        one list per kind of item the bundle serves, so each kind keeps its own TPR)."""
+    def in_distribution(self, sizes: DataSizes, seed: int) -> tuple[list[Any], dict[str, list[Any]]]:
+        """Views the bundle should accept: (to fit OOD prototypes on, held out for its thresholds:
+        one list per kind of item the bundle serves, each kind gets its own threshold)."""
 
     @abstractmethod
     def ood_views(self, count: int, seed: int) -> list[Any]:
@@ -156,16 +156,16 @@ class TextFamily(Modality):
         return {"modalities": self.serves, "dim": MINILM_DIM, "inputs": ["input_ids", "attention_mask"],
                 "max_length": MAX_LENGTH, "record_fields": sources.FEBRL_FIELDS, "base": MINILM_NAME}
 
-    def in_distribution(self, sizes: DataSizes, seed: int) -> tuple[list[Any], list[list[Any]]]:
+    def in_distribution(self, sizes: DataSizes, seed: int) -> tuple[list[Any], dict[str, list[Any]]]:
         """Both records and prose: a text-family bundle serves both."""
         half = DataSizes(train_entities=sizes.reference_views, eval_views=sizes.reference_views // 2)
         fit: list[Any] = []
-        heldout: list[list[Any]] = []
+        heldout: dict[str, list[Any]] = {}
         for family_member in (RecordModality(self.options), TextModality(self.options)):
             splits = family_member.load_splits(half, seed)
             rng = random.Random(seed)
             fit += rng.sample(splits.train.views, min(len(splits.train), sizes.reference_views // 2))
-            heldout.append(splits.val.views)
+            heldout[family_member.name] = splits.val.views
         return fit, heldout
 
     def ood_views(self, count: int, seed: int) -> list[Any]:
@@ -320,10 +320,10 @@ class ImageModality(Modality):
         splits.check_disjoint()
         return splits
 
-    def in_distribution(self, sizes: DataSizes, seed: int) -> tuple[list[Any], list[list[Any]]]:
+    def in_distribution(self, sizes: DataSizes, seed: int) -> tuple[list[Any], dict[str, list[Any]]]:
         half = DataSizes(train_entities=sizes.reference_views // 4, eval_views=sizes.reference_views)
         splits = self.load_splits(half, seed)
-        return splits.train.views, [splits.val.views]
+        return splits.train.views, {self.name: splits.val.views}
 
     def ood_views(self, count: int, seed: int) -> list[Any]:
         rng = random.Random(seed)
