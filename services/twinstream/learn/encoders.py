@@ -66,11 +66,15 @@ def _mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tens
 class MeanPooledTransformer(Backbone):
     """MiniLM -> mean over unmasked tokens -> L2 norm (the sentence-transformers recipe).
 
-    With ``trainable_layers`` > 0 only the top layers learn; the pooled output of the last
-    frozen layer stays the pretrained model's and is the reference the OOD score uses.
+    With ``trainable_layers`` > 0 only the top layers learn. The OOD score uses the pooled output
+    of a frozen, pretrained layer (``reference_layer`` of the hidden states, 0 = embeddings, or
+    the last frozen one if lower): it keeps the pretrained model's view of domains, and layer 4
+    of 6 generalises across topics better than the last (measured on held-out prose topics at the
+    99% TPR threshold: 6.6% of prose refused on layer 4, 21.8% on layer 6, with the same AUROC
+    against code), so base and fine-tuned bundles score OOD on the same layer.
     """
 
-    def __init__(self, trainable_layers: int = 0) -> None:
+    def __init__(self, trainable_layers: int = 0, reference_layer: int = 4) -> None:
         super().__init__()
         from transformers import AutoModel
 
@@ -78,7 +82,7 @@ class MeanPooledTransformer(Backbone):
         for parameter in self.transformer.parameters():
             parameter.requires_grad = False
         layers = self.transformer.encoder.layer
-        self.reference_layer = len(layers) - trainable_layers  # index into hidden_states
+        self.reference_layer = min(reference_layer, len(layers) - trainable_layers)  # into hidden_states
         for layer in layers[self.reference_layer:]:
             for parameter in layer.parameters():
                 parameter.requires_grad = True
@@ -87,7 +91,7 @@ class MeanPooledTransformer(Backbone):
         return self.features_and_reference(input_ids, attention_mask)[0]
 
     def features_and_reference(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pooled output, pooled output of the last frozen layer)."""
+        """(pooled output, pooled output of the frozen reference layer)."""
         input_ids, attention_mask = inputs
         outputs = self.transformer(input_ids=input_ids, attention_mask=attention_mask,
                                    output_hidden_states=True, return_dict=True)
@@ -168,7 +172,7 @@ def ood_from_prototypes(vectors: torch.Tensor, prototypes: torch.Tensor) -> torc
 
 class _BundleEncoder(nn.Module):
     """Embedding plus OOD score. ``ood_on_features`` scores OOD on the backbone's reference
-    features (for MiniLM: the pooled output of its last frozen layer) instead of the duplicate
+    features (for MiniLM: the pooled output of a frozen pretrained layer) instead of the duplicate
     embedding: a pretrained (or untrained) representation separates domains that a tower
     trained for duplicate invariances folds together (measured, records vs code: OOD AUROC 0.9999
     on MiniLM's frozen layer, 0.01 on a trained head's embedding, 0.76 on fine-tuned top layers)."""
