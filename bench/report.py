@@ -111,6 +111,16 @@ def _pipeline_md(speed: dict[str, Any]) -> list[str]:
                     [[label, str(m["calls"]), _num(m["qps"], 1), _num(m["p50_ms"], 1), _num(m["p99_ms"], 1)]
                      for label, m in (("gRPC Match", matching["grpc_match"]),
                                       ("VectorStore.search", matching["milvus_search"]))])
+    cpu = speed.get("cpu_seconds_during_stream") or {}
+    if cpu:
+        seconds = pipeline["seconds"]
+        lines += ["### Where the CPU went during the stream", "",
+                  f"CPU seconds per process tree over the {_num(seconds, 1)} s stream (cores busy = CPU s / wall "
+                  "s); the encoder's own share is inside `triton`.", ""]
+        lines += _table(["process", "CPU s", "cores busy"],
+                        [[k, _num(v, 1), _num(v / seconds if seconds else 0.0, 2)] for k, v in cpu.items()]
+                        + [["**all**", _num(sum(cpu.values()), 1),
+                            _num(sum(cpu.values()) / seconds if seconds else 0.0, 2)]])
     lines += ["### Memory (peak RSS per process tree)", ""]
     lines += _table(["process", "peak RSS MiB"], [[k, _num(v, 0)] for k, v in speed["memory_mib"].items()])
     return lines

@@ -99,7 +99,10 @@ def run_pipeline(bundle: Path, stream: Stream, sizes: config.Sizes, seed: int, e
     try:
         tenant = f"bench{uuid.uuid4().hex[:8]}"
         log.info("streaming %d records through the stack", len(stream))
+        cpu_before = speed.stack_cpu_seconds(stack)
         run = speed.stream_through(stack, stream, tenant)
+        cpu_after = speed.stack_cpu_seconds(stack)
+        cpu_s = {name: round(cpu_after[name] - cpu_before.get(name, 0.0), 1) for name in cpu_after}
         best = max(before, key=lambda p: p.items_per_s)
         after = speed.encoder_sweep(encoder, stream.contents, stream.modality, [best.batch],
                                     sizes.encoder_seconds)[0]
@@ -112,7 +115,7 @@ def run_pipeline(bundle: Path, stream: Stream, sizes: config.Sizes, seed: int, e
     finally:
         if running is None:
             stack.stop()
-    return speed.PipelineResult(str(bundle), run, before, after, fresh, matching, memory)
+    return speed.PipelineResult(str(bundle), run, before, after, fresh, matching, memory, cpu_s)
 
 
 def _pipeline_json(result: speed.PipelineResult) -> dict[str, Any]:
@@ -135,6 +138,7 @@ def _pipeline_json(result: speed.PipelineResult) -> dict[str, Any]:
                       "max_ms": max(fresh_ms) if fresh_ms else None, "samples_ms": fresh_ms},
         "matching": asdict(result.matching),
         "memory_mib": result.memory_mib,
+        "cpu_seconds_during_stream": result.cpu_s,
     }
 
 

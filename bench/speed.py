@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -212,23 +212,43 @@ def hwm_kib(pid: int) -> int:
     return 0
 
 
-def peak_rss_mib(stack: LocalStack) -> dict[str, float]:
-    """Peak RSS (VmHWM) of each stack process with its children (Triton's python-backend stubs
-    included), summed over the tree: an upper bound if they peaked at different times."""
+def _stack_roots(stack: LocalStack) -> dict[str, int]:
     roots = {name: p.popen.pid for name, p in stack.processes.items() if p.popen is not None and p.alive}
     triton = getattr(stack.triton, "process", None)
     if triton is not None:
         roots["triton"] = int(triton.pid)
+    return roots
+
+
+def _tree_total(pid: int, tree: dict[int, list[int]], measure: Callable[[int], float]) -> float:
+    pending, total = [pid], 0.0
+    while pending:
+        current = pending.pop()
+        total += measure(current)
+        pending += tree.get(current, [])
+    return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stack_cpu_seconds(stack: LocalStack) -> dict[str, float]:
+    """CPU seconds used so far by each stack process tree (Triton's stubs included)."""
     tree = _children()
-    out = {}
-    for name, pid in roots.items():
-        pending, total = [pid], 0
-        while pending:
-            current = pending.pop()
-            total += hwm_kib(current)
-            pending += tree.get(current, [])
-        out[name] = round(total / 1024, 1)
-    return out
+    return {name: _tree_total(pid, tree, cpu_seconds) for name, pid in _stack_roots(stack).items()}
+
+
+def peak_rss_mib(stack: LocalStack) -> dict[str, float]:
+    """Peak RSS (VmHWM) of each stack process with its children (Triton's python-backend stubs
+    included), summed over the tree: an upper bound if they peaked at different times."""
+    tree = _children()
+    return {name: round(_tree_total(pid, tree, hwm_kib) / 1024, 1) for name, pid in _stack_roots(stack).items()}
 
 
 @dataclass
@@ -240,6 +260,7 @@ class PipelineResult:
     freshness_s: list[float]
     matching: MatchingLatency
     memory_mib: dict[str, float]
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per process tree during the stream
     notes: list[str] = field(default_factory=list)
 
     @property
