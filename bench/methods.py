@@ -201,9 +201,12 @@ def decision_links(decisions: Sequence[decisions_pb2.Decision], entity_of: dict[
 
 
 def with_duplicate_threshold(bundle: ModelBundle, threshold: float) -> ModelBundle:
-    """The bundle with another duplicate threshold (the match threshold kept at most as high)."""
-    return replace(bundle, duplicate_threshold=threshold,
-                   match_threshold=min(bundle.match_threshold, threshold))
+    """The bundle with another duplicate threshold for every kind it serves (the match threshold
+    kept at most as high)."""
+    by_modality = {kind: {**values, "duplicate": threshold, "match": min(values.get("match", threshold), threshold)}
+                   for kind, values in bundle.by_modality.items()}
+    return replace(bundle, duplicate_threshold=threshold, match_threshold=min(bundle.match_threshold, threshold),
+                   by_modality=by_modality)
 
 
 _SAFE_ID = re.compile(r"[^A-Za-z0-9_.:@+=-]")

@@ -102,7 +102,7 @@ def twinstream_rows(label: str, encoder: ItemEncoder, test: Stream, val: Stream 
     embedded = embed_stream(encoder, test)
     bundle = encoder.bundle
     rows = [twinstream_row(label, SHIPPED, replay_decisions(bundle, test, embedded), entity_of,
-                           bundle.duplicate_threshold)]
+                           bundle.for_modality(test.modality).duplicate_threshold)]
     if val is not None:
         threshold = calibrate_threshold(dense_links(embed_stream(encoder, val).vectors, val.entities))
         recalibrated = with_duplicate_threshold(bundle, threshold)

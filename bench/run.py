@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None, stack: LocalStack | None = None) -> int:
             served = encoders.get(Path(pipeline.bundle)).bundle
             stack_label = f"twinstream via the running stack ({served.name} v{served.version})"
             result.rows.append(quality.twinstream_row(stack_label, quality.SHIPPED, pipeline.run.decisions,
-                                                      entity_of, served.duplicate_threshold))
+                                                      entity_of,
+                                                      served.for_modality(records_stream.modality).duplicate_threshold))
         data["quality"]["records"] = _rows_json(result)
 
     def do_text() -> None:

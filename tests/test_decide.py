@@ -67,19 +67,25 @@ def test_out_of_distribution_is_never_forced_into_a_match() -> None:
     assert decision.ood_score > decision.thresholds.ood
 
 
-def test_each_modality_is_judged_by_its_own_ood_threshold() -> None:
+def test_each_modality_is_decided_by_its_own_calibration() -> None:
     from dataclasses import replace
 
-    bundle = replace(BUNDLE, modalities=("text", "record"), ood_threshold=0.5,
-                     ood_by_modality={"record": 0.05, "text": 0.5})
-    as_text, as_record = embedded(ood=0.2), embedded(ood=0.2)
-    as_record.accepted.item.modality = items_pb2.RECORD
-    text_decision = decide(as_text, [Candidate("a", 0.99, "a", 10)], bundle, 3, 5)
-    record_decision = decide(as_record, [Candidate("a", 0.99, "a", 10)], bundle, 3, 5)
-    assert text_decision.kind == decisions_pb2.NEAR_DUPLICATE
-    assert record_decision.kind == decisions_pb2.OUT_OF_DISTRIBUTION
-    assert record_decision.thresholds.ood == pytest.approx(0.05)
+    bundle = replace(BUNDLE, modalities=("text", "record"), by_modality={
+        "record": {"duplicate": 0.95, "match": 0.9, "ood": 0.05, "platt_a": 40.0, "platt_b": -38.0},
+        "text": {"duplicate": 0.6, "match": 0.5, "ood": 0.5, "platt_a": 10.0, "platt_b": -6.0}})
+    as_text, as_record, record_ok = embedded(ood=0.2), embedded(ood=0.2), embedded(ood=0.01)
+    for item in (as_record, record_ok):
+        item.accepted.item.modality = items_pb2.RECORD
+    close = [Candidate("a", 0.7, "a", 10)]
+    text_decision = decide(as_text, close, bundle, 3, 5)
+    record_decision = decide(as_record, close, bundle, 3, 5)
+    assert text_decision.kind == decisions_pb2.NEAR_DUPLICATE  # 0.7 >= the text threshold 0.6
+    assert text_decision.thresholds.duplicate == pytest.approx(0.6)
     assert text_decision.thresholds.ood == pytest.approx(0.5)
+    assert text_decision.duplicate_probability > 0.5  # sigmoid(10 * 0.7 - 6)
+    assert record_decision.kind == decisions_pb2.OUT_OF_DISTRIBUTION  # 0.2 > the record threshold 0.05
+    assert record_decision.thresholds.ood == pytest.approx(0.05)
+    assert decide(record_ok, close, bundle, 3, 5).kind == decisions_pb2.NOVEL  # 0.7 < the record match 0.9
 
 
 def test_neighbours_are_capped_and_ranked() -> None:

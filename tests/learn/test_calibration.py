@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from twinstream.learn.calibration import (
+    ValidationStream,
     alignment_uniformity,
     band_threshold,
     calibrate,
@@ -60,10 +61,21 @@ def test_calibrate_orders_thresholds() -> None:
     vectors = np.concatenate([centres, centres[:25] + rng.normal(scale=0.3, size=(25, 16))])
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     entities = [str(i) for i in range(50)] + [str(i) for i in range(25)]
-    fitted = calibrate(vectors.astype(np.float32), entities, {"text": rng.random(100)}, "synthetic")
-    thresholds = fitted["thresholds"]
-    assert thresholds["match"] <= thresholds["duplicate"]
-    assert fitted["calibration"]["true_duplicates"] == 25
+    loose = vectors + rng.normal(scale=0.5, size=vectors.shape)  # a second kind, duplicates farther apart
+    loose /= np.linalg.norm(loose, axis=1, keepdims=True)
+    fitted = calibrate({"record": ValidationStream(vectors.astype(np.float32), entities, "tight"),
+                        "text": ValidationStream(loose.astype(np.float32), entities, "loose")},
+                       {"record": rng.random(100) * 0.1, "text": rng.random(100)})
+    thresholds, calibration = fitted["thresholds"], fitted["calibration"]
+    assert isinstance(thresholds, dict) and isinstance(calibration, dict)
+    by_kind = thresholds["by_modality"]
+    for kind in ("record", "text"):
+        assert by_kind[kind]["match"] <= by_kind[kind]["duplicate"]
+    assert by_kind["record"]["ood"] < by_kind["text"]["ood"]
+    # the first kind is the primary one: its values are the top-level fields
+    assert thresholds["duplicate"] == by_kind["record"]["duplicate"] and thresholds["ood"] == by_kind["record"]["ood"]
+    assert calibration["platt_a"] == by_kind["record"]["platt_a"]
+    assert calibration["true_duplicates"] == 25 and calibration["by_modality"]["text"]["data"] == "loose"
 
 
 def test_ood_metrics_on_separated_and_identical_scores() -> None:

@@ -21,8 +21,8 @@ def test_train_then_evaluate(tmp_path: Path, capsys: object) -> None:
     assert (loaded.name, loaded.version, loaded.modalities, loaded.image_size) == (
         "twinstream_image", "3", ("image",), 32)
     assert loaded.match_threshold <= loaded.duplicate_threshold
-    assert set(loaded.ood_by_modality) == {"image"}
-    assert loaded.ood_threshold_for(items_pb2.IMAGE) == loaded.ood_threshold
+    assert set(loaded.by_modality) == {"image"}
+    assert loaded.for_modality(items_pb2.IMAGE).ood_threshold == loaded.ood_threshold
     assert 0.0 <= loaded.duplicate_probability(loaded.duplicate_threshold) <= 1.0
     assert (bundle / "training_curve.png").is_file() and (bundle / "history.json").is_file()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +30,15 @@ class ModelBundle:
     record_fields: tuple[str, ...]
     duplicate_threshold: float
     match_threshold: float
-    ood_threshold: float  # the loosest of the per-modality ones (and the one for a modality without its own)
+    ood_threshold: float
     platt_a: float
     platt_b: float
     preprocessing_digest: str
     max_batch_size: int
     manifest: dict[str, Any]
-    ood_by_modality: dict[str, float] = field(default_factory=dict)
+    # Calibrated per kind of item served: {"record": {"duplicate", "match", "ood", "platt_a",
+    # "platt_b"}, ...}; the top-level fields are the bundle's primary kind (and the fallback).
+    by_modality: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path) -> ModelBundle:
@@ -65,7 +67,8 @@ class ModelBundle:
             preprocessing_digest=str(manifest.get("preprocessing_digest", "")),
             max_batch_size=int(manifest.get("max_batch_size", 64)),
             manifest=manifest,
-            ood_by_modality={str(k): float(v) for k, v in thresholds.get("ood_by_modality", {}).items()},
+            by_modality={str(kind): {str(k): float(v) for k, v in values.items()}
+                         for kind, values in thresholds.get("by_modality", {}).items()},
         )
 
     def serves(self, modality: int) -> bool:
@@ -77,10 +80,17 @@ class ModelBundle:
             name=self.name, version=self.version, preprocessing_digest=self.preprocessing_digest
         )
 
-    def ood_threshold_for(self, modality: int) -> float:
-        """The OOD threshold calibrated for items of ``modality`` (each kind served keeps 99% of
-        its own held-out items), else the bundle-wide one."""
-        return self.ood_by_modality.get(MODALITY_NAMES.get(modality, ""), self.ood_threshold)
+    def for_modality(self, modality: int) -> ModelBundle:
+        """This bundle with the thresholds and Platt scaling calibrated for items of ``modality``
+        (a text+record bundle calibrates records and prose separately), else itself."""
+        own = self.by_modality.get(MODALITY_NAMES.get(modality, ""))
+        if not own:
+            return self
+        return replace(self, duplicate_threshold=own.get("duplicate", self.duplicate_threshold),
+                       match_threshold=own.get("match", self.match_threshold),
+                       ood_threshold=own.get("ood", self.ood_threshold),
+                       platt_a=own.get("platt_a", self.platt_a), platt_b=own.get("platt_b", self.platt_b),
+                       by_modality={})
 
     @property
     def thresholds(self) -> decisions_pb2.Thresholds:
@@ -88,11 +98,6 @@ class ModelBundle:
             duplicate=self.duplicate_threshold, match=self.match_threshold, ood=self.ood_threshold
         )
 
-    def thresholds_for(self, modality: int) -> decisions_pb2.Thresholds:
-        """The thresholds a decision on an item of ``modality`` uses."""
-        thresholds = self.thresholds
-        thresholds.ood = self.ood_threshold_for(modality)
-        return thresholds
 
     def duplicate_probability(self, score: float) -> float:
         """Calibrated P(duplicate | cosine score), Platt scaling fitted at calibration time."""

@@ -26,15 +26,17 @@ def decide(item: items_pb2.EmbeddedItem, candidates: Sequence[Candidate], bundle
     """Exact duplicate > out-of-distribution > near duplicate > match > novel.
 
     Exact duplicates rest on the content hash, not the encoder, so they hold even for OOD
-    items; OOD items are never forced into a (near-)match.
+    items; OOD items are never forced into a (near-)match. Thresholds and Platt scaling are the
+    ones the bundle calibrated for the item's modality; the decision carries them.
     """
     accepted = item.accepted
+    bundle = bundle.for_modality(accepted.item.modality)
     ranked = sorted(candidates, key=lambda c: (-c.score, c.ingest_time_ms, c.item_id))
     decision = decisions_pb2.Decision(
         item_id=accepted.item.item_id,
         tenant=accepted.item.tenant,
         collection=accepted.item.collection,
-        thresholds=bundle.thresholds_for(accepted.item.modality),
+        thresholds=bundle.thresholds,
         model=item.model,
         ood_score=item.ood_score,
         content_hash=accepted.content_hash,
@@ -59,7 +61,7 @@ def decide(item: items_pb2.EmbeddedItem, candidates: Sequence[Candidate], bundle
     if best is not None:
         decision.score = best.score
         decision.duplicate_probability = bundle.duplicate_probability(best.score)
-    if item.ood_score > decision.thresholds.ood:
+    if item.ood_score > bundle.ood_threshold:
         decision.kind = decisions_pb2.OUT_OF_DISTRIBUTION
         return decision
     if best is None or best.score < bundle.match_threshold:

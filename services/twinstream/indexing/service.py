@@ -161,7 +161,7 @@ class Indexer:
                     exact=earlier.content_hash == item.accepted.content_hash, in_flight=True,
                 ))
             decision = decide(item, candidates, group.bundle, k, now_ms)
-            linked = _linked_clusters(decision, candidates, group.bundle)
+            linked = _linked_clusters(decision, candidates)
             if len(linked) > 1:
                 winner = self._oldest_cluster(group, linked, batch_decisions, todo)
                 losers = sorted(linked - {winner})
@@ -210,13 +210,13 @@ class Indexer:
         self._rows_since_flush[collection] = count
 
 
-def _linked_clusters(decision: decisions_pb2.Decision, candidates: Sequence[Candidate],
-                     bundle: ModelBundle) -> set[str]:
-    """Every cluster a duplicate belongs with: the one it joined and any other it links."""
+def _linked_clusters(decision: decisions_pb2.Decision, candidates: Sequence[Candidate]) -> set[str]:
+    """Every cluster a duplicate belongs with: the one it joined and any other it links (at the
+    duplicate threshold the decision used)."""
     if decision.kind not in (decisions_pb2.NEAR_DUPLICATE, decisions_pb2.EXACT_DUPLICATE):
         return set()
     return {decision.cluster_id} | {c.cluster_id for c in candidates
-                                    if c.exact or c.score >= bundle.duplicate_threshold}
+                                    if c.exact or c.score >= decision.thresholds.duplicate}
 
 
 def _invalid(item: items_pb2.EmbeddedItem) -> str:

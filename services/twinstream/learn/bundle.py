@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional
 from tqdm import tqdm
 
-from twinstream.learn.calibration import calibrate
+from twinstream.learn.calibration import ValidationStream, calibrate
 from twinstream.learn.data import ViewSet
 from twinstream.learn.encoders import EmbeddingModel, ood_from_prototypes, spherical_kmeans
 from twinstream.learn.modalities import DataSizes, Modality
@@ -66,8 +66,9 @@ class Calibrated:
 
 def calibrate_model(model: EmbeddingModel, modality: Modality, val: ViewSet[Any], sizes: DataSizes,
                     seed: int, prototypes: int = 32, device: torch.device | None = None) -> Calibrated:
-    """OOD prototypes (k-means of in-distribution features or embeddings), the OOD threshold at 99% TPR on
-    held-out in-distribution views of each kind served, and duplicate/match thresholds + Platt on ``val``."""
+    """OOD prototypes (k-means of in-distribution features or embeddings); per kind served, the OOD
+    threshold at 99% TPR on its held-out in-distribution views and duplicate/match thresholds + Platt
+    on its validation split (``val`` for the modality trained on, the first and primary kind)."""
     device = device or torch.device("cpu")
     model = model.to(device).eval()
     fit_views, heldout_views = modality.in_distribution(sizes, seed)
@@ -84,9 +85,12 @@ def calibrate_model(model: EmbeddingModel, modality: Modality, val: ViewSet[Any]
     centroids = torch.from_numpy(spherical_kmeans(fit.cpu().numpy(), prototypes, seed)).to(device)
     heldout_ood = {kind: ood_from_prototypes(ood_space(views), centroids).cpu().numpy()
                    for kind, views in heldout_views.items()}
-    stream = val.shuffled(seed)
-    val_vectors = embed(model, modality, stream.views, device, progress="embedding validation")
-    fitted = calibrate(val_vectors, stream.entities, heldout_ood, modality.data_description)
+    streams = {}
+    for kind, (views, description) in modality.calibration_sets(val, sizes, seed).items():
+        stream = views.shuffled(seed)
+        vectors = embed(model, modality, stream.views, device, progress=f"embedding {kind} validation")
+        streams[kind] = ValidationStream(vectors, stream.entities, description)
+    fitted = calibrate(streams, heldout_ood)
     fitted["calibration"]["ood_reference"] = {"prototypes": len(centroids), "fit_views": len(fit_views),
                                               "heldout_views": {k: len(v) for k, v in heldout_views.items()}}
     return Calibrated(modality.export_module(model, centroids).eval(), fitted)

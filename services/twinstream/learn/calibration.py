@@ -89,22 +89,42 @@ def ood_thresholds(heldout_ood_scores: dict[str, np.ndarray], tpr: float = OOD_S
     return {kind: float(np.quantile(scores, tpr)) for kind, scores in heldout_ood_scores.items()}
 
 
-def calibrate(vectors: np.ndarray, entities: list[str], heldout_ood_scores: dict[str, np.ndarray],
-              data: str) -> dict[str, dict[str, object]]:
-    """``thresholds`` and ``calibration`` manifest sections from a simulated stream over
-    validation items (``vectors`` in arrival order) and in-distribution OOD scores per kind."""
-    decisions = stream_decisions(vectors, entities)
-    duplicate = threshold_for_precision(decisions.scores, decisions.nearest_is_same, DUPLICATE_PRECISION)
-    match = band_threshold(decisions.scores, decisions.nearest_is_same, duplicate, MATCH_PRECISION)
-    by_kind = ood_thresholds(heldout_ood_scores)
-    platt_a, platt_b = fit_platt(decisions.scores, decisions.nearest_is_same)
+@dataclass(frozen=True)
+class ValidationStream:
+    """One kind's validation items in arrival order: their vectors, entities and provenance."""
+
+    vectors: np.ndarray
+    entities: list[str]
+    data: str
+
+
+def calibrate(streams: dict[str, ValidationStream],
+              heldout_ood_scores: dict[str, np.ndarray]) -> dict[str, dict[str, object]]:
+    """``thresholds`` and ``calibration`` manifest sections: per kind of item served, duplicate
+    and match thresholds and Platt scaling from a simulated stream over its validation items, and
+    the OOD threshold from its held-out in-distribution scores. The first kind is the bundle's
+    primary one: its values are also the top-level fields (what a reader without
+    ``by_modality`` uses)."""
+    thresholds: dict[str, dict[str, float]] = {}
+    fitted: dict[str, dict[str, object]] = {}
+    ood = ood_thresholds(heldout_ood_scores)
+    for kind, stream in streams.items():
+        decisions = stream_decisions(stream.vectors, stream.entities)
+        duplicate = threshold_for_precision(decisions.scores, decisions.nearest_is_same, DUPLICATE_PRECISION)
+        match = band_threshold(decisions.scores, decisions.nearest_is_same, duplicate, MATCH_PRECISION)
+        platt_a, platt_b = fit_platt(decisions.scores, decisions.nearest_is_same)
+        thresholds[kind] = {"duplicate": duplicate, "match": match, "ood": ood[kind],
+                            "platt_a": platt_a, "platt_b": platt_b}
+        fitted[kind] = {"decisions": len(decisions.scores),
+                        "true_duplicates": int(decisions.has_earlier_same.sum()), "data": stream.data}
+    primary = next(iter(streams))
+    top = thresholds[primary]
     return {
-        "thresholds": {"duplicate": duplicate, "match": match,
-                       "ood": max(by_kind.values()), "ood_by_modality": by_kind},
-        "calibration": {"platt_a": platt_a, "platt_b": platt_b,
+        "thresholds": {"duplicate": top["duplicate"], "match": top["match"], "ood": top["ood"],
+                       "by_modality": thresholds},
+        "calibration": {"platt_a": top["platt_a"], "platt_b": top["platt_b"],
                         "target_precision": DUPLICATE_PRECISION, "match_precision": MATCH_PRECISION,
-                        "ood_tpr": OOD_SERVING_TPR, "decisions": len(decisions.scores),
-                        "true_duplicates": int(decisions.has_earlier_same.sum()), "data": data},
+                        "ood_tpr": OOD_SERVING_TPR, **fitted[primary], "by_modality": fitted},
     }
 
 

@@ -93,7 +93,7 @@ def score_encoder(module: nn.Module, data: EvalData, label: str, ood_threshold: 
 def _ood_threshold(manifest: Mapping[str, Any], modality: str) -> float:
     """The OOD threshold a manifest (or the sections calibration fitted) sets for ``modality``."""
     thresholds = manifest["thresholds"]
-    return float(thresholds.get("ood_by_modality", {}).get(modality, thresholds["ood"]))
+    return float(thresholds.get("by_modality", {}).get(modality, thresholds)["ood"])
 
 
 def base_encoder(modality: Modality, data: EvalData, sizes: DataSizes) -> Calibrated:

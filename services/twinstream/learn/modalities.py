@@ -88,6 +88,12 @@ class Modality(ABC):
         """Views the bundle should accept: (to fit OOD prototypes on, held out for its thresholds:
         one list per kind of item the bundle serves, each kind gets its own threshold)."""
 
+    def calibration_sets(self, val: ViewSet[Any], sizes: DataSizes,
+                         seed: int) -> dict[str, tuple[ViewSet[Any], str]]:
+        """Per kind of item the bundle serves, its validation views (entity-disjoint from training)
+        and what they are; ``val`` (this modality's) first."""
+        return {self.name: (val, self.data_description)}
+
     @abstractmethod
     def ood_views(self, count: int, seed: int) -> list[Any]:
         """Views of another domain, to measure the OOD score (never used for fitting)."""
@@ -167,6 +173,16 @@ class TextFamily(Modality):
             fit += rng.sample(splits.train.views, min(len(splits.train), sizes.reference_views // 2))
             heldout[family_member.name] = splits.val.views
         return fit, heldout
+
+    def calibration_sets(self, val: ViewSet[Any], sizes: DataSizes,
+                         seed: int) -> dict[str, tuple[ViewSet[Any], str]]:
+        """Records and prose each get their own thresholds: the serving bundle decides both."""
+        sets = {self.name: (val, self.data_description)}
+        for member in (RecordModality(self.options), TextModality(self.options)):
+            if member.name not in sets:
+                splits = member.load_splits(DataSizes(train_entities=0, eval_views=sizes.eval_views), seed)
+                sets[member.name] = (splits.val, member.data_description)
+        return sets
 
     def ood_views(self, count: int, seed: int) -> list[Any]:
         snippets = list(sources.python_code_snippets())

@@ -79,12 +79,14 @@ class Matching(matching_pb2_grpc.MatchingServicer):
         return not row["deleted_ms"] and not expired
 
     def _query_vector(self, request: matching_pb2.MatchRequest,
-                      collection: str) -> tuple[ItemEncoder, list[float], str]:
+                      collection: str) -> tuple[ItemEncoder, list[float], str, int]:
+        """(encoder, query vector, the query item's id if it is stored, its modality if known)."""
         which = request.WhichOneof("query")
         if which == "item_id":
             check_item_id(request.item_id)
             encoder, row = self._find_item(request.tenant, collection, request.item_id)
-            return encoder, list(row["vector"]), request.item_id
+            modality = decode_decision(row.get("decision") or "").modality
+            return encoder, list(row["vector"]), request.item_id, modality
         if which == "vector":
             values = np.asarray(request.vector.values, dtype=np.float32)
             matches = [e for e in self.encoders if e.bundle.dim == len(values)]
@@ -93,7 +95,7 @@ class Matching(matching_pb2_grpc.MatchingServicer):
                 raise BadRequest(f"vector has {len(values)} dimensions; the models use {dims}")
             if not np.all(np.isfinite(values)) or not np.any(values):
                 raise BadRequest("vector must be finite and non-zero")
-            return matches[0], values.tolist(), ""
+            return matches[0], values.tolist(), "", items_pb2.MODALITY_UNSPECIFIED
         if which == "content":
             content = request.content
             found = next((e for e in self.encoders if e.bundle.serves(content.modality)), None)
@@ -111,7 +113,7 @@ class Matching(matching_pb2_grpc.MatchingServicer):
             except ContentError as exc:
                 raise BadRequest(f"{exc.reason}: {exc.detail}") from exc
             vector = found.encode([prepared]).vectors[0]
-            return found, vector.tolist(), ""
+            return found, vector.tolist(), "", content.modality
         raise BadRequest("set one of item_id, content or vector")
 
     def _match(self, request: matching_pb2.MatchRequest,
@@ -129,7 +131,7 @@ class Matching(matching_pb2_grpc.MatchingServicer):
                            self.settings.ttl_for(request.tenant, collection),
                            metadata_filter(request.filters),
                            time_filter(request.from_time_ms, request.to_time_ms))
-        encoder, vector, self_id = self._query_vector(request, collection)
+        encoder, vector, self_id, modality = self._query_vector(request, collection)
         if self_id and not request.include_self:
             expr = f"{expr} and (item_id != {quote(self_id)})"
         if offset + k > MAX_WINDOW:
@@ -141,7 +143,7 @@ class Matching(matching_pb2_grpc.MatchingServicer):
             self._live(encoder.bundle), [vector], limit=k + 1, expr=expr, fields=_RESULT_FIELDS,
             min_score=request.min_score or None, offset=offset,
         )[0]
-        bundle = encoder.bundle
+        bundle = encoder.bundle.for_modality(modality)
         response = matching_pb2.MatchResponse(model=bundle.model_ref, request_id=request.request_id,
                                               thresholds=bundle.thresholds)
         for hit in hits[:k]:
