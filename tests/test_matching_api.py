@@ -59,12 +59,14 @@ def publish_embedded(stack: LocalStack, messages: list[items_pb2.EmbeddedItem]) 
 def test_an_item_linking_two_clusters_merges_them_into_the_oldest(
         client: TwinstreamClient, stack: LocalStack, tenant: str) -> None:
     now = int(time.time() * 1000)
-    # A and B are 40 degrees apart (cosine 0.77: not even a match); C sits between (0.94 to each).
+    # A and B are 60 degrees apart (cosine 0.5: not even a match for the base bundle's prose or
+    # record thresholds); C sits between (0.87 to each: a duplicate of both).
     publish_embedded(stack, [embedded(tenant, "A", unit(0), now),
-                             embedded(tenant, "B", unit(40), now + 1)])
+                             embedded(tenant, "B", unit(60), now + 1)])
     before = first(read_decisions(stack, ["A", "B"], tenant))
     assert before["A"].cluster_id == "A" and before["B"].cluster_id == "B"
-    publish_embedded(stack, [embedded(tenant, "C", unit(20), now + 2)])
+    assert before["B"].kind == decisions_pb2.NOVEL
+    publish_embedded(stack, [embedded(tenant, "C", unit(30), now + 2)])
     merged = first(read_decisions(stack, ["C"], tenant))["C"]
     assert merged.kind == decisions_pb2.NEAR_DUPLICATE
     assert merged.cluster_id == "A" and list(merged.merged_clusters) == ["B"]
