@@ -53,7 +53,12 @@ def test_run_training_writes_a_bundle(name: str, loss: str, tmp_path: Path) -> N
     assert manifest["version"] == "7" and manifest["trained"] is True
     assert manifest["name"] == ("twinstream_image" if name == "image" else "twinstream_text")
     assert (bundle / "training_curve.png").stat().st_size > 1000
-    assert set(manifest["thresholds"]) == {"duplicate", "match", "ood"}
+    thresholds = manifest["thresholds"]
+    assert set(thresholds) == {"duplicate", "match", "ood", "by_modality"}
+    # every kind the bundle serves is calibrated on its own; the trained one comes first (top level)
+    assert list(thresholds["by_modality"]) == ([name] if name == "image" else [name, {"record": "text",
+                                                                                     "text": "record"}[name]])
+    assert thresholds["duplicate"] == thresholds["by_modality"][name]["duplicate"]
     modality = get_modality(name, ModelOptions(image_size=32))
     views = modality.load_splits(TINY, seed=0).test.views[:5]
     module = torch.jit.load(str(bundle / "encoder.pt"))
