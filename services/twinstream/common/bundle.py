@@ -98,7 +98,6 @@ class ModelBundle:
             duplicate=self.duplicate_threshold, match=self.match_threshold, ood=self.ood_threshold
         )
 
-
     def duplicate_probability(self, score: float) -> float:
         """Calibrated P(duplicate | cosine score), Platt scaling fitted at calibration time."""
         if self.platt_a == 0.0 and self.platt_b == 0.0:

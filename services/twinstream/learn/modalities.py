@@ -162,12 +162,16 @@ class TextFamily(Modality):
         return {"modalities": self.serves, "dim": MINILM_DIM, "inputs": ["input_ids", "attention_mask"],
                 "max_length": MAX_LENGTH, "record_fields": sources.FEBRL_FIELDS, "base": MINILM_NAME}
 
+    def _members(self) -> tuple[Modality, ...]:
+        """The kinds a text-family bundle serves: records and prose."""
+        return RecordModality(self.options), TextModality(self.options)
+
     def in_distribution(self, sizes: DataSizes, seed: int) -> tuple[list[Any], dict[str, list[Any]]]:
         """Both records and prose: a text-family bundle serves both."""
         half = DataSizes(train_entities=sizes.reference_views, eval_views=sizes.reference_views // 2)
         fit: list[Any] = []
         heldout: dict[str, list[Any]] = {}
-        for family_member in (RecordModality(self.options), TextModality(self.options)):
+        for family_member in self._members():
             splits = family_member.load_splits(half, seed)
             rng = random.Random(seed)
             fit += rng.sample(splits.train.views, min(len(splits.train), sizes.reference_views // 2))
@@ -178,7 +182,7 @@ class TextFamily(Modality):
                          seed: int) -> dict[str, tuple[ViewSet[Any], str]]:
         """Records and prose each get their own thresholds: the serving bundle decides both."""
         sets = {self.name: (val, self.data_description)}
-        for member in (RecordModality(self.options), TextModality(self.options)):
+        for member in self._members():
             if member.name not in sets:
                 splits = member.load_splits(DataSizes(train_entities=0, eval_views=sizes.eval_views), seed)
                 sets[member.name] = (splits.val, member.data_description)
