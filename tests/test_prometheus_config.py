@@ -25,7 +25,8 @@ PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool is not on PATH (Debian package 'prometheus'; scripts/setup.sh installs it)")
 # What Triton's /metrics exposes that the rules and the dashboard use, plus Prometheus' own `up`.
-TRITON_METRICS = {"nv_inference_queue_duration_us", "nv_inference_request_success", "nv_inference_count",
+TRITON_METRICS = {"nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us",
+                  "nv_inference_request_success", "nv_inference_count",
                   "nv_inference_exec_count"}
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
                 "offset", "inf", "nan", "e"}

@@ -2,6 +2,7 @@
 
   twinstream demo                      start the stack, stream FEBRL, print a report
   twinstream stack up                  run the local stack on the default ports until Ctrl-C
+  twinstream status                    rates, lag, decisions, dead letters, health (from Prometheus)
   twinstream ingest FILE...            send JSONL/text/image files to ingestion
   twinstream match ...                 top-k similar items for an item id, text or file
   twinstream train|evaluate|temperature-study ...   the learning side (see docs/learn.md)
@@ -102,6 +103,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
     print(f"stack up: ingestion {stack.grpc_target('ingestion')}, matching "
           f"{stack.grpc_target('matching')}, Kafka {stack.kafka_bootstrap}, Milvus "
           f"{stack.milvus_uri}, Triton {stack.triton_url}, Prometheus {stack.prometheus_url}")
+    if stack.dashboard_url:
+        print(f"dashboard: {stack.dashboard_url}   alerts: {stack.alertmanager_url}")
     try:
         while True:
             time.sleep(3600)
@@ -110,6 +113,24 @@ def cmd_stack(args: argparse.Namespace) -> int:
     finally:
         stack.stop()
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Exit 0 when every stage is SERVING and scraped, 1 otherwise."""
+    from twinstream.status import DEFAULT_HEALTH_TARGETS, PrometheusUnavailable, collect, render
+
+    targets = {**DEFAULT_HEALTH_TARGETS, "ingestion": args.ingestion, "matching": args.matching}
+    for override in args.health or []:
+        stage, _, target = override.partition("=")
+        targets[stage] = target
+    try:
+        status = collect(args.prometheus, targets)
+    except PrometheusUnavailable as exc:
+        print(f"{exc}\nstart the stack (`twinstream stack up`) or pass --prometheus URL")
+        return 1
+    print(render(status), end="")
+    healthy = all(h == "SERVING" for h in status.health.values()) and all(status.up.values())
+    return 0 if healthy else 1
 
 
 def cmd_reembed(args: argparse.Namespace) -> int:
@@ -189,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     stack.add_argument("action", choices=["up"])
     stack.add_argument("--bundle", type=Path, action="append", default=None)
     stack.set_defaults(run=cmd_stack)
+    status = commands.add_parser("status", help="one screen: rates, lag, decisions, DLQ, health")
+    status.add_argument("--prometheus", default="http://127.0.0.1:9090")
+    status.add_argument("--health", action="append", metavar="STAGE=HOST:PORT",
+                        help="gRPC address of embedding/indexing (default 50052/50053)")
+    status.set_defaults(run=cmd_status)
     reembed = commands.add_parser("reembed", help="embed the retained stream with a new model version")
     reembed.add_argument("--bundle", type=Path, required=True)
     reembed.set_defaults(run=cmd_reembed)

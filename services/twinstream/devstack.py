@@ -1,5 +1,6 @@
 """The whole pipeline on one machine, as real processes: a Kafka-protocol broker (tansu),
-a Milvus Lite server, a Triton Inference Server (CPU), the four services and Prometheus.
+a Milvus Lite server, a Triton Inference Server (CPU), the four services, Prometheus (which
+also serves the dashboard page, deploy/prometheus/consoles) and Alertmanager.
 
 Used by ``twinstream stack up``, by the demo, and by the integration tests (which kill and
 restart pieces of it). Every process logs to ``<root>/logs/<name>.log``.
@@ -24,9 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from twinstream.common.config import Settings
+from twinstream.dashboard import CONSOLE_PATH, CONSOLES
 
 if TYPE_CHECKING:
     from twinstream.learn.triton_repo import TritonServer
@@ -120,6 +123,10 @@ class StackConfig:
     partitions: int = 4
     encoder_backend: str = "triton"     # or "inprocess" (explicit fallback)
     prometheus: bool = True
+    alertmanager: bool = True           # needs prometheus
+    # Tests only: every alert's `for:` in this stack's copy of the rules (e.g. "5s"), so an alert
+    # fires within seconds; deploy/prometheus/rules.yml keeps the real values.
+    alert_for: str = ""
     fixed_ports: bool = False           # the documented default ports instead of free ones
     batch_size: int = 64
     fresh: bool = True                  # wipe <root> first
@@ -139,6 +146,7 @@ class LocalStack:
         self.kafka_port = 9092 if fixed else free_port()
         self.milvus_port = 19530 if fixed else free_port()
         self.prometheus_port = 9090 if fixed else free_port()
+        self.alertmanager_port = 9093 if fixed else free_port()
         self.grpc_ports = {s: (50051 + i if fixed else free_port()) for i, s in enumerate(SERVICES)}
         self.metrics_ports = {s: (DEFAULT_METRICS_PORTS[s] if fixed else free_port())
                               for s in SERVICES}
@@ -183,6 +191,8 @@ class LocalStack:
             for service in SERVICES:
                 self.wait_serving(service)
             if self.config.prometheus:
+                if self.config.alertmanager:
+                    self._start_alertmanager()
                 self._start_prometheus()
         except BaseException:
             self.stop()
@@ -190,7 +200,8 @@ class LocalStack:
         return self
 
     def stop(self) -> None:
-        infrastructure = [n for n in ("prometheus", "milvus", "broker") if n in self.processes]
+        infrastructure = [n for n in ("prometheus", "alertmanager", "milvus", "broker")
+                          if n in self.processes]
         services = [n for n in reversed(self.processes) if n not in infrastructure]
         for name in [*services, *infrastructure]:
             self.processes[name].stop()
@@ -323,11 +334,41 @@ class LocalStack:
             return
         config = self.root / "prometheus.yml"
         config.write_text(self.prometheus_config())
+        # Prometheus serves the dashboard page as a console template (deploy/prometheus/consoles).
         self._spawn("prometheus", [
             binary, f"--config.file={config}", f"--storage.tsdb.path={self.root / 'prometheus'}",
             f"--web.listen-address=127.0.0.1:{self.prometheus_port}",
+            f"--web.console.templates={CONSOLES}", f"--web.console.libraries={CONSOLES}",
         ])
         _wait_port(self.prometheus_port, self.processes["prometheus"])
+
+    def _start_alertmanager(self) -> None:
+        binary = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+        if binary is None:
+            log.warning("prometheus-alertmanager is not installed; alerts reach no one")
+            return
+        # An empty cluster address turns off gossip (it would bind 0.0.0.0:9094).
+        self._spawn("alertmanager", [
+            binary, f"--config.file={REPO_ROOT / 'deploy' / 'alertmanager' / 'alertmanager.yml'}",
+            f"--storage.path={self.root / 'alertmanager'}",
+            f"--web.listen-address=127.0.0.1:{self.alertmanager_port}", "--cluster.listen-address=",
+        ])
+        _wait_port(self.alertmanager_port, self.processes["alertmanager"])
+
+    def _rules_file(self) -> Path:
+        """deploy/prometheus/rules.yml, or a copy with every alert's ``for:`` set to
+        ``config.alert_for`` (tests)."""
+        rules = REPO_ROOT / "deploy" / "prometheus" / "rules.yml"
+        if not self.config.alert_for:
+            return rules
+        document = yaml.safe_load(rules.read_text())
+        for group in document["groups"]:
+            for rule in group["rules"]:
+                if "alert" in rule:
+                    rule["for"] = self.config.alert_for
+        copy = self.root / "rules.yml"
+        copy.write_text(yaml.safe_dump(document, sort_keys=False))
+        return copy
 
     def prometheus_config(self) -> str:
         """deploy/prometheus/prometheus.yml with this stack's actual ports."""
@@ -340,11 +381,25 @@ class LocalStack:
         if match:
             text = text.replace("127.0.0.1:8002", match.group(1))
         rules = REPO_ROOT / "deploy" / "prometheus" / "rules.yml"
-        return text.replace("rules.yml", str(rules)) if rules.exists() else text
+        if rules.exists():
+            text = text.replace("rules.yml", str(self._rules_file()))
+        if "alertmanager" in self.processes:
+            text += ("alerting:\n  alertmanagers:\n"
+                     f'    - static_configs: [{{targets: ["127.0.0.1:{self.alertmanager_port}"]}}]\n')
+        return text
 
     @property
     def prometheus_url(self) -> str:
         return f"http://127.0.0.1:{self.prometheus_port}"
+
+    @property
+    def alertmanager_url(self) -> str:
+        return f"http://127.0.0.1:{self.alertmanager_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        """The dashboard page (empty when Prometheus is not running)."""
+        return f"{self.prometheus_url}{CONSOLE_PATH}" if "prometheus" in self.processes else ""
 
 
 def _wait_port(port: int, process: ManagedProcess, timeout_s: float = 60.0) -> None:

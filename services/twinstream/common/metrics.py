@@ -39,6 +39,10 @@ GRPC_REQUESTS = Counter(
 GRPC_SECONDS = Histogram(
     "twinstream_grpc_seconds", "gRPC call latency", ["service", "method"], buckets=_LATENCY_BUCKETS
 )
+MILVUS_SEARCH_SECONDS = Histogram(
+    "twinstream_milvus_search_seconds", "Milvus search latency per call (one call may carry a batch)",
+    buckets=_LATENCY_BUCKETS,
+)
 ENCODER_SECONDS = Histogram(
     "twinstream_encoder_seconds", "Encoder call latency per batch", ["backend"],
     buckets=_LATENCY_BUCKETS,

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
+from twinstream.common.metrics import MILVUS_SEARCH_SECONDS
 from twinstream.v1 import decisions_pb2, items_pb2
 
 log = logging.getLogger(__name__)
@@ -227,11 +228,13 @@ class VectorStore:
         params: dict[str, Any] = {"metric_type": "COSINE", "params": {"ef": max(64, limit)}}
         if min_score is not None:
             params["params"].update({"radius": float(min_score), "range_filter": 1.0001})
+        started = time.perf_counter()
         results = self.client.search(
             collection, data=[list(map(float, v)) for v in vectors], limit=limit, filter=expr,
             output_fields=list(fields), search_params=params, consistency_level=consistency,
             offset=offset,
         )
+        MILVUS_SEARCH_SECONDS.observe(time.perf_counter() - started)
         return [[_hit(h) for h in hits] for hits in results]
 
 
