@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what is missing (scripts/setup.sh), then runs the main job: the whole pipeline on one
-# machine (tansu broker, Milvus Lite, Triton on CPU, the four services, Prometheus) with FEBRL3
-# streamed through it, ending in a report. Extra args go to `twinstream demo` (see --help).
+# machine (tansu broker, Milvus Lite, Triton on CPU, the four services, Prometheus serving the
+# dashboard, Alertmanager) with FEBRL3 streamed through it, ending in a report and the dashboard's
+# URL. Extra args go to `twinstream demo` (see --help; --rate N paces it, --keep keeps the stack).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -12,10 +12,12 @@ import argparse
 import json
 import math
 import random
+import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -28,6 +30,7 @@ TENANT = "demo"
 COLLECTION = "febrl"
 DUPLICATE_KINDS = (decisions_pb2.EXACT_DUPLICATE, decisions_pb2.NEAR_DUPLICATE)
 DEFAULT_BUNDLE = REPO_ROOT / "var" / "models" / "twinstream_text" / "1"
+T = TypeVar("T")
 
 
 def entity_of(item_id: str) -> str:
@@ -60,6 +63,8 @@ class Report:
     latency_p99_ms: float
     via_grpc: int
     via_kafka: int
+    rate: float          # items/s offered (0: one burst)
+    stalled: bool        # gave up: no decision for stall_timeout_s
     example_query: dict[str, Any]
     model: str
 
@@ -85,7 +90,46 @@ def score(decisions: dict[str, decisions_pb2.Decision]) -> tuple[float, float, f
     return precision, recall, f1, true_dups
 
 
-def run(items: int, seed: int, kafka_share: float, bundle: Path, keep: bool) -> Report:
+def paced(items: Iterable[T], rate: float) -> Iterator[T]:
+    """``items`` at ``rate`` per second (all at once when ``rate`` is 0), on a fixed schedule so
+    a slow consumer of the iterator does not lower the average."""
+    started = time.monotonic()
+    for index, item in enumerate(items):
+        if rate > 0:
+            delay = started + index / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        yield item
+
+
+def collect_decisions(
+        poll: Callable[[], Iterable[bytes]], expected: int, stall_timeout_s: float, *,
+        stop: Callable[[], bool] = lambda: False,
+        on_new: Callable[[decisions_pb2.Decision], object] = lambda _decision: None,
+        clock: Callable[[], float] = time.monotonic,
+) -> tuple[dict[str, decisions_pb2.Decision], dict[str, float], bool]:
+    """Read decisions until ``expected`` distinct items are decided, ``stop()`` says so, or no new
+    decision arrived for ``stall_timeout_s`` (a slow but moving pipeline is never cut off).
+
+    Returns the first decision per item, when each was read (epoch ms) and whether it stalled."""
+    decisions: dict[str, decisions_pb2.Decision] = {}
+    received_ms: dict[str, float] = {}
+    last_progress = clock()
+    while len(decisions) < expected and not stop():
+        for value in poll():
+            decision = decisions_pb2.Decision.FromString(value)
+            if decision.item_id not in decisions:
+                decisions[decision.item_id] = decision
+                received_ms[decision.item_id] = time.time() * 1000
+                last_progress = clock()
+                on_new(decision)
+        if clock() - last_progress > stall_timeout_s:
+            return decisions, received_ms, True
+    return decisions, received_ms, False
+
+
+def run(items: int, seed: int, kafka_share: float, bundle: Path, keep: bool, rate: float = 0.0,
+        stall_timeout_s: float = 120.0) -> Report:
     records = febrl_items(items, seed)
     if not (bundle / "manifest.json").exists():
         print(f"building the base MiniLM bundle at {bundle} (first run only)...", flush=True)
@@ -96,11 +140,14 @@ def run(items: int, seed: int, kafka_share: float, bundle: Path, keep: bool) -> 
           flush=True)
     stack = LocalStack(StackConfig(bundles=[bundle], fixed_ports=keep))
     stack.start()
+    if stack.dashboard_url:
+        print(f"dashboard: {stack.dashboard_url}", flush=True)
     try:
-        return _stream_and_report(stack, records, kafka_share)
+        return _stream_and_report(stack, records, kafka_share, rate, stall_timeout_s)
     finally:
         if keep:
-            print("stack left running (Ctrl-C to stop)...", flush=True)
+            print(f"stack left running (Ctrl-C to stop): dashboard {stack.dashboard_url or '-'}, "
+                  f"`twinstream status` for a terminal summary", flush=True)
             try:
                 while True:
                     time.sleep(3600)
@@ -110,7 +157,9 @@ def run(items: int, seed: int, kafka_share: float, bundle: Path, keep: bool) -> 
 
 
 def _stream_and_report(stack: LocalStack, records: list[tuple[str, dict[str, str]]],
-                       kafka_share: float) -> Report:
+                       kafka_share: float, rate: float, stall_timeout_s: float) -> Report:
+    """Send the records (gRPC stream and Kafka items.raw, concurrently, each paced at its share
+    of ``rate``) while reading decisions, so latencies are measured as they happen."""
     from tqdm import tqdm
 
     settings = stack.settings()
@@ -118,30 +167,59 @@ def _stream_and_report(stack: LocalStack, records: list[tuple[str, dict[str, str
     cut = int(len(records) * (1 - kafka_share))
     via_grpc, via_kafka = records[:cut], records[cut:]
     client = TwinstreamClient(stack.grpc_target("ingestion"), stack.grpc_target("matching"))
-    started = time.time()
-    summary = client.ingest_many(record_item(rec_id, rec, TENANT, COLLECTION) for rec_id, rec in
-                                 tqdm(via_grpc, desc="ingest (gRPC stream)", unit="item"))
-    if summary.rejected:
-        raise RuntimeError(f"ingestion rejected FEBRL items: {list(summary.rejections)[:3]}")
-    producer = make_producer(settings)
-    for rec_id, rec in tqdm(via_kafka, desc="ingest (Kafka items.raw)", unit="item"):
-        item = record_item(rec_id, rec, TENANT, COLLECTION)
-        producer.send(settings.topics.raw, key=f"{TENANT}/{COLLECTION}".encode(),
-                      value=item.SerializeToString())
-    producer.flush()
-    producer.close()
+    failures: list[BaseException] = []
 
-    decisions: dict[str, decisions_pb2.Decision] = {}
-    received_ms: dict[str, float] = {}
+    def send_grpc() -> None:
+        items = (record_item(rec_id, rec, TENANT, COLLECTION) for rec_id, rec in
+                 paced(via_grpc, rate * len(via_grpc) / len(records)))
+        if rate > 0:
+            # paced: one Ingest call per item (IngestStream publishes in groups of 256)
+            for item in items:
+                client.ingest(item)
+            return
+        summary = client.ingest_many(items)
+        if summary.rejected:
+            raise RuntimeError(f"ingestion rejected FEBRL items: {list(summary.rejections)[:3]}")
+
+    def send_kafka() -> None:
+        producer = make_producer(settings)
+        for rec_id, rec in paced(via_kafka, rate * len(via_kafka) / len(records)):
+            item = record_item(rec_id, rec, TENANT, COLLECTION)
+            producer.send(settings.topics.raw, key=f"{TENANT}/{COLLECTION}".encode(),
+                          value=item.SerializeToString())
+            if rate > 0:
+                producer.flush()    # paced: each item leaves now, not with the next batch
+        producer.flush()
+        producer.close()
+
+    def guarded(send: Callable[[], None]) -> Callable[[], None]:
+        def target() -> None:
+            try:
+                send()
+            except BaseException as exc:  # reported by the main thread
+                failures.append(exc)
+        return target
+
+    mode = f"paced at {rate:g} items/s" if rate > 0 else "one burst"
+    print(f"streaming {len(records)} records ({mode}): {len(via_grpc)} over gRPC, "
+          f"{len(via_kafka)} to Kafka items.raw", flush=True)
+    started = time.time()
+    senders = [threading.Thread(target=guarded(send), name=f"send-{name}", daemon=True)
+               for name, send in (("grpc", send_grpc), ("kafka", send_kafka))]
+    for sender in senders:
+        sender.start()
+
     with tqdm(total=len(records), desc="decisions", unit="item") as bar:
-        deadline = time.monotonic() + 600
-        while len(decisions) < len(records) and time.monotonic() < deadline:
-            for record in reader.poll():
-                decision = decisions_pb2.Decision.FromString(record.value)
-                if decision.item_id not in decisions:
-                    decisions[decision.item_id] = decision
-                    received_ms[decision.item_id] = time.time() * 1000
-                    bar.update(1)
+        decisions, received_ms, stalled = collect_decisions(
+            lambda: [r.value for r in reader.poll()], len(records), stall_timeout_s,
+            stop=lambda: bool(failures), on_new=lambda _decision: bar.update(1))
+    if stalled:
+        print(f"no decision for {stall_timeout_s:.0f}s with {len(records) - len(decisions)} "
+              "items outstanding: gave up", flush=True)
+    for sender in senders:
+        sender.join(timeout=5)
+    if failures:
+        raise failures[0]
     reader.close()
     elapsed = max(received_ms.values()) / 1000 - started if received_ms else float("nan")
     latencies = [received_ms[i] - d.ingest_time_ms for i, d in decisions.items()]
@@ -159,7 +237,8 @@ def _stream_and_report(stack: LocalStack, records: list[tuple[str, dict[str, str
         items_per_second=len(decisions) / elapsed if elapsed > 0 else 0.0,
         latency_p50_ms=float(np.percentile(latencies, 50)) if latencies else float("nan"),
         latency_p99_ms=float(np.percentile(latencies, 99)) if latencies else float("nan"),
-        via_grpc=len(via_grpc), via_kafka=len(via_kafka), example_query=example,
+        via_grpc=len(via_grpc), via_kafka=len(via_kafka), rate=rate, stalled=stalled,
+        example_query=example,
         model=f"{model.name}:{model.version}" if model else "",
     )
 
@@ -185,7 +264,8 @@ def render(report: Report) -> str:
         "=" * 68,
         f"model                      {report.model}",
         f"items sent                 {report.items}  (gRPC stream {report.via_grpc}, "
-        f"Kafka items.raw {report.via_kafka})",
+        f"Kafka items.raw {report.via_kafka}; "
+        f"{f'paced at {report.rate:g}/s' if report.rate > 0 else 'one burst'})",
         f"items decided              {report.decided}",
         "decisions                  " + ", ".join(f"{k} {v}" for k, v in report.decisions.items()),
         f"true duplicates            {report.true_duplicates}",
@@ -215,8 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "var" / "demo")
     parser.add_argument("--keep", action="store_true",
                         help="leave the stack running on the default ports afterwards")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="offer items at this many per second (steady-state latency); "
+                             "0 sends them in one burst (throughput, queueing latency)")
+    parser.add_argument("--stall-timeout", type=float, default=120.0,
+                        help="give up when no decision arrives for this many seconds")
     args = parser.parse_args(argv)
-    report = run(args.items, args.seed, args.kafka_share, args.bundle, args.keep)
+    if args.rate < 0 or args.stall_timeout <= 0:
+        parser.error("--rate must be >= 0 and --stall-timeout > 0")
+    report = run(args.items, args.seed, args.kafka_share, args.bundle, args.keep, args.rate,
+                 args.stall_timeout)
     text = render(report)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
