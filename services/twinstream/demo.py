@@ -9,6 +9,7 @@ the earlier item it names belongs to the same entity.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -128,8 +129,9 @@ def collect_decisions(
     return decisions, received_ms, False
 
 
-def run(items: int, seed: int, kafka_share: float, bundle: Path, keep: bool, rate: float = 0.0,
-        stall_timeout_s: float = 120.0) -> Report:
+def run(items: int, seed: int, kafka_share: float, bundle: Path, keep: bool, out: Path,
+        rate: float = 0.0, stall_timeout_s: float = 120.0) -> Report:
+    """Stream, report (printed and written to ``out``), then with ``keep`` wait for Ctrl-C."""
     records = febrl_items(items, seed)
     if not (bundle / "manifest.json").exists():
         print(f"building the base MiniLM bundle at {bundle} (first run only)...", flush=True)
@@ -143,17 +145,30 @@ def run(items: int, seed: int, kafka_share: float, bundle: Path, keep: bool, rat
     if stack.dashboard_url:
         print(f"dashboard: {stack.dashboard_url}", flush=True)
     try:
-        return _stream_and_report(stack, records, kafka_share, rate, stall_timeout_s)
+        report = _stream_and_report(stack, records, kafka_share, rate, stall_timeout_s)
+        write_report(report, out)
+        if not keep:
+            print(f"the dashboard ({stack.dashboard_url or 'needs Prometheus'}) closes with the "
+                  "stack: rerun with --keep to watch it and use `twinstream status`", flush=True)
+            return report
+        print(f"stack left running (Ctrl-C to stop): dashboard {stack.dashboard_url or '-'}, "
+              f"alerts {stack.alertmanager_url}, `twinstream status` for a terminal summary",
+              flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                time.sleep(3600)
+        return report
     finally:
-        if keep:
-            print(f"stack left running (Ctrl-C to stop): dashboard {stack.dashboard_url or '-'}, "
-                  f"`twinstream status` for a terminal summary", flush=True)
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                pass
         stack.stop()
+
+
+def write_report(report: Report, out: Path) -> None:
+    text = render(report)
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(asdict(report), indent=2))
+    (out / "report.txt").write_text(text)
+    print(f"report written to {out}/report.json", flush=True)
 
 
 def _stream_and_report(stack: LocalStack, records: list[tuple[str, dict[str, str]]],
@@ -266,7 +281,8 @@ def render(report: Report) -> str:
         f"items sent                 {report.items}  (gRPC stream {report.via_grpc}, "
         f"Kafka items.raw {report.via_kafka}; "
         f"{f'paced at {report.rate:g}/s' if report.rate > 0 else 'one burst'})",
-        f"items decided              {report.decided}",
+        f"items decided              {report.decided}"
+        + ("  (gave up: no decision within the stall limit)" if report.stalled else ""),
         "decisions                  " + ", ".join(f"{k} {v}" for k, v in report.decisions.items()),
         f"true duplicates            {report.true_duplicates}",
         f"duplicate precision        {report.precision:.3f}",
@@ -303,12 +319,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rate < 0 or args.stall_timeout <= 0:
         parser.error("--rate must be >= 0 and --stall-timeout > 0")
-    report = run(args.items, args.seed, args.kafka_share, args.bundle, args.keep, args.rate,
-                 args.stall_timeout)
-    text = render(report)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(asdict(report), indent=2))
-    (args.out / "report.txt").write_text(text)
-    print(f"report written to {args.out}/report.json")
+    report = run(args.items, args.seed, args.kafka_share, args.bundle, args.keep, args.out,
+                 args.rate, args.stall_timeout)
     return 0 if report.decided == report.items else 1
