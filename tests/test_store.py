@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -52,7 +52,7 @@ class NoEncoder:
         raise AssertionError("not used")
 
 
-class Context:
+class FakeContext:
     """The parts of grpc.ServicerContext the servicer uses."""
 
     def time_remaining(self) -> float | None:
@@ -60,6 +60,10 @@ class Context:
 
     def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise AssertionError(f"aborted {code}: {details}")
+
+
+def context() -> grpc.ServicerContext:
+    return cast(grpc.ServicerContext, FakeContext())
 
 
 def unit(angle_deg: float) -> list[float]:
@@ -126,7 +130,8 @@ def live_row(store: VectorStore, item_id: str, collection: str = "default") -> d
 
 
 def test_a_cluster_merge_cannot_revive_an_item_deleted_while_it_ran(
-        settings: Settings, store: VectorStore, matching: Matching, sent: list[Outgoing]) -> None:
+        settings: Settings, store: VectorStore, matching: Matching, sent: list[Outgoing],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     indexer = Indexer(settings, store, [BUNDLE])
     now = int(time.time() * 1000)
     indexer(records([embedded("A", 0, now), embedded("B", 60, now + 1)]))
@@ -138,13 +143,13 @@ def test_a_cluster_merge_cannot_revive_an_item_deleted_while_it_ran(
         rows = original_query(collection, expr, *args, **kwargs)
         if "cluster_id in" in expr and any(r.get("item_id") == "B" and "vector" in r for r in rows):
             response = matching.Delete(matching_pb2.DeleteRequest(tenant=TENANT, item_ids=["B"]),
-                                       Context())  # type: ignore[arg-type]
+                                       context())
             assert response.deleted == 1 and response.pending, "applied later, by indexing"
         return rows
 
-    store.query = query_then_delete  # type: ignore[method-assign]
-    merged = decisions(indexer(records([embedded("C", 30, now + 2)])))["C"]
-    store.query = original_query  # type: ignore[method-assign]
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "query", query_then_delete)
+        merged = decisions(indexer(records([embedded("C", 30, now + 2)])))["C"]
     assert list(merged.merged_clusters) == ["B"], "the merge ran"
     assert [is_command(r) for r in records(sent)] == [True], "Delete only published a command"
     indexer(records(sent))  # indexing applies it after the merge, in log order
@@ -164,16 +169,17 @@ def test_delete_waits_until_indexing_applied_it(settings: Settings, store: Vecto
     waiting = Matching(Settings(delete_wait_s=5.0), store, [ItemEncoder(BUNDLE, NoEncoder())],
                        apply_now)
     response = waiting.Delete(matching_pb2.DeleteRequest(tenant=TENANT, item_ids=["x", "nope"]),
-                              Context())  # type: ignore[arg-type]
+                              context())
     assert (response.deleted, response.pending) == (1, False)
     assert live_row(store, "x")["deleted_ms"] > 0 and live_row(store, "y")["deleted_ms"] == 0
     again = waiting.Delete(matching_pb2.DeleteRequest(tenant=TENANT, item_ids=["x"]),
-                           Context())  # type: ignore[arg-type]
+                           context())
     assert (again.deleted, again.pending) == (0, False) and len(sent) == 1, "nothing left to do"
 
 
 def run_paused_before_write(indexer: Indexer, batch: list[ConsumerRecord], paused: threading.Event,
-                            release: threading.Event) -> Callable[[], BatchResult]:
+                            release: threading.Event,
+                            monkeypatch: pytest.MonkeyPatch) -> Callable[[], BatchResult]:
     """Run ``indexer`` on ``batch`` in a thread that stops right before its upsert."""
     original = indexer.store.upsert
     result: list[BatchResult] = []
@@ -183,7 +189,7 @@ def run_paused_before_write(indexer: Indexer, batch: list[ConsumerRecord], pause
         release.wait(30)
         original(collection, rows)
 
-    indexer.store.upsert = upsert  # type: ignore[method-assign]
+    monkeypatch.setattr(indexer.store, "upsert", upsert)
     thread = threading.Thread(target=lambda: result.append(indexer(batch)))
     thread.start()
 
@@ -195,14 +201,14 @@ def run_paused_before_write(indexer: Indexer, batch: list[ConsumerRecord], pause
 
 
 def test_two_indexers_on_the_same_batch_publish_byte_identical_decisions(
-        settings: Settings, tmp_path: Path) -> None:
+        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     uri = str(tmp_path / "milvus.db")
     now = int(time.time() * 1000)
     batch = records([embedded("p", 0, now), embedded("q", 20, now + 1), embedded("r", 80, now + 2)],
                     timestamp_ms=now + 5)
     zombie = Indexer(settings, VectorStore(uri, prefix="unit"), [BUNDLE])
     paused, release = threading.Event(), threading.Event()
-    finish_zombie = run_paused_before_write(zombie, batch, paused, release)
+    finish_zombie = run_paused_before_write(zombie, batch, paused, release, monkeypatch)
     assert paused.wait(30), "the zombie decided and stopped before its write"
     time.sleep(0.01)  # the clock moves on while it is paused
     successor = Indexer(settings, VectorStore(uri, prefix="unit"), [BUNDLE])
@@ -212,6 +218,41 @@ def test_two_indexers_on_the_same_batch_publish_byte_identical_decisions(
     assert [o.value for o in stale.outputs] == [o.value for o in fresh.outputs]
     assert decisions(fresh)["q"].kind == decisions_pb2.NEAR_DUPLICATE
     assert decisions(fresh)["q"].decided_time_ms == now + 5, "the embedded record's time"
+
+
+def test_a_zombie_resuming_after_its_successor_moved_on_does_not_overwrite_rows(
+        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = str(tmp_path / "milvus.db")
+    now = int(time.time() * 1000)
+    batch = records([embedded("u", 0, now), embedded("v", 20, now + 1)], timestamp_ms=now + 5)
+    zombie_store = VectorStore(uri, prefix="unit")
+    zombie = Indexer(settings, zombie_store, [BUNDLE])
+    paused, release = threading.Event(), threading.Event()
+    original_get = zombie_store.get
+    calls: list[int] = []
+
+    def get(collection: str, pks: Sequence[str], *args: Any) -> dict[str, dict[str, Any]]:
+        calls.append(1)
+        if len(calls) == 2:  # decided; about to write
+            paused.set()
+            release.wait(30)
+        return original_get(collection, pks, *args)
+
+    monkeypatch.setattr(zombie_store, "get", get)
+    thread_result: list[BatchResult] = []
+    thread = threading.Thread(target=lambda: thread_result.append(zombie(batch)))
+    thread.start()
+    assert paused.wait(30)
+    successor = Indexer(settings, VectorStore(uri, prefix="unit"), [BUNDLE])
+    fresh = successor(batch)
+    sent: list[Outgoing] = []
+    Matching(settings, successor.store, [ItemEncoder(BUNDLE, NoEncoder())], sent.extend).Delete(
+        matching_pb2.DeleteRequest(tenant=TENANT, item_ids=["v"]), context())
+    successor(records(sent))  # the successor went on: v is deleted
+    release.set()
+    thread.join(30)
+    assert [o.value for o in thread_result[0].outputs] == [o.value for o in fresh.outputs]
+    assert live_row(successor.store, "v")["deleted_ms"] > 0, "the zombie did not revive v"
 
 
 def test_a_stored_id_with_other_content_is_dead_lettered_as_id_conflict(

@@ -238,8 +238,16 @@ class Indexer:
         # against already-merged clusters, so the merge is never lost nor half-applied.
         for losers, winner in merges:
             self.store.relabel_clusters(group.collection, group.scope, losers, winner)
-        for (_, item, pk), decision in zip(todo, batch_decisions, strict=True):
-            rows.append(_row(pk, item, decision))
+        # Fence for a zombie (paused past a rebalance while its successor went on): rows stored
+        # since this batch read Milvus win and their decisions are repeated, never overwritten.
+        written = self.store.get(group.collection, [pk for _, _, pk in todo], ["pk", "decision"])
+        since = {index: decode_decision(written[pk]["decision"])
+                 for index, _, pk in todo if pk in written}
+        if since:
+            out = [(i, since.get(i, d), new and i not in since) for i, d, new in out]
+        for (index, item, pk), decision in zip(todo, batch_decisions, strict=True):
+            if index not in since:
+                rows.append(_row(pk, item, decision))
         self.store.upsert(group.collection, rows)
         self._maybe_flush(group.collection, len(rows))
         return out
