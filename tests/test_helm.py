@@ -273,6 +273,9 @@ def test_env_carries_backends_from_values() -> None:
         if topic:
             assert envs[name]["TWINSTREAM_KAFKA_BOOTSTRAP"] == "k1:9092,k2:9092"
             assert envs[name]["TWINSTREAM_CONSUMER_GROUP"] == f"twinstream-{name}"
+    # matching publishes Delete's store commands (docs/store.md) but consumes nothing
+    assert envs["matching"]["TWINSTREAM_KAFKA_BOOTSTRAP"] == "k1:9092,k2:9092"
+    assert "TWINSTREAM_CONSUMER_GROUP" not in envs["matching"]
     for name in ("embedding", "indexing", "matching"):
         assert envs[name]["TWINSTREAM_MODEL_DIR"] == "/srv/models/text/2,/srv/models/image/1"
         mounts = {m["name"]: m for m in container(workload(manifests, name))["volumeMounts"]}

@@ -3,6 +3,7 @@
   twinstream demo                      start the stack, stream FEBRL, print a report
   twinstream stack up                  run the local stack on the default ports until Ctrl-C
   twinstream status                    rates, lag, decisions, dead letters, health (from Prometheus)
+  twinstream decisions --tenant T      read the decisions back (--follow, --kind, --json)
   twinstream ingest FILE...            send JSONL/text/image files to ingestion
   twinstream match ...                 top-k similar items for an item id, text or file
   twinstream train|evaluate|temperature-study ...   the learning side (see docs/learn.md)
@@ -18,10 +19,10 @@ import importlib
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from twinstream.v1 import items_pb2, matching_pb2
+from twinstream.v1 import decisions_pb2, items_pb2, matching_pb2
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
 
@@ -95,9 +96,31 @@ def cmd_match(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare_bundles(paths: Sequence[Path], default: Path,
+                    build: Callable[[Path], object] | None = None) -> None:
+    """Make sure every bundle the stack serves exists. The default base bundle is built on first
+    use (about a minute, from installed packages only); any other missing bundle stops with the
+    command that makes one."""
+    for path in paths:
+        if (path / "manifest.json").is_file():
+            continue
+        if path.resolve() != default.resolve():
+            raise SystemExit(f"no model bundle at {path} (no manifest.json): build one with "
+                             f"`twinstream base-bundle --out {path}` or train one (docs/learn.md)")
+        print(f"building the base MiniLM bundle at {path} (first run only, about a minute)...",
+              flush=True)
+        if build is None:
+            from twinstream.learn.base import build_base_bundle
+
+            build = build_base_bundle
+        build(path)
+
+
 def cmd_stack(args: argparse.Namespace) -> int:
+    from twinstream.demo import DEFAULT_BUNDLE
     from twinstream.devstack import LocalStack, StackConfig
 
+    prepare_bundles(args.bundle, DEFAULT_BUNDLE)
     stack = LocalStack(StackConfig(bundles=args.bundle, fixed_ports=True))
     stack.start()
     print(f"stack up: ingestion {stack.grpc_target('ingestion')}, matching "
@@ -131,6 +154,74 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(render(status), end="")
     healthy = all(h == "SERVING" for h in status.health.values()) and all(status.up.values())
     return 0 if healthy else 1
+def describe(decision: decisions_pb2.Decision) -> str:
+    """One line per decision: what it is, what it duplicates, its cluster and its neighbours."""
+    kind = decisions_pb2.DecisionKind.Name(decision.kind)
+    line = (f"{decision.collection}/{decision.item_id}  {kind}  score {decision.score:.4f}  "
+            f"P(dup) {decision.duplicate_probability:.3f}  of {decision.duplicate_of or '-'}  "
+            f"cluster {decision.cluster_id}")
+    if decision.merged_clusters:
+        line += f" (merged {', '.join(decision.merged_clusters)})"
+    neighbours = ", ".join(f"{n.item_id} {n.score:.3f}" for n in decision.neighbours)
+    return f"{line}  neighbours [{neighbours}]"
+
+
+def read_decisions(bootstrap: str, tenant: str, collection: str, kinds: Sequence[str],
+                   follow: bool, timeout_s: float = 30.0) -> Iterator[decisions_pb2.Decision]:
+    """The decisions of a tenant (and collection) on items.decisions, each item once (a repeat
+    is a byte-identical copy). Without ``follow``, stops once it has read up to the end of
+    every partition as it was when it started reading."""
+    from twinstream.common.config import Settings
+    from twinstream.common.kafka import TopicReader
+
+    settings = Settings.from_env("cli", kafka_bootstrap=bootstrap)
+    reader = TopicReader(settings, settings.topics.decisions)
+    consumer = reader.consumer
+    wanted = {decisions_pb2.DecisionKind.Value(k) for k in kinds}
+    seen: set[bytes] = set()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            for record in reader.poll(300):
+                if record.key in seen:
+                    continue
+                decision = decisions_pb2.Decision.FromString(record.value)
+                if decision.tenant != tenant or (collection and decision.collection != collection):
+                    continue
+                seen.add(record.key)
+                if not wanted or decision.kind in wanted:
+                    yield decision
+            if follow:
+                continue
+            # tansu's ListOffsets(LATEST) is wrong; the high watermark of a fetch is right.
+            ends = {tp: consumer.highwater(tp) for tp in reader.partitions}
+            if all(end is not None and consumer.position(tp) >= end for tp, end in ends.items()):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {settings.topics.decisions} to its end in "
+                                   f"{timeout_s:.0f}s; is the broker at {bootstrap} up?")
+    finally:
+        reader.close()
+
+
+def cmd_decisions(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    count = 0
+    try:
+        for decision in read_decisions(args.kafka, args.tenant, args.collection, args.kind or [],
+                                       args.follow):
+            count += 1
+            if args.json:
+                print(json.dumps(MessageToDict(decision, preserving_proto_field_name=True)),
+                      flush=True)
+            else:
+                print(describe(decision), flush=True)
+    except KeyboardInterrupt:
+        pass
+    if not args.json:
+        print(f"{count} decisions", file=sys.stderr)
+    return 0
 
 
 def cmd_reembed(args: argparse.Namespace) -> int:
@@ -215,6 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--health", action="append", metavar="STAGE=HOST:PORT",
                         help="gRPC address of embedding/indexing (default 50052/50053)")
     status.set_defaults(run=cmd_status)
+    decisions = commands.add_parser("decisions", help="read decisions back from items.decisions")
+    decisions.add_argument("--tenant", required=True)
+    decisions.add_argument("--collection", default="", help="default: every collection")
+    decisions.add_argument("--kind", action="append",
+                           choices=[decisions_pb2.DecisionKind.Name(v)
+                                    for v in decisions_pb2.DecisionKind.values() if v],
+                           help="only these kinds (repeatable)")
+    decisions.add_argument("--follow", action="store_true", help="keep printing new decisions")
+    decisions.add_argument("--json", action="store_true", help="one JSON object per line")
+    decisions.add_argument("--kafka", default="127.0.0.1:9092", help="broker bootstrap address")
+    decisions.set_defaults(run=cmd_decisions)
     reembed = commands.add_parser("reembed", help="embed the retained stream with a new model version")
     reembed.add_argument("--bundle", type=Path, required=True)
     reembed.set_defaults(run=cmd_reembed)

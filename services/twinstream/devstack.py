@@ -236,6 +236,12 @@ class LocalStack:
                                "--port", str(self.milvus_port)])
         _wait_port(self.milvus_port, self.processes["milvus"])
 
+    def restart_milvus(self, timeout_s: float = 10.0) -> None:
+        """Stop the Milvus process (SIGTERM, then SIGKILL after ``timeout_s``) and start it again
+        on the same data: what a crash or an upgrade does. The services are left alone."""
+        self.processes["milvus"].stop(timeout_s)
+        self._start_milvus()
+
     def _start_triton(self) -> None:
         if self.config.encoder_backend != "triton":
             return

@@ -69,7 +69,7 @@ backends it talks to. These follow the service code (twinstream.<name>.__main__)
 ingestion: {consumes: items.raw, kafka: true, milvus: false, triton: false, models: false, data: true}
 embedding: {consumes: items.accepted, kafka: true, milvus: false, triton: true, models: true, data: false}
 indexing: {consumes: items.embedded, kafka: true, milvus: true, triton: false, models: true, data: false}
-matching: {consumes: "", kafka: false, milvus: true, triton: true, models: true, data: false}
+matching: {consumes: "", kafka: false, produces: true, milvus: true, triton: true, models: true, data: false}
 {{- end }}
 
 {{/* A subchart's fullname, computed the way the milvus and bitnami charts do. (dict "root" $ "chart" "kafka") */}}

@@ -66,6 +66,8 @@ class Settings:
     # replayed message can never bring a deleted item back.
     tombstone_retention_s: int = 7 * 24 * 3600
     reaper_interval_s: float = 60.0
+    # How long Delete waits for indexing to apply it before answering pending=true.
+    delete_wait_s: float = 10.0
     topics: Topics = field(default_factory=Topics)
 
     @classmethod

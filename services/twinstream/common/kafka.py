@@ -46,6 +46,7 @@ class Outgoing:
     topic: str
     key: bytes
     value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,8 @@ def dead_letter(settings: Settings, rejected: Rejected) -> Outgoing:
 
 def publish(producer: KafkaProducer, messages: Sequence[Outgoing], timeout_s: float = 30.0) -> None:
     """Produce ``messages`` and wait until the broker acknowledged every one; raise otherwise."""
-    futures = [producer.send(m.topic, key=m.key, value=m.value) for m in messages]
+    futures = [producer.send(m.topic, key=m.key, value=m.value, headers=list(m.headers) or None)
+               for m in messages]
     producer.flush(timeout=timeout_s)
     for future in futures:
         future.get(timeout=timeout_s)  # re-raises the send error, if any

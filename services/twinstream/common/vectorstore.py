@@ -14,12 +14,12 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
-from pymilvus import DataType, MilvusClient
+from pymilvus import DataType, MilvusClient, MilvusException
 
 from twinstream.common.metrics import MILVUS_SEARCH_SECONDS
 from twinstream.v1 import decisions_pb2, items_pb2
@@ -32,6 +32,11 @@ OUTPUT_FIELDS = ["pk", "item_id", "tenant", "collection", "content_hash", "clust
 # every read path filters on this, and a reaper removes tombstones past the replay horizon.
 LIVE = "deleted_ms == 0"
 _SAFE = re.compile(r"[^a-z0-9_]")
+# Milvus status codes: the collection (or alias) does not exist / exists but is not loaded.
+_NOT_FOUND, _NOT_LOADED = 100, 101
+# The most rows one Milvus query (offset + limit) returns.
+QUERY_CAP = 16384
+T = TypeVar("T")
 
 
 def row_key(tenant: str, collection: str, item_id: str) -> str:
@@ -166,15 +171,47 @@ class VectorStore:
             self._live_cache[model.name] = cached
         return cached[0] == self.collection_name(model)
 
-    # -- writes ----------------------------------------------------------------------------
-    def upsert(self, collection: str, rows: Sequence[dict[str, Any]]) -> None:
-        if rows:
-            self.client.upsert(collection, list(rows))
+    def collections(self) -> list[str]:
+        """Every collection of this prefix (each model version)."""
+        return [c for c in self.client.list_collections() if c.startswith(f"{self.prefix}_")]
 
-    def tombstone(self, collection: str, pks: Sequence[str], now_ms: int) -> int:
-        """Mark rows deleted (idempotent); returns how many live rows were marked."""
+    def _loaded(self, collection: str, call: Callable[[], T]) -> T:
+        """Run a read, loading the collection first if Milvus says it is not loaded.
+
+        A restarted Milvus server comes back with its collections released; nothing else would
+        load them again, so every read path recovers here without an operator.
+        """
+        try:
+            return call()
+        except MilvusException as exc:
+            if exc.code != _NOT_LOADED and "not loaded" not in str(exc.message):
+                if exc.code == _NOT_FOUND:  # dropped or lost: let ensure_collection check again
+                    self._known.discard(collection)
+                raise
+        log.warning("collection not loaded; loading it", extra={"collection": collection})
+        self.client.load_collection(collection)
+        return call()
+
+    # -- writes ----------------------------------------------------------------------------
+    # Only the indexer that owns a scope's partition writes its rows (inserts, merges, deletes,
+    # expiry and purges all arrive on that partition), so these read-modify-writes never race.
+    def upsert(self, collection: str, rows: Sequence[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        try:
+            self.client.upsert(collection, list(rows))
+        except MilvusException as exc:
+            if exc.code == _NOT_FOUND:
+                self._known.discard(collection)
+            raise
+
+    def tombstone(self, collection: str, pks: Sequence[str], now_ms: int,
+                  ingested_before_ms: int | None = None) -> int:
+        """Mark live rows deleted at ``now_ms`` (idempotent); with ``ingested_before_ms`` only rows
+        ingested before it (TTL expiry re-checked where it is applied). Returns how many."""
         rows = [r for r in self.get(collection, pks, [*OUTPUT_FIELDS, "vector"]).values()
-                if not r["deleted_ms"]]
+                if not r["deleted_ms"]
+                and (ingested_before_ms is None or int(r["ingest_ms"]) < ingested_before_ms)]
         for row in rows:
             row["deleted_ms"] = now_ms
         self.upsert(collection, rows)
@@ -182,7 +219,7 @@ class VectorStore:
 
     def relabel_clusters(self, collection: str, scope: str, losers: Sequence[str],
                          winner: str) -> int:
-        """Move every row of the ``losers`` clusters into ``winner`` (idempotent)."""
+        """Move every live row of the ``losers`` clusters into ``winner`` (idempotent)."""
         if not losers:
             return 0
         listed = ", ".join(quote(c) for c in losers)
@@ -193,12 +230,13 @@ class VectorStore:
         self.upsert(collection, rows)
         return len(rows)
 
-    def purge(self, collection: str, expr: str) -> int:
-        """Hard-delete rows matching ``expr`` (the reaper: old tombstones, expired items)."""
-        pks = [r["pk"] for r in self.query(collection, expr, ["pk"])]
-        if pks:
-            self.client.delete(collection, ids=pks)
-        return len(pks)
+    def purge_tombstones(self, collection: str, pks: Sequence[str], deleted_before_ms: int) -> int:
+        """Hard-delete those of ``pks`` tombstoned before ``deleted_before_ms``."""
+        gone = [pk for pk, row in self.get(collection, pks, ["pk", "deleted_ms"]).items()
+                if 0 < int(row["deleted_ms"]) < deleted_before_ms]
+        if gone:
+            self.client.delete(collection, ids=gone)
+        return len(gone)
 
     def flush(self, collection: str) -> None:
         self.client.flush(collection)
@@ -208,16 +246,34 @@ class VectorStore:
             fields: Sequence[str] = OUTPUT_FIELDS) -> dict[str, dict[str, Any]]:
         if not pks:
             return {}
-        rows = self.client.get(collection, ids=list(pks), output_fields=list(fields))
+        rows = self._loaded(collection, lambda: self.client.get(
+            collection, ids=list(pks), output_fields=list(fields)))
         return {str(row["pk"]): dict(row) for row in rows}
 
     def query(self, collection: str, expr: str, fields: Sequence[str] = OUTPUT_FIELDS,
-              limit: int = 16384) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.client.query(collection, filter=expr,
-                                                   output_fields=list(fields), limit=limit)]
+              page_rows: int = 4096) -> list[dict[str, Any]]:
+        """Every row matching ``expr``. One plain query stops silently at ``QUERY_CAP`` rows, so a
+        result that reaches the cap is read again through Milvus's query iterator (pages)."""
+        def scan() -> list[dict[str, Any]]:
+            rows = [dict(r) for r in self.client.query(collection, filter=expr,
+                                                       output_fields=list(fields), limit=QUERY_CAP)]
+            if len(rows) < QUERY_CAP:
+                return rows
+            iterator = self.client.query_iterator(collection, batch_size=page_rows, filter=expr,
+                                                  output_fields=list(fields))
+            rows = []
+            try:
+                while page := iterator.next():
+                    rows.extend(dict(r) for r in page)
+            finally:
+                iterator.close()
+            return rows
+
+        return self._loaded(collection, scan)
 
     def count(self, collection: str, expr: str = "") -> int:
-        rows = self.client.query(collection, filter=expr, output_fields=["count(*)"])
+        rows = self._loaded(collection, lambda: self.client.query(
+            collection, filter=expr, output_fields=["count(*)"]))
         return int(rows[0]["count(*)"]) if rows else 0
 
     def search(self, collection: str, vectors: Sequence[Sequence[float]] | np.ndarray, limit: int,
@@ -229,11 +285,11 @@ class VectorStore:
         if min_score is not None:
             params["params"].update({"radius": float(min_score), "range_filter": 1.0001})
         started = time.perf_counter()
-        results = self.client.search(
+        results = self._loaded(collection, lambda: self.client.search(
             collection, data=[list(map(float, v)) for v in vectors], limit=limit, filter=expr,
             output_fields=list(fields), search_params=params, consistency_level=consistency,
             offset=offset,
-        )
+        ))
         MILVUS_SEARCH_SECONDS.observe(time.perf_counter() - started)
         return [[_hit(h) for h in hits] for hits in results]
 

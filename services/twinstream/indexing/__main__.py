@@ -6,7 +6,7 @@ import threading
 
 from twinstream.common.bundle import load_bundles
 from twinstream.common.config import Settings
-from twinstream.common.kafka import ConsumeLoop
+from twinstream.common.kafka import ConsumeLoop, make_producer, publish
 from twinstream.common.runtime import ServiceRuntime
 from twinstream.common.vectorstore import VectorStore
 from twinstream.indexing.reaper import Reaper
@@ -20,9 +20,12 @@ def main() -> None:
     indexer = Indexer(settings, store, load_bundles(settings.model_dir))
     loop = ConsumeLoop(settings, settings.topics.embedded, indexer)
 
+    reaper_producer = make_producer(settings)
+
     def work(stopping: threading.Event) -> None:
-        reaper = threading.Thread(target=Reaper(settings, store).run, args=(stopping,),
-                                  name="reaper", daemon=True)
+        reaper = threading.Thread(
+            target=Reaper(settings, store, lambda messages: publish(reaper_producer, messages)).run,
+            args=(stopping,), name="reaper", daemon=True)
         reaper.start()
         loop.run(stopping, on_ready=lambda: runtime.set_serving(True))
 

@@ -1,9 +1,13 @@
-"""Indexing's batch handler.
+"""Indexing's batch handler: the one writer of a scope's Milvus rows.
 
 For each batch: items already stored (a replay after a crash) get their stored decision again,
 byte for byte; new items are decided, in ingest order, against Milvus and against the earlier
 items of the same batch, then upserted with their decision. The loop then publishes the
 decisions and commits, so a crash anywhere repeats identical decisions and never loses one.
+Store commands (deletes, TTL expiry, purges) arrive on the same partitions and are applied in
+their place between the inserts, so no other process read-modify-writes these rows.
+A decision's time is the embedded record's time, not the clock, so two indexers handling the
+same batch (a zombie after a rebalance) publish byte-identical decisions.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import numpy as np
 from kafka.consumer.fetcher import ConsumerRecord
 
 from twinstream.common.bundle import ModelBundle
+from twinstream.common.commands import is_command
 from twinstream.common.config import Settings
 from twinstream.common.kafka import BatchResult, Outgoing, Rejected, parse_record
-from twinstream.common.metrics import BACKFILLED, DECISIONS, INGEST_TO_DECISION
+from twinstream.common.metrics import BACKFILLED, DECISIONS, INGEST_TO_DECISION, ITEMS_PROCESSED
 from twinstream.common.vectorstore import (
     VectorStore,
     decode_decision,
@@ -48,6 +53,10 @@ class _Pending:
     tenant: str
     scope: str
     items: list[tuple[int, items_pb2.EmbeddedItem]] = field(default_factory=list)
+    # When each item's embedded record was published: the decision's deterministic time.
+    record_ms: dict[int, int] = field(default_factory=dict)
+    # Items whose id is already stored (or repeated in the batch) with other content.
+    conflicts: list[tuple[int, str]] = field(default_factory=list)
 
 
 class Indexer:
@@ -59,8 +68,34 @@ class Indexer:
 
     def __call__(self, records: Sequence[ConsumerRecord]) -> BatchResult:
         result = BatchResult()
-        groups: dict[tuple[str, str, str], _Pending] = {}
+        decided: dict[int, decisions_pb2.Decision] = {}
+        fresh: list[decisions_pb2.Decision] = []
+        run: list[tuple[int, ConsumerRecord]] = []
         for index, record in enumerate(records):
+            if is_command(record):  # the items before it are written first, in log order
+                self._index(run, result, decided, fresh)
+                run = []
+                self._apply(record, result)
+            else:
+                run.append((index, record))
+        self._index(run, result, decided, fresh)
+        for index in sorted(decided):
+            decision = decided[index]
+            result.outputs.append(Outgoing(
+                self.settings.topics.decisions,
+                row_key(decision.tenant, decision.collection, decision.item_id).encode(),
+                decision.SerializeToString(),
+            ))
+        result.after_flush = lambda: _observe(fresh)
+        return result
+
+    def _index(self, records: Sequence[tuple[int, ConsumerRecord]], result: BatchResult,
+               decided: dict[int, decisions_pb2.Decision],
+               fresh: list[decisions_pb2.Decision]) -> None:
+        """Decide and write a run of embedded items (no command between them)."""
+        groups: dict[tuple[str, str, str], _Pending] = {}
+        by_index = dict(records)
+        for index, record in records:
             item = parse_record(record, items_pb2.EmbeddedItem)
             if isinstance(item, Rejected):
                 result.rejected.append(item)
@@ -81,9 +116,9 @@ class Indexer:
                 groups[key] = _Pending(collection, bundle, item.model, it.tenant,
                                        scope_filter(it.tenant, it.collection, ttl))
             groups[key].items.append((index, item))
+            groups[key].record_ms[index] = max(int(record.timestamp or 0),
+                                               item.accepted.ingest_time_ms)
 
-        decided: dict[int, decisions_pb2.Decision] = {}
-        fresh: list[decisions_pb2.Decision] = []
         for group in groups.values():
             # A version that is not live is being back-filled by a re-embed job: its rows are
             # written (ready for the alias switch) but users get decisions from the live model.
@@ -95,31 +130,58 @@ class Indexer:
                 decided[index] = decision
                 if is_new:
                     fresh.append(decision)
-        for index in sorted(decided):
-            decision = decided[index]
-            result.outputs.append(Outgoing(
-                self.settings.topics.decisions,
-                row_key(decision.tenant, decision.collection, decision.item_id).encode(),
-                decision.SerializeToString(),
-            ))
-        result.after_flush = lambda: _observe(fresh)
-        return result
+            for index, detail in group.conflicts:
+                result.rejected.append(Rejected(by_index[index], "id_conflict", detail,
+                                                dict(group.items)[index].accepted.item.item_id))
+
+    def _apply(self, record: ConsumerRecord, result: BatchResult) -> None:
+        """Apply a store command to the scope's rows in every model version's collection."""
+        command = parse_record(record, items_pb2.StoreCommand)
+        if isinstance(command, Rejected):
+            result.rejected.append(command)
+            return
+        actions = items_pb2.StoreCommand
+        if command.action not in (actions.DELETE, actions.EXPIRE, actions.PURGE) or not command.tenant:
+            result.rejected.append(Rejected(record, "invalid_command",
+                                            f"action {command.action} for tenant {command.tenant!r}"))
+            return
+        pks = [row_key(command.tenant, command.collection, i) for i in command.item_ids]
+        changed = 0
+        for collection in self.store.collections():
+            if command.action == actions.PURGE:
+                changed += self.store.purge_tombstones(collection, pks, command.cutoff_ms)
+            else:
+                changed += self.store.tombstone(
+                    collection, pks, command.time_ms,
+                    command.cutoff_ms if command.action == actions.EXPIRE else None)
+        name = actions.Action.Name(command.action).lower()
+        ITEMS_PROCESSED.labels("indexing", {"delete": "deleted", "expire": "expired",
+                                            "purge": "purged"}[name]).inc(changed)
+        log.info("applied store command", extra={
+            "action": name, "tenant": command.tenant, "collection": command.collection,
+            "items": len(pks), "changed": changed, "origin": command.origin})
 
     def _decide_group(self, group: _Pending) -> list[tuple[int, decisions_pb2.Decision, bool]]:
         items = group.items
         pks = [row_key(i.accepted.item.tenant, i.accepted.item.collection, i.accepted.item.item_id)
                for _, i in items]
-        stored = self.store.get(group.collection, pks, ["pk", "decision"])
+        stored = self.store.get(group.collection, pks, ["pk", "decision", "content_hash"])
         out: list[tuple[int, decisions_pb2.Decision, bool]] = []
         todo: list[tuple[int, items_pb2.EmbeddedItem, str]] = []
-        seen: set[str] = set()
+        seen: dict[str, str] = {}
         for (index, item), pk in zip(items, pks, strict=True):
-            if pk in stored:  # decided before a crash or rebalance: repeat it identically
+            content_hash = item.accepted.content_hash
+            earlier = stored[pk]["content_hash"] if pk in stored else seen.get(pk, content_hash)
+            if earlier != content_hash:  # e.g. two ingestion replicas each accepted the id once
+                group.conflicts.append((index, f"id {item.accepted.item.item_id!r} is stored with "
+                                               f"content sha256 {earlier[:12]}..., this copy has "
+                                               f"{content_hash[:12]}...; ids are idempotency keys"))
+            elif pk in stored:  # decided before a crash or rebalance: repeat it identically
                 out.append((index, decode_decision(stored[pk]["decision"]), False))
             elif pk in seen:  # the same item twice in one batch (a producer retry)
                 continue
             else:
-                seen.add(pk)
+                seen[pk] = content_hash
                 todo.append((index, item, pk))
         if not todo:
             return out
@@ -136,7 +198,6 @@ class Indexer:
             ["item_id", "cluster_id", "content_hash", "ingest_ms"],
         )
         similarity = vectors @ vectors.T
-        now_ms = int(time.time() * 1000)
         rows = []
         merges: list[tuple[list[str], str]] = []
         batch_decisions: list[decisions_pb2.Decision] = []
@@ -160,7 +221,7 @@ class Indexer:
                     earlier.cluster_id, earlier_item.accepted.ingest_time_ms,
                     exact=earlier.content_hash == item.accepted.content_hash, in_flight=True,
                 ))
-            decision = decide(item, candidates, group.bundle, k, now_ms)
+            decision = decide(item, candidates, group.bundle, k, group.record_ms[index])
             linked = _linked_clusters(decision, candidates)
             if len(linked) > 1:
                 winner = self._oldest_cluster(group, linked, batch_decisions, todo)
@@ -177,8 +238,16 @@ class Indexer:
         # against already-merged clusters, so the merge is never lost nor half-applied.
         for losers, winner in merges:
             self.store.relabel_clusters(group.collection, group.scope, losers, winner)
-        for (_, item, pk), decision in zip(todo, batch_decisions, strict=True):
-            rows.append(_row(pk, item, decision))
+        # Fence for a zombie (paused past a rebalance while its successor went on): rows stored
+        # since this batch read Milvus win and their decisions are repeated, never overwritten.
+        written = self.store.get(group.collection, [pk for _, _, pk in todo], ["pk", "decision"])
+        since = {index: decode_decision(written[pk]["decision"])
+                 for index, _, pk in todo if pk in written}
+        if since:
+            out = [(i, since.get(i, d), new and i not in since) for i, d, new in out]
+        for (index, item, pk), decision in zip(todo, batch_decisions, strict=True):
+            if index not in since:
+                rows.append(_row(pk, item, decision))
         self.store.upsert(group.collection, rows)
         self._maybe_flush(group.collection, len(rows))
         return out

@@ -11,6 +11,7 @@ import grpc
 from kafka import KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 
+from twinstream.common.commands import scope_key
 from twinstream.common.config import Settings
 from twinstream.common.kafka import BatchResult, Outgoing, Rejected, publish
 from twinstream.common.metrics import ERRORS, ITEMS_PROCESSED
@@ -42,7 +43,7 @@ class Admission:
 
 def partition_key(item: items_pb2.Item) -> bytes:
     """Items of one tenant/collection share a partition, so one consumer sees them in order."""
-    return f"{item.tenant}/{item.collection}".encode()
+    return scope_key(item.tenant, item.collection)
 
 
 class Ingestion(ingestion_pb2_grpc.IngestionServicer):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from twinstream.common.bundle import load_bundles
 from twinstream.common.config import Settings
 from twinstream.common.encoding import make_encoder
+from twinstream.common.kafka import make_producer, publish
 from twinstream.common.runtime import ServiceRuntime
 from twinstream.common.vectorstore import VectorStore
 from twinstream.matching.service import Matching
@@ -16,7 +17,8 @@ def main() -> None:
     store = VectorStore(settings.milvus_uri, settings.milvus_token, settings.milvus_collection_prefix)
     encoders = [make_encoder(b, settings.encoder_backend, settings.triton_url)
                 for b in load_bundles(settings.model_dir)]
-    service = Matching(settings, store, encoders)
+    producer = make_producer(settings)  # store commands (Delete) to indexing
+    service = Matching(settings, store, encoders, lambda messages: publish(producer, messages))
     runtime = ServiceRuntime(
         settings,
         [matching_pb2.DESCRIPTOR.services_by_name["Matching"].full_name],

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 import grpc
 import numpy as np
 
 from twinstream.common.bundle import ModelBundle
+from twinstream.common.commands import store_commands
 from twinstream.common.config import Settings
 from twinstream.common.encoding import ContentError, ItemEncoder
+from twinstream.common.kafka import Outgoing
 from twinstream.common.vectorstore import VectorStore, decode_decision, quote, row_key
 from twinstream.matching.requests import (
     BadRequest,
@@ -41,11 +43,14 @@ class NotFound(LookupError):
 class Matching(matching_pb2_grpc.MatchingServicer):
     """Answers queries against each model's live collection (its alias)."""
 
-    def __init__(self, settings: Settings, store: VectorStore,
-                 encoders: Sequence[ItemEncoder]) -> None:
+    def __init__(self, settings: Settings, store: VectorStore, encoders: Sequence[ItemEncoder],
+                 send: Callable[[Sequence[Outgoing]], None]) -> None:
         self.settings = settings
         self.store = store
         self._all_encoders = list(encoders)
+        # Publishes store commands and waits for the broker's acknowledgement: matching never
+        # writes rows itself; indexing applies deletes in order with the scope's inserts.
+        self.send = send
 
     @property
     def encoders(self) -> list[ItemEncoder]:
@@ -200,29 +205,65 @@ class Matching(matching_pb2_grpc.MatchingServicer):
     def Delete(self, request: matching_pb2.DeleteRequest,
                context: grpc.ServicerContext) -> matching_pb2.DeleteResponse:
         try:
-            collection = check_scope(request.tenant, request.collection)
-            for item_id in request.item_ids:
-                check_item_id(item_id)
-            if not request.item_ids and not request.filters:
-                raise BadRequest("give item_ids or filters; deleting a whole collection is not "
-                                 "offered through this call")
-            if request.item_ids and request.filters:
-                raise BadRequest("give item_ids or filters, not both")
-            deleted = 0
-            conditions = metadata_filter(request.filters)
-            for encoder in self.encoders:
-                live = self._live(encoder.bundle)
-                if not self.store.exists(live):
-                    continue
-                if request.item_ids:
-                    present = [row_key(request.tenant, collection, i) for i in request.item_ids]
-                else:
-                    expr = full_filter(request.tenant, collection, 0, conditions)
-                    present = [r["pk"] for r in self.store.query(live, expr, ["pk"])]
-                deleted += self.store.tombstone(live, present, int(time.time() * 1000))
+            return self._delete(request, context)
         except Exception as exc:
             _abort(context, exc)
-        return matching_pb2.DeleteResponse(deleted=deleted)
+
+    def _delete(self, request: matching_pb2.DeleteRequest,
+                context: grpc.ServicerContext) -> matching_pb2.DeleteResponse:
+        """Find the live items the request names, hand a DELETE command to indexing (the
+        scope's one writer) and wait, within the deadline, until it has tombstoned them."""
+        collection = check_scope(request.tenant, request.collection)
+        for item_id in request.item_ids:
+            check_item_id(item_id)
+        if not request.item_ids and not request.filters:
+            raise BadRequest("give item_ids or filters; deleting a whole collection is not "
+                             "offered through this call")
+        if request.item_ids and request.filters:
+            raise BadRequest("give item_ids or filters, not both")
+        conditions = metadata_filter(request.filters)
+        targets: dict[str, set[str]] = {}  # live collection -> pks of live items
+        for encoder in self.encoders:
+            live = self._live(encoder.bundle)
+            if not self.store.exists(live):
+                continue
+            if request.item_ids:
+                pks = [row_key(request.tenant, collection, i) for i in request.item_ids]
+                rows = self.store.get(live, pks, ["pk", "deleted_ms"]).values()
+                found = {r["pk"] for r in rows if not r["deleted_ms"]}
+            else:
+                expr = full_filter(request.tenant, collection, 0, conditions)
+                found = {r["pk"] for r in self.store.query(live, expr, ["pk"])}
+            targets[live] = found
+        prefix = f"{request.tenant}/{collection}/"
+        item_ids = sorted({pk[len(prefix):] for found in targets.values() for pk in found})
+        if not item_ids:
+            return matching_pb2.DeleteResponse(deleted=0)
+        self.send(list(store_commands(self.settings, items_pb2.StoreCommand.DELETE, request.tenant,
+                                      collection, item_ids, int(time.time() * 1000),
+                                      origin="matching.Delete")))
+        wait_s = self.settings.delete_wait_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait_s = min(wait_s, remaining - 0.05)
+        return matching_pb2.DeleteResponse(deleted=len(item_ids),
+                                           pending=not self._applied(targets, wait_s))
+
+    def _applied(self, targets: dict[str, set[str]], wait_s: float) -> bool:
+        """Whether every target row is tombstoned (or gone) within ``wait_s``."""
+        deadline = time.monotonic() + wait_s
+        left = {live: set(pks) for live, pks in targets.items() if pks}
+        while True:
+            for live in list(left):
+                rows = self.store.get(live, sorted(left[live]), ["pk", "deleted_ms"])
+                left[live] = {pk for pk, row in rows.items() if not row["deleted_ms"]}
+                if not left[live]:
+                    del left[live]
+            if not left:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
     def GetCluster(self, request: matching_pb2.GetClusterRequest,
                    context: grpc.ServicerContext) -> matching_pb2.Cluster:

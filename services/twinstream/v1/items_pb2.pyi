@@ -261,3 +261,71 @@ class DeadLetter(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeadLetter: _TypeAlias = DeadLetter  # noqa: Y015
+
+@_typing.final
+class StoreCommand(_message.Message):
+    """A change to stored rows, published on items.embedded with the scope's key (tenant/collection)
+    and the header `twinstream-message: StoreCommand`. The indexer that owns the scope's partition
+    applies it in order with the scope's inserts, so it is the only process that writes the rows.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Action:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[StoreCommand._Action.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        ACTION_UNSPECIFIED: StoreCommand._Action.ValueType  # 0
+        DELETE: StoreCommand._Action.ValueType  # 1
+        """tombstone these items (a client's Delete) at time_ms"""
+        EXPIRE: StoreCommand._Action.ValueType  # 2
+        """tombstone these items at time_ms if they were ingested before cutoff_ms (TTL)"""
+        PURGE: StoreCommand._Action.ValueType  # 3
+        """hard-delete these items if they were tombstoned before cutoff_ms"""
+
+    class Action(_Action, metaclass=_ActionEnumTypeWrapper): ...
+    ACTION_UNSPECIFIED: StoreCommand.Action.ValueType  # 0
+    DELETE: StoreCommand.Action.ValueType  # 1
+    """tombstone these items (a client's Delete) at time_ms"""
+    EXPIRE: StoreCommand.Action.ValueType  # 2
+    """tombstone these items at time_ms if they were ingested before cutoff_ms (TTL)"""
+    PURGE: StoreCommand.Action.ValueType  # 3
+    """hard-delete these items if they were tombstoned before cutoff_ms"""
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    ITEM_IDS_FIELD_NUMBER: _builtins.int
+    TIME_MS_FIELD_NUMBER: _builtins.int
+    CUTOFF_MS_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    action: Global___StoreCommand.Action.ValueType
+    tenant: _builtins.str
+    collection: _builtins.str
+    time_ms: _builtins.int
+    """When the command was issued (ms since the epoch); the tombstone time, so a repeat is identical."""
+    cutoff_ms: _builtins.int
+    origin: _builtins.str
+    """Who asked (a Delete's request id, "reaper"), for logs."""
+    @_builtins.property
+    def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        action: Global___StoreCommand.Action.ValueType = ...,
+        tenant: _builtins.str = ...,
+        collection: _builtins.str = ...,
+        item_ids: _abc.Iterable[_builtins.str] | None = ...,
+        time_ms: _builtins.int = ...,
+        cutoff_ms: _builtins.int = ...,
+        origin: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "collection", b"collection", "cutoff_ms", b"cutoff_ms", "item_ids", b"item_ids", "origin", b"origin", "tenant", b"tenant", "time_ms", b"time_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoreCommand: _TypeAlias = StoreCommand  # noqa: Y015

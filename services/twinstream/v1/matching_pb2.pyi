@@ -398,18 +398,28 @@ Global___DeleteRequest: _TypeAlias = DeleteRequest  # noqa: Y015
 
 @_typing.final
 class DeleteResponse(_message.Message):
+    """Deletes go through indexing, ordered with the scope's writes (docs/store.md). The call returns
+    once the delete is durable in the log; it waits (up to TWINSTREAM_DELETE_WAIT_S) until indexing
+    applied it, so a Get or Match right after it no longer sees the items.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DELETED_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
     deleted: _builtins.int
+    """Live items the delete matched when it was made."""
+    pending: _builtins.bool
+    """True when indexing had not applied it yet when the call returned (it will be applied)."""
     def __init__(
         self,
         *,
         deleted: _builtins.int = ...,
+        pending: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "pending", b"pending"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
