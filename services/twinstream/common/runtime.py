@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from twinstream.common.config import Settings
 from twinstream.common.logs import configure_logging
 from twinstream.common.metrics import GRPC_REQUESTS, GRPC_SECONDS, serve_metrics
+from twinstream.common.status import status_for
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ Registration = Callable[[grpc.Server], None]
 
 
 class _MetricsInterceptor(grpc.ServerInterceptor):
-    """Counts and times every unary and streaming call by method and final status code."""
+    """Maps exceptions to status codes (``common/status.py``), then counts and times every call
+    by method and final code; an exception nothing maps is logged and counted as UNKNOWN."""
 
     def __init__(self, service: str) -> None:
         self.service = service
@@ -50,27 +52,45 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
     def _wrap(self, inner: Callable[..., Any], method: str, streaming_out: bool) -> Callable[..., Any]:
         service = self.service
 
-        def record(context: grpc.ServicerContext, started: float) -> None:
+        def record(context: grpc.ServicerContext, started: float, failed: bool) -> None:
             code = context.code() if hasattr(context, "code") else None
-            name = code.name if isinstance(code, grpc.StatusCode) else "OK"
+            name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN" if failed else "OK"
             GRPC_REQUESTS.labels(service, method, name).inc()
             GRPC_SECONDS.labels(service, method).observe(time.perf_counter() - started)
 
+        def fail(context: grpc.ServicerContext, exc: Exception) -> None:
+            """Abort with the mapped status; re-raise what was aborted already or maps to nothing."""
+            if isinstance(getattr(context, "code", lambda: None)(), grpc.StatusCode):
+                return  # the handler called context.abort itself
+            status = status_for(exc)
+            if status is None:
+                log.error("unhandled error", exc_info=exc, extra={"method": method})
+                return
+            context.abort(*status)
+
         if streaming_out:
             def streaming(request: Any, context: grpc.ServicerContext) -> Iterable[Any]:
-                started = time.perf_counter()
+                started, failed = time.perf_counter(), False
                 try:
                     yield from inner(request, context)
+                except Exception as exc:
+                    failed = True
+                    fail(context, exc)
+                    raise
                 finally:
-                    record(context, started)
+                    record(context, started, failed)
             return streaming
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            started = time.perf_counter()
+            started, failed = time.perf_counter(), False
             try:
                 return inner(request, context)
+            except Exception as exc:
+                failed = True
+                fail(context, exc)
+                raise
             finally:
-                record(context, started)
+                record(context, started, failed)
         return unary
 
 

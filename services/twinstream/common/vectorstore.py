@@ -9,7 +9,6 @@ Rows are keyed by ``<tenant>/<collection>/<item_id>``, which makes every write i
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import re
 import threading
@@ -34,12 +33,20 @@ _SAFE = re.compile(r"[^a-z0-9_]")
 
 
 def row_key(tenant: str, collection: str, item_id: str) -> str:
+    """The primary key. Ids may contain ``/`` but tenants and collections never do
+    (``common/names.py``), so the first two ``/`` split a key back unambiguously."""
     return f"{tenant}/{collection}/{item_id}"
 
 
+# The only escapes both Milvus Lite's and the Milvus server's expression parsers accept; JSON's
+# "\u00fc" is refused ("unknown escape sequence"), raw UTF-8 is not, and a raw newline or
+# carriage return would end the literal.
+_LITERAL_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r"})
+
+
 def quote(value: str) -> str:
-    """A Milvus string literal (JSON escaping is a subset Milvus accepts)."""
-    return json.dumps(value)
+    """A Milvus string literal for any text: raw UTF-8, with only \\, ", newline and CR escaped."""
+    return '"' + value.translate(_LITERAL_ESCAPES) + '"'
 
 
 def scope_filter(tenant: str, collection: str, ttl_s: int = 0, now_ms: int | None = None) -> str:
