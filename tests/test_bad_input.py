@@ -181,3 +181,16 @@ def test_random_ingest_requests_never_end_in_unknown_or_internal(
             assert error.code() not in FORBIDDEN, (error.code(), error.details())
             return
     assert summary.accepted + summary.rejected == len(batch)
+
+
+def test_an_id_crafted_as_an_expression_touches_no_other_tenant(
+        client: TwinstreamClient, stack: LocalStack, tenant: str) -> None:
+    other = tenant + "o"
+    client.ingest(text("kept", "an item of another tenant", other))
+    read_decisions(stack, ["kept"], other)
+    for crafted in [f"x','{other}/default/kept", f'x", "{other}/default/kept', "x'] or pk != ['"]:
+        assert client.delete(tenant, [crafted]) == 0
+        with pytest.raises(grpc.RpcError) as caught:
+            client.get(tenant, crafted)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert client.get(other, "kept").item_id == "kept"

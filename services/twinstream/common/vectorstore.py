@@ -49,6 +49,13 @@ def quote(value: str) -> str:
     return '"' + value.translate(_LITERAL_ESCAPES) + '"'
 
 
+def pk_filter(pks: Iterable[str]) -> str:
+    """Rows with these primary keys. pymilvus' own ``get``/``delete(ids=...)`` paste keys into
+    single quotes unescaped: a key holding ``'`` or ``\\`` breaks the expression or, worse,
+    selects another tenant's row; ids may hold both, so keys are always quoted here."""
+    return f"pk in [{', '.join(quote(pk) for pk in pks)}]"
+
+
 def scope_filter(tenant: str, collection: str, ttl_s: int = 0, now_ms: int | None = None) -> str:
     """Live rows of one tenant/collection (not deleted; not expired when the scope has a TTL)."""
     expr = f"tenant == {quote(tenant)} and collection == {quote(collection)} and {LIVE}"
@@ -203,7 +210,7 @@ class VectorStore:
         """Hard-delete rows matching ``expr`` (the reaper: old tombstones, expired items)."""
         pks = [r["pk"] for r in self.query(collection, expr, ["pk"])]
         if pks:
-            self.client.delete(collection, ids=pks)
+            self.client.delete(collection, filter=pk_filter(pks))
         return len(pks)
 
     def flush(self, collection: str) -> None:
@@ -214,7 +221,8 @@ class VectorStore:
             fields: Sequence[str] = OUTPUT_FIELDS) -> dict[str, dict[str, Any]]:
         if not pks:
             return {}
-        rows = self.client.get(collection, ids=list(pks), output_fields=list(fields))
+        rows = self.client.query(collection, filter=pk_filter(pks), output_fields=list(fields),
+                                 limit=len(pks))
         return {str(row["pk"]): dict(row) for row in rows}
 
     def query(self, collection: str, expr: str, fields: Sequence[str] = OUTPUT_FIELDS,

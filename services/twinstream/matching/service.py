@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 DEFAULT_K = 10
 # Milvus caps offset + limit of one search at 16384.
 MAX_WINDOW = 16384
+# Ids of one Delete are looked up in one Milvus query, whose limit is also 16384.
+MAX_DELETE_IDS = 10_000
 _RESULT_FIELDS = ["item_id", "cluster_id", "ingest_ms", "metadata", "decision"]
 
 
@@ -204,6 +206,8 @@ class Matching(matching_pb2_grpc.MatchingServicer):
     def Delete(self, request: matching_pb2.DeleteRequest,
                context: grpc.ServicerContext) -> matching_pb2.DeleteResponse:
         collection = check_scope(request.tenant, request.collection)
+        if len(request.item_ids) > MAX_DELETE_IDS:
+            raise OverLimit(f"at most {MAX_DELETE_IDS} item_ids per Delete")
         for item_id in request.item_ids:
             check_item_id(item_id)
         if not request.item_ids and not request.filters:

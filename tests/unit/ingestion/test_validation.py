@@ -182,7 +182,8 @@ contents = st.one_of(
 @settings(max_examples=400, deadline=None)
 @given(content=contents, modality=st.sampled_from([items_pb2.TEXT, items_pb2.RECORD, items_pb2.IMAGE,
                                                    items_pb2.Modality.ValueType(9)]),
-       tenant=st.text(max_size=70), item_id=st.text(max_size=70),
+       tenant=st.one_of(st.just("acme"), st.text(max_size=70)),
+       item_id=st.one_of(st.just("a1"), st.text(max_size=70)),
        metadata=st.dictionaries(st.text(max_size=10), st.text(max_size=10), max_size=3))
 def test_any_item_is_either_valid_or_an_invalid_item_with_a_reason(
         content: bytes, modality: items_pb2.Modality.ValueType, tenant: str, item_id: str,
