@@ -14,6 +14,7 @@ from pymilvus.exceptions import MilvusException
 
 from twinstream.common.runtime import _MetricsInterceptor
 from twinstream.common.status import InvalidArgument, NotFound, ResourceExhausted
+from twinstream.v1 import items_pb2
 
 
 class TransientLike(Exception):
@@ -69,8 +70,15 @@ def _aborts(request: bytes, context: grpc.ServicerContext) -> bytes:
 def channel() -> Iterator[grpc.Channel]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
                          interceptors=[_MetricsInterceptor("interceptor-test")])
-    methods: dict[str, grpc.RpcMethodHandler] = {"Aborts": grpc.unary_unary_rpc_method_handler(_aborts),
-                                                 "Fine": grpc.unary_unary_rpc_method_handler(lambda r, c: r)}
+    methods: dict[str, grpc.RpcMethodHandler] = {
+        "Aborts": grpc.unary_unary_rpc_method_handler(_aborts),
+        "Fine": grpc.unary_unary_rpc_method_handler(lambda r, c: r),
+        "Parses": grpc.unary_unary_rpc_method_handler(
+            lambda r, c: r.SerializeToString(), request_deserializer=items_pb2.Item.FromString),
+        "ParsesStream": grpc.stream_unary_rpc_method_handler(
+            lambda rs, c: b"".join(r.SerializeToString() for r in rs),
+            request_deserializer=items_pb2.Item.FromString),
+    }
     for name in RAISES:
         methods[name] = grpc.unary_unary_rpc_method_handler(_raiser(name))
         methods[f"Stream{name}"] = grpc.unary_stream_rpc_method_handler(_stream_raiser(name))
@@ -131,3 +139,23 @@ def test_a_status_the_handler_chose_is_kept(channel: grpc.Channel) -> None:
 def test_success_is_counted_as_ok(channel: grpc.Channel) -> None:
     assert _unary(channel, "/test.T/Fine")(b"x", timeout=10) == b"x"
     assert _count("Fine", "OK") == 1
+
+
+GOOD = items_pb2.Item(item_id="ab", tenant="t").SerializeToString()
+# Bytes a non-Python client can send: a string field holding invalid UTF-8, or no protobuf at all.
+UNPARSABLE = [GOOD.replace(b"ab", b"\xff\xfe"), b"\xff\xff\xff"]
+
+
+@pytest.mark.parametrize("payload", UNPARSABLE)
+def test_a_request_that_does_not_parse_is_invalid_argument_not_internal(
+        channel: grpc.Channel, payload: bytes) -> None:
+    assert _unary(channel, "/test.T/Parses")(GOOD, timeout=10) == GOOD
+    with pytest.raises(grpc.RpcError) as caught:
+        _unary(channel, "/test.T/Parses")(payload, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert str(caught.value.details()).startswith("malformed_request: ")
+    streaming = channel.stream_unary("/test.T/ParsesStream", request_serializer=None,
+                                     response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as caught:
+        streaming(iter([GOOD, payload]), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
