@@ -67,7 +67,8 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
             GRPC_SECONDS.labels(service, method).observe(time.perf_counter() - started)
 
         def fail(context: grpc.ServicerContext, exc: Exception) -> None:
-            """Abort with the mapped status; re-raise what was aborted already or maps to nothing."""
+            """Abort with the mapped status; return (the caller re-raises) when the handler
+            aborted already or nothing maps the error (a bug: grpc answers UNKNOWN)."""
             if isinstance(getattr(context, "code", lambda: None)(), grpc.StatusCode):
                 return  # the handler called context.abort itself
             status = status_for(exc)
