@@ -150,7 +150,7 @@ class Matching(matching_pb2_grpc.MatchingServicer):
             )[0]
         except Exception:
             # Before the model's first item is indexed its collection does not exist: nothing
-            # can match yet, the same empty answer as a tenant with no items (docs/design.md).
+            # can match yet, the same empty answer as a tenant with no items (docs/errors.md).
             # Checked only after a failure, so a normal search costs no extra round trip.
             if self.store.exists(live):
                 raise
