@@ -55,6 +55,8 @@ class Settings:
     data_dir: str = "var/data"
     max_item_bytes: int = 1_048_576
     max_text_chars: int = 100_000
+    # Pixels (width x height) an image may declare; ingestion reads only the header to check.
+    max_image_pixels: int = 40_000_000
     partitions: int = 4
     neighbours: int = 10
     match_k_limit: int = 1000

@@ -7,6 +7,7 @@ preprocess identically for a given model bundle.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,67 @@ class ContentError(ValueError):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+# Record values are scalars; an integer longer than this is not a value anyone dedups on, and
+# Python refuses to parse ones above 4300 digits (ValueError) anyway.
+MAX_INT_DIGITS = 128
+
+
+def load_record(text: str) -> dict[str, object]:
+    """Parse a record strictly: a non-empty JSON object of scalars with unique keys, finite
+    numbers and valid Unicode; anything else is a ContentError("invalid_record", ...).
+
+    Ingestion validates with this and embedding/matching preprocess with it, so an input that
+    passes one cannot crash the other (deep nesting, 5000-digit integers, lone surrogates).
+    """
+    try:
+        record = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant,
+                            parse_int=_bounded_int, parse_float=_finite_float)
+    except RecursionError as exc:
+        raise ContentError("invalid_record", "record nests too deeply; fields must be scalars") from exc
+    except json.JSONDecodeError as exc:
+        raise ContentError("invalid_record", f"record is not valid JSON: {exc}") from exc
+    if not isinstance(record, dict) or not record:
+        raise ContentError("invalid_record", "record must be a non-empty JSON object")
+    for key, value in record.items():
+        if isinstance(value, dict | list):
+            raise ContentError("invalid_record", f"field {key[:40]!r} must be a scalar")
+        for part in (key, value) if isinstance(value, str) else (key,):
+            try:
+                part.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ContentError("invalid_record", f"field {key[:40]!r} holds a lone surrogate "
+                                   f"escape (\\u{ord(part[exc.start]):04x}), not Unicode text") from exc
+    return record
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    record: dict[str, object] = {}
+    for key, value in pairs:
+        if key in record:  # which copy wins is parser-specific: the hash would be ambiguous
+            raise ContentError("invalid_record", f"field {key[:40]!r} appears more than once")
+        record[key] = value
+    return record
+
+
+def _no_constant(name: str) -> float:
+    raise ContentError("invalid_record", f"{name} is not a JSON number; send a string or null")
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise ContentError("invalid_record", f"an integer of {len(digits)} digits exceeds the "
+                           f"limit of {MAX_INT_DIGITS}; send it as a string")
+    return int(digits)
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):
+        raise ContentError("invalid_record", f"the number {literal[:40]} overflows a 64-bit float; "
+                           "send it as a string")
+    return value
 
 
 class Encoder(Protocol):
@@ -145,13 +207,7 @@ class ItemEncoder:
         if modality == items_pb2.RECORD:
             from twinstream.learn.records import serialize_record
 
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ContentError("invalid_record", f"record is not JSON: {exc}") from exc
-            if not isinstance(record, dict):
-                raise ContentError("invalid_record", "record must be a JSON object")
-            return serialize_record(record, list(self.bundle.record_fields))
+            return serialize_record(load_record(text), list(self.bundle.record_fields))
         return text
 
     def encode(self, prepared: Sequence[str | np.ndarray]) -> Embedded:

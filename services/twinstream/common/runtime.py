@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent import futures
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -18,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from twinstream.common.config import Settings
 from twinstream.common.logs import configure_logging
 from twinstream.common.metrics import GRPC_REQUESTS, GRPC_SECONDS, serve_metrics
+from twinstream.common.status import InvalidArgument, status_for
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,8 @@ Registration = Callable[[grpc.Server], None]
 
 
 class _MetricsInterceptor(grpc.ServerInterceptor):
-    """Counts and times every unary and streaming call by method and final status code."""
+    """Maps exceptions to status codes (``common/status.py``), then counts and times every call
+    by method and final code; an exception nothing maps is logged and counted as UNKNOWN."""
 
     def __init__(self, service: str) -> None:
         self.service = service
@@ -40,38 +43,88 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method.rsplit("/", 1)[-1]
         if handler is None or method in ("Check", "Watch", "ServerReflectionInfo"):
             return handler
+        deserialize = handler.request_deserializer
         for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             inner = getattr(handler, kind)
             if inner is not None:
-                wrapped = self._wrap(inner, method, streaming_out=kind.endswith("stream"))
-                return handler._replace(**{kind: wrapped})  # type: ignore[attr-defined]
+                wrapped = self._wrap(inner, method, streaming_in=kind.startswith("stream"),
+                                     streaming_out=kind.endswith("stream"))
+                return handler._replace(**{  # type: ignore[attr-defined]
+                    kind: wrapped, "request_deserializer": deserialize and _tolerant(deserialize)})
         return handler
 
-    def _wrap(self, inner: Callable[..., Any], method: str, streaming_out: bool) -> Callable[..., Any]:
+    def _wrap(self, inner: Callable[..., Any], method: str, streaming_in: bool,
+              streaming_out: bool) -> Callable[..., Any]:
         service = self.service
 
-        def record(context: grpc.ServicerContext, started: float) -> None:
+        def decoded(request: Any) -> Any:
+            return map(_decoded, request) if streaming_in else _decoded(request)
+
+        def record(context: grpc.ServicerContext, started: float, failed: bool) -> None:
             code = context.code() if hasattr(context, "code") else None
-            name = code.name if isinstance(code, grpc.StatusCode) else "OK"
+            name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN" if failed else "OK"
             GRPC_REQUESTS.labels(service, method, name).inc()
             GRPC_SECONDS.labels(service, method).observe(time.perf_counter() - started)
 
+        def fail(context: grpc.ServicerContext, exc: Exception) -> None:
+            """Abort with the mapped status; return (the caller re-raises) when the handler
+            aborted already or nothing maps the error (a bug: grpc answers UNKNOWN)."""
+            if isinstance(getattr(context, "code", lambda: None)(), grpc.StatusCode):
+                return  # the handler called context.abort itself
+            status = status_for(exc)
+            if status is None:
+                log.error("unhandled error", exc_info=exc, extra={"method": method})
+                return
+            context.abort(*status)
+
         if streaming_out:
             def streaming(request: Any, context: grpc.ServicerContext) -> Iterable[Any]:
-                started = time.perf_counter()
+                started, failed = time.perf_counter(), False
                 try:
-                    yield from inner(request, context)
+                    yield from inner(decoded(request), context)
+                except Exception as exc:
+                    failed = True
+                    fail(context, exc)
+                    raise
                 finally:
-                    record(context, started)
+                    record(context, started, failed)
             return streaming
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            started = time.perf_counter()
+            started, failed = time.perf_counter(), False
             try:
-                return inner(request, context)
+                return inner(decoded(request), context)
+            except Exception as exc:
+                failed = True
+                fail(context, exc)
+                raise
             finally:
-                record(context, started)
+                record(context, started, failed)
         return unary
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """A request message that did not parse (malformed bytes, invalid UTF-8 in a string)."""
+
+    error: str
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """Let an unparsable request reach the handler wrapper, which answers INVALID_ARGUMENT;
+    grpc itself would answer INTERNAL ("Exception deserializing request!")."""
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # protobuf's DecodeError and its relatives
+            return _Undecodable(f"{type(exc).__name__}: {exc}")
+    return parse
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(f"the request is not a valid message: {request.error}", "malformed_request")
+    return request
 
 
 class ServiceRuntime:

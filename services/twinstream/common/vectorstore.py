@@ -9,7 +9,6 @@ Rows are keyed by ``<tenant>/<collection>/<item_id>``, which makes every write i
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import re
 import threading
@@ -40,12 +39,27 @@ T = TypeVar("T")
 
 
 def row_key(tenant: str, collection: str, item_id: str) -> str:
+    """The primary key. Ids may contain ``/`` but tenants and collections never do
+    (``common/names.py``), so the first two ``/`` split a key back unambiguously."""
     return f"{tenant}/{collection}/{item_id}"
 
 
+# The only escapes both Milvus Lite's and the Milvus server's expression parsers accept; JSON's
+# "\u00fc" is refused ("unknown escape sequence"), raw UTF-8 is not, and a raw newline or
+# carriage return would end the literal.
+_LITERAL_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r"})
+
+
 def quote(value: str) -> str:
-    """A Milvus string literal (JSON escaping is a subset Milvus accepts)."""
-    return json.dumps(value)
+    """A Milvus string literal for any text: raw UTF-8, with only \\, ", newline and CR escaped."""
+    return '"' + value.translate(_LITERAL_ESCAPES) + '"'
+
+
+def pk_filter(pks: Iterable[str]) -> str:
+    """Rows with these primary keys. pymilvus' own ``get``/``delete(ids=...)`` paste keys into
+    single quotes unescaped: a key holding ``'`` or ``\\`` breaks the expression or, worse,
+    selects another tenant's row; ids may hold both, so keys are always quoted here."""
+    return f"pk in [{', '.join(quote(pk) for pk in pks)}]"
 
 
 def scope_filter(tenant: str, collection: str, ttl_s: int = 0, now_ms: int | None = None) -> str:
@@ -235,7 +249,7 @@ class VectorStore:
         gone = [pk for pk, row in self.get(collection, pks, ["pk", "deleted_ms"]).items()
                 if 0 < int(row["deleted_ms"]) < deleted_before_ms]
         if gone:
-            self.client.delete(collection, ids=gone)
+            self.client.delete(collection, filter=pk_filter(gone))
         return len(gone)
 
     def flush(self, collection: str) -> None:
@@ -246,8 +260,8 @@ class VectorStore:
             fields: Sequence[str] = OUTPUT_FIELDS) -> dict[str, dict[str, Any]]:
         if not pks:
             return {}
-        rows = self._loaded(collection, lambda: self.client.get(
-            collection, ids=list(pks), output_fields=list(fields)))
+        rows = self._loaded(collection, lambda: self.client.query(
+            collection, filter=pk_filter(pks), output_fields=list(fields), limit=len(pks)))
         return {str(row["pk"]): dict(row) for row in rows}
 
     def query(self, collection: str, expr: str, fields: Sequence[str] = OUTPUT_FIELDS,

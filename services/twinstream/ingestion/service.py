@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 
 class IdConflict(InvalidItem):
-    """The id was accepted before with different content."""
+    """The id was accepted before with different content (ALREADY_EXISTS over gRPC)."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
 
 
 @dataclass(frozen=True)
@@ -51,22 +53,27 @@ class Ingestion(ingestion_pb2_grpc.IngestionServicer):
         self.settings = settings
         self.ids = ids
         self.producer = producer
-        self.limits = Limits(settings.max_item_bytes, settings.max_text_chars)
+        self.limits = Limits(settings.max_item_bytes, settings.max_text_chars,
+                             settings.max_image_pixels)
 
     # -- the shared path -------------------------------------------------------------------
     def admit(self, item: items_pb2.Item, source: str, assign_id: bool = False) -> Admission:
-        """Validate, hash and reserve the id. Raises InvalidItem (or IdConflict)."""
-        content_hash = validate(item, self.limits, require_id=not assign_id)
-        if not item.item_id:
-            item.item_id = assign_item_id(item, content_hash)
-        key = (item.tenant, item.collection, item.item_id)
-        reserved = self.ids.reserve(*key, content_hash, int(time.time() * 1000))
-        if reserved.state is Reservation.CONFLICT:
-            raise IdConflict(
-                "id_conflict",
-                f"item_id {item.item_id!r} was accepted before with different content "
-                f"(sha256 {reserved.content_hash[:12]}...); ids are idempotency keys",
-            )
+        """Validate, hash and reserve the id. Raises InvalidItem (or IdConflict), counted."""
+        try:
+            content_hash = _checked(item, self.limits, require_id=not assign_id)
+            if not item.item_id:
+                item.item_id = assign_item_id(item, content_hash)
+            key = (item.tenant, item.collection, item.item_id)
+            reserved = self.ids.reserve(*key, content_hash, int(time.time() * 1000))
+            if reserved.state is Reservation.CONFLICT:
+                raise IdConflict(
+                    "id_conflict",
+                    f"item_id {item.item_id!r} was accepted before with different content "
+                    f"(sha256 {reserved.content_hash[:12]}...); ids are idempotency keys",
+                )
+        except InvalidItem as exc:
+            self._count_rejection(exc)
+            raise
         accepted = items_pb2.AcceptedItem(
             item=item, content_hash=content_hash, ingest_time_ms=reserved.ingest_time_ms,
             source=source,
@@ -93,13 +100,9 @@ class Ingestion(ingestion_pb2_grpc.IngestionServicer):
     # -- gRPC --------------------------------------------------------------------------------
     def Ingest(self, request: ingestion_pb2.IngestRequest,
                context: grpc.ServicerContext) -> ingestion_pb2.IngestResponse:
-        try:
-            admission = self.admit(request.item, "grpc", request.assign_id)
-        except InvalidItem as exc:
-            self._count_rejection(exc)
-            code = (grpc.StatusCode.ALREADY_EXISTS if isinstance(exc, IdConflict)
-                    else grpc.StatusCode.INVALID_ARGUMENT)
-            context.abort(code, f"{exc.reason}: {exc.detail}")
+        """One item; an InvalidItem becomes INVALID_ARGUMENT (ALREADY_EXISTS for an id conflict)
+        with details "<reason>: <detail>" in the server's interceptor."""
+        admission = self.admit(request.item, "grpc", request.assign_id)
         self._publish([admission], context)
         return ingestion_pb2.IngestResponse(
             item_id=admission.accepted.item.item_id,
@@ -109,13 +112,16 @@ class Ingestion(ingestion_pb2_grpc.IngestionServicer):
 
     def IngestStream(self, request_iterator: Iterator[ingestion_pb2.IngestRequest],
                      context: grpc.ServicerContext) -> ingestion_pb2.IngestSummary:
+        """Every item gets its own outcome: accepted (its id in ``item_ids``) or a rejection with
+        its index and reason; one bad item never fails the call. The call fails as a whole only
+        when the broker does not take the items (UNAVAILABLE): items of earlier chunks may then be
+        accepted already, and sending the whole stream again is safe (ids are idempotency keys)."""
         summary = ingestion_pb2.IngestSummary()
         pending: list[Admission] = []
         for index, request in enumerate(request_iterator):
             try:
                 admission = self.admit(request.item, "grpc", request.assign_id)
             except InvalidItem as exc:
-                self._count_rejection(exc)
                 summary.rejections.add(index=index, item_id=request.item.item_id,
                                        reason=exc.reason, detail=exc.detail)
                 continue
@@ -135,13 +141,16 @@ class Ingestion(ingestion_pb2_grpc.IngestionServicer):
         result = BatchResult()
         admitted: list[Admission] = []
         for record in records:
-            item_id = ""
             try:
                 item = parse_item(record.value)
-                item_id = item.item_id
-                admission = self.admit(item, "kafka")
             except InvalidItem as exc:
                 self._count_rejection(exc)
+                result.rejected.append(Rejected(record, exc.reason, exc.detail, ""))
+                continue
+            item_id = item.item_id
+            try:
+                admission = self.admit(item, "kafka")
+            except InvalidItem as exc:
                 result.rejected.append(Rejected(record, exc.reason, exc.detail, item_id))
                 continue
             if admission.publish:
@@ -154,3 +163,20 @@ class Ingestion(ingestion_pb2_grpc.IngestionServicer):
     def _count_rejection(exc: InvalidItem) -> None:
         ITEMS_PROCESSED.labels("ingestion", "rejected").inc()
         ERRORS.labels("ingestion", exc.reason).inc()
+
+
+def _checked(item: items_pb2.Item, limits: Limits, require_id: bool) -> str:
+    """``validate``, with any crash of it turned into a rejection of this item.
+
+    Validation is a pure check of one input, so whatever it raises is about that input; an
+    unexpected error is logged as the bug it is, and the item is rejected with reason
+    ``handler_error`` instead of failing the call, the stream or the partition.
+    """
+    try:
+        return validate(item, limits, require_id=require_id)
+    except InvalidItem:
+        raise
+    except Exception as exc:
+        log.error("validation crashed", exc_info=True, extra={"item_id": item.item_id[:256]})
+        raise InvalidItem("handler_error", f"the item could not be validated: "
+                                           f"{type(exc).__name__}: {str(exc)[:200]}") from exc

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import re
 import unicodedata
+import warnings
 from dataclasses import dataclass
 
+from PIL import Image, UnidentifiedImageError
+
+from twinstream.common.encoding import ContentError, load_record
+from twinstream.common.names import DEFAULT_COLLECTION, ITEM_ID_RULE, NAME_RULE, is_item_id, is_name
+from twinstream.common.status import InvalidArgument
 from twinstream.v1 import items_pb2
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_ITEM_ID = re.compile(r"^[A-Za-z0-9_.:@+=-]{1,256}$")
 _IMAGE_MAGIC = {
     b"\x89PNG\r\n\x1a\n": "image/png",
     b"\xff\xd8\xff": "image/jpeg",
@@ -25,22 +29,25 @@ _CONTENT_TYPES = {
     items_pb2.IMAGE: ("image/png", "image/jpeg", "image/gif", "image/bmp", "image/webp"),
 }
 MAX_METADATA_KEYS = 64
-DEFAULT_COLLECTION = "default"
 
 
-class InvalidItem(ValueError):
-    """The item breaks a rule; ``reason`` is a stable code, ``detail`` says what to fix."""
+class InvalidItem(InvalidArgument):
+    """The item breaks a rule; ``reason`` is a stable code, ``detail`` says what to fix.
+
+    Over gRPC it is INVALID_ARGUMENT with details ``"<reason>: <detail>"``; on items.raw, a
+    dead letter with the reason."""
 
     def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+        super().__init__(detail, reason)
 
 
 @dataclass(frozen=True)
 class Limits:
     max_item_bytes: int
     max_text_chars: int
+    # Width x height an image may declare: decoding allocates ~4 bytes per pixel, so a 1 KiB
+    # PNG declaring 20000x20000 would take 1.6 GB in embedding (Pillow's DecompressionBombError).
+    max_image_pixels: int = 40_000_000
 
 
 def parse_item(payload: bytes | None) -> items_pb2.Item:
@@ -65,18 +72,16 @@ def validate(item: items_pb2.Item, limits: Limits, *, require_id: bool = True) -
     """Check ``item`` in place (fills the default collection); return its content hash."""
     if not item.tenant:
         raise InvalidItem("missing_tenant", "tenant is required")
-    if not _NAME.match(item.tenant):
-        raise InvalidItem("invalid_tenant", "tenant must match [A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+    if not is_name(item.tenant):
+        raise InvalidItem("invalid_tenant", f"tenant must be {NAME_RULE}")
     if not item.collection:
         item.collection = DEFAULT_COLLECTION
-    elif not _NAME.match(item.collection):
-        raise InvalidItem(
-            "invalid_collection", "collection must match [A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
-        )
+    elif not is_name(item.collection):
+        raise InvalidItem("invalid_collection", f"collection must be {NAME_RULE}")
     if require_id and not item.item_id:
         raise InvalidItem("missing_id", "item_id is required (it is the idempotency key)")
-    if item.item_id and not _ITEM_ID.match(item.item_id):
-        raise InvalidItem("invalid_id", "item_id must be 1-256 characters of [A-Za-z0-9_.:@+=-]")
+    if item.item_id and not is_item_id(item.item_id):
+        raise InvalidItem("invalid_id", f"item_id must be {ITEM_ID_RULE}")
     if item.modality not in (items_pb2.TEXT, items_pb2.IMAGE, items_pb2.RECORD):
         raise InvalidItem(
             "unknown_modality", f"modality {item.modality} is not one of TEXT, IMAGE, RECORD"
@@ -103,7 +108,7 @@ def _validate_metadata(item: items_pb2.Item) -> None:
     if len(item.metadata) > MAX_METADATA_KEYS:
         raise InvalidItem("invalid_metadata", f"at most {MAX_METADATA_KEYS} metadata keys")
     for key, value in item.metadata.items():
-        if not _NAME.match(key):
+        if not is_name(key):
             raise InvalidItem("invalid_metadata", f"metadata key {key[:40]!r} is not a valid name")
         if len(value) > 1024:
             raise InvalidItem("invalid_metadata", f"metadata value of {key!r} exceeds 1024 chars")
@@ -118,6 +123,7 @@ def _normalised_content(item: items_pb2.Item, limits: Limits) -> bytes:
             raise InvalidItem(
                 "unsupported_image_format", "image must be PNG, JPEG, GIF, BMP or WebP"
             )
+        _check_image_size(item.content, limits.max_image_pixels)
         return bytes(item.content)
     try:
         text = item.content.decode("utf-8")
@@ -133,14 +139,25 @@ def _normalised_content(item: items_pb2.Item, limits: Limits) -> bytes:
                                       f"{limits.max_text_chars}")
     if item.modality == items_pb2.RECORD:
         try:
-            record = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InvalidItem("invalid_record", f"record is not valid JSON: {exc}") from exc
-        if not isinstance(record, dict) or not record:
-            raise InvalidItem("invalid_record", "record must be a non-empty JSON object")
-        for key, value in record.items():
-            if isinstance(value, dict | list):
-                raise InvalidItem("invalid_record", f"field {key!r} must be a scalar")
+            record = load_record(text)
+        except ContentError as exc:
+            raise InvalidItem(exc.reason, exc.detail) from exc
         return json.dumps(record, sort_keys=True, separators=(",", ":"),
                           ensure_ascii=False).encode()
     return unicodedata.normalize("NFC", text).strip().encode()
+
+
+def _check_image_size(content: bytes, max_pixels: int) -> None:
+    """Read only the header (Pillow's ``open`` is lazy) and refuse images too large to decode."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(content)) as image:
+                width, height = image.size
+    except Image.DecompressionBombError as exc:
+        raise InvalidItem("image_too_large", f"{exc}; the limit is {max_pixels} pixels") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InvalidItem("undecodable_image", f"the image header cannot be read: {exc}") from exc
+    if width * height > max_pixels:
+        raise InvalidItem("image_too_large", f"the image declares {width}x{height} pixels; "
+                                             f"the limit is {max_pixels}")

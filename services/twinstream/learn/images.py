@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -12,10 +13,15 @@ STD = np.array([0.25, 0.25, 0.25], dtype=np.float32)
 
 
 def load_image(data: bytes) -> Image.Image:
+    """Decode ``data``; ValueError for anything Pillow refuses, decompression bombs included
+    (over ``Image.MAX_IMAGE_PIXELS``: ingestion rejects smaller limits from the header first)."""
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+            Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ValueError(f"cannot decode image: {exc}") from exc
     return image.convert("RGB")
 

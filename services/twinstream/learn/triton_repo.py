@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from twinstream.common.names import NAME_RULE, is_name
 from twinstream.devstack import REPO_ROOT, free_port
 
 MODEL_PY = '''"""Triton python backend: runs a twinstream TorchScript encoder (written by twinstream)."""
@@ -118,8 +119,15 @@ def write_repository(bundles: list[Path], repo_dir: Path, gpu: bool = False,
     repo_dir.mkdir(parents=True, exist_ok=True)
     for bundle in bundles:
         manifest = json.loads((Path(bundle) / "manifest.json").read_text())
-        model_dir = repo_dir / str(manifest["name"])
-        version_dir = model_dir / str(manifest["version"])
+        name, version = str(manifest["name"]), str(manifest["version"])
+        # Both become paths under repo_dir: "../../x" must not write outside it.
+        if not is_name(name):
+            raise ValueError(f"{bundle}: model name {name[:80]!r} must be {NAME_RULE}")
+        if not version.isascii() or not version.isdigit():
+            raise ValueError(f"{bundle}: model version {version[:80]!r} must be a positive integer "
+                             "(Triton's version folders are numbers)")
+        model_dir = repo_dir / name
+        version_dir = model_dir / version
         version_dir.mkdir(parents=True, exist_ok=True)
         (model_dir / "config.pbtxt").write_text(_config(manifest, gpu, instances))
         target = version_dir / ("model.pt" if gpu else "encoder.pt")

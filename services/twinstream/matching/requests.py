@@ -9,23 +9,22 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import re
 from collections.abc import Sequence
 
+from twinstream.common.names import DEFAULT_COLLECTION, ITEM_ID_RULE, NAME_RULE, is_item_id, is_name
+from twinstream.common.status import InvalidArgument, ResourceExhausted
 from twinstream.common.vectorstore import quote, scope_filter
 from twinstream.v1 import matching_pb2
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_ITEM_ID = re.compile(r"^[A-Za-z0-9_.:@+=-]{1,256}$")
 MAX_FILTERS = 16
 MAX_FILTER_VALUES = 256
 
 
-class BadRequest(ValueError):
+class BadRequest(InvalidArgument):
     """INVALID_ARGUMENT with this message."""
 
 
-class OverLimit(ValueError):
+class OverLimit(ResourceExhausted):
     """RESOURCE_EXHAUSTED with this message."""
 
 
@@ -33,17 +32,17 @@ def check_scope(tenant: str, collection: str) -> str:
     """Validate the tenant/collection pair; returns the effective collection name."""
     if not tenant:
         raise BadRequest("tenant is required")
-    if not _NAME.match(tenant):
-        raise BadRequest("tenant must match [A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-    collection = collection or "default"
-    if not _NAME.match(collection):
-        raise BadRequest("collection must match [A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+    if not is_name(tenant):
+        raise BadRequest(f"tenant must be {NAME_RULE}")
+    collection = collection or DEFAULT_COLLECTION
+    if not is_name(collection):
+        raise BadRequest(f"collection must be {NAME_RULE}")
     return collection
 
 
 def check_item_id(item_id: str) -> None:
-    if not _ITEM_ID.match(item_id):
-        raise BadRequest("item_id must be 1-256 characters of [A-Za-z0-9_.:@+=-]")
+    if not is_item_id(item_id):
+        raise BadRequest(f"item_id must be {ITEM_ID_RULE}")
 
 
 def metadata_filter(conditions: Sequence[matching_pb2.MetadataCondition]) -> str:
@@ -52,7 +51,7 @@ def metadata_filter(conditions: Sequence[matching_pb2.MetadataCondition]) -> str
         raise OverLimit(f"at most {MAX_FILTERS} filter conditions per request")
     parts = []
     for condition in conditions:
-        if not _NAME.match(condition.key):
+        if not is_name(condition.key):
             raise BadRequest(f"filter key {condition.key[:40]!r} is not a valid metadata name")
         field = f"metadata[{quote(condition.key)}]"
         values = list(condition.values)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 import numpy as np
 
+from twinstream.common import status
 from twinstream.common.bundle import ModelBundle
 from twinstream.common.commands import store_commands
 from twinstream.common.config import Settings
@@ -33,10 +34,12 @@ log = logging.getLogger(__name__)
 DEFAULT_K = 10
 # Milvus caps offset + limit of one search at 16384.
 MAX_WINDOW = 16384
+# Ids of one Delete are looked up in one Milvus query, whose limit is also 16384.
+MAX_DELETE_IDS = 10_000
 _RESULT_FIELDS = ["item_id", "cluster_id", "ingest_ms", "metadata", "decision"]
 
 
-class NotFound(LookupError):
+class NotFound(status.NotFound):
     """NOT_FOUND with this message."""
 
 
@@ -144,10 +147,19 @@ class Matching(matching_pb2_grpc.MatchingServicer):
         remaining = context.time_remaining()
         if remaining is not None and remaining < 0.005:
             raise TimeoutError("the deadline expired before the search started")
-        hits = self.store.search(
-            self._live(encoder.bundle), [vector], limit=k + 1, expr=expr, fields=_RESULT_FIELDS,
-            min_score=request.min_score or None, offset=offset,
-        )[0]
+        live = self._live(encoder.bundle)
+        try:
+            hits = self.store.search(
+                live, [vector], limit=k + 1, expr=expr, fields=_RESULT_FIELDS,
+                min_score=request.min_score or None, offset=offset,
+            )[0]
+        except Exception:
+            # Before the model's first item is indexed its collection does not exist: nothing
+            # can match yet, the same empty answer as a tenant with no items (docs/errors.md).
+            # Checked only after a failure, so a normal search costs no extra round trip.
+            if self.store.exists(live):
+                raise
+            hits = []
         bundle = encoder.bundle.for_modality(modality)
         response = matching_pb2.MatchResponse(model=bundle.model_ref, request_id=request.request_id,
                                               thresholds=bundle.thresholds)
@@ -165,20 +177,17 @@ class Matching(matching_pb2_grpc.MatchingServicer):
         return response
 
     # -- gRPC methods ------------------------------------------------------------------------
+    # Errors are raised, never caught here: the server's interceptor maps them to status codes
+    # (common/status.py: BadRequest -> INVALID_ARGUMENT, Milvus/Triton down -> UNAVAILABLE, ...).
     def Match(self, request: matching_pb2.MatchRequest,
               context: grpc.ServicerContext) -> matching_pb2.MatchResponse:
-        try:
-            return self._match(request, context)
-        except Exception as exc:
-            _abort(context, exc)
+        return self._match(request, context)
 
     def MatchStream(self, request_iterator: Iterator[matching_pb2.MatchRequest],
                     context: grpc.ServicerContext) -> Iterator[matching_pb2.MatchResponse]:
+        """One answer per request, in order; the first failing request ends the stream."""
         for request in request_iterator:
-            try:
-                yield self._match(request, context)
-            except Exception as exc:
-                _abort(context, exc)
+            yield self._match(request, context)
 
     def _lookup(self, request: matching_pb2.GetRequest | matching_pb2.GetClusterRequest
                 ) -> tuple[str, ItemEncoder, dict[str, Any]]:
@@ -189,10 +198,7 @@ class Matching(matching_pb2_grpc.MatchingServicer):
 
     def Get(self, request: matching_pb2.GetRequest,
             context: grpc.ServicerContext) -> matching_pb2.StoredItem:
-        try:
-            collection, _encoder, row = self._lookup(request)
-        except Exception as exc:
-            _abort(context, exc)
+        collection, _encoder, row = self._lookup(request)
         decision = decode_decision(row.get("decision") or "")
         return matching_pb2.StoredItem(
             item_id=row["item_id"], tenant=request.tenant, collection=collection,
@@ -204,16 +210,11 @@ class Matching(matching_pb2_grpc.MatchingServicer):
 
     def Delete(self, request: matching_pb2.DeleteRequest,
                context: grpc.ServicerContext) -> matching_pb2.DeleteResponse:
-        try:
-            return self._delete(request, context)
-        except Exception as exc:
-            _abort(context, exc)
-
-    def _delete(self, request: matching_pb2.DeleteRequest,
-                context: grpc.ServicerContext) -> matching_pb2.DeleteResponse:
         """Find the live items the request names, hand a DELETE command to indexing (the
         scope's one writer) and wait, within the deadline, until it has tombstoned them."""
         collection = check_scope(request.tenant, request.collection)
+        if len(request.item_ids) > MAX_DELETE_IDS:
+            raise OverLimit(f"at most {MAX_DELETE_IDS} item_ids per Delete")
         for item_id in request.item_ids:
             check_item_id(item_id)
         if not request.item_ids and not request.filters:
@@ -267,18 +268,15 @@ class Matching(matching_pb2_grpc.MatchingServicer):
 
     def GetCluster(self, request: matching_pb2.GetClusterRequest,
                    context: grpc.ServicerContext) -> matching_pb2.Cluster:
-        try:
-            collection, encoder, row = self._lookup(request)
-            cluster_id = row["cluster_id"]
-            members = self.store.query(
-                self._live(encoder.bundle),
-                full_filter(request.tenant, collection,
-                            self.settings.ttl_for(request.tenant, collection),
-                            f"cluster_id == {quote(cluster_id)}"),
-                ["item_id", "ingest_ms"],
-            )
-        except Exception as exc:
-            _abort(context, exc)
+        collection, encoder, row = self._lookup(request)
+        cluster_id = row["cluster_id"]
+        members = self.store.query(
+            self._live(encoder.bundle),
+            full_filter(request.tenant, collection,
+                        self.settings.ttl_for(request.tenant, collection),
+                        f"cluster_id == {quote(cluster_id)}"),
+            ["item_id", "ingest_ms"],
+        )
         members.sort(key=lambda r: (int(r["ingest_ms"]), r["item_id"]))
         return matching_pb2.Cluster(
             cluster_id=cluster_id,
@@ -286,16 +284,3 @@ class Matching(matching_pb2_grpc.MatchingServicer):
             member_ids=[m["item_id"] for m in members],
         )
 
-
-def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
-    """Map an exception to a precise gRPC status; unexpected ones are logged as INTERNAL."""
-    if isinstance(exc, BadRequest):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    if isinstance(exc, OverLimit):
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-    if isinstance(exc, NotFound):
-        context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-    if isinstance(exc, TimeoutError):
-        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
-    log.exception("matching request failed")
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")

@@ -1,0 +1,77 @@
+"""Which gRPC status an exception means: the one mapping the servers' interceptor applies
+(``common/runtime.py``), so handlers raise and never pick status codes themselves.
+
+Client errors carry their code on the class; outages of Milvus or Triton are recognised from
+the client libraries' own exceptions (and from any error with ``retry_after_s``, the transient
+error of the stream loops) and answered UNAVAILABLE, so a client knows to retry.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import grpc
+
+
+class ServiceError(Exception):
+    """An answer other than OK that the handler chose; ``reason`` is a stable snake_case code."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+
+    def __init__(self, detail: str, reason: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if reason else detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class InvalidArgument(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(ServiceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class ResourceExhausted(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+_OUTAGE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """(code, details) for ``exc``, or None when it is a bug (the server answers UNKNOWN)."""
+    if isinstance(exc, ServiceError):
+        return exc.code, str(exc)
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "the deadline expired"
+    if getattr(exc, "retry_after_s", None) is not None:
+        return grpc.StatusCode.UNAVAILABLE, f"a backend is unavailable: {exc}"
+    if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call) and exc.code() in _OUTAGE_CODES:
+        return grpc.StatusCode.UNAVAILABLE, f"a backend is unavailable: {exc.details()}"
+    return _library_status(exc)
+
+
+def _library_status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    # Imported here: a service that has neither client never pays for the import.
+    from pymilvus.client.types import Status
+    from pymilvus.exceptions import ErrorCode, MilvusException, MilvusUnavailableException
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(exc, MilvusException):
+        if isinstance(exc, MilvusUnavailableException) or exc.code == Status.CONNECT_FAILED \
+                or exc.retriable:
+            return grpc.StatusCode.UNAVAILABLE, f"Milvus is unavailable: {exc.message}"
+        if exc.code == ErrorCode.COLLECTION_NOT_FOUND:
+            return grpc.StatusCode.NOT_FOUND, f"nothing indexed yet: {exc.message}"
+    if isinstance(exc, InferenceServerException) and str(exc.status()) in {str(c) for c in _OUTAGE_CODES}:
+        return grpc.StatusCode.UNAVAILABLE, f"the encoder (Triton) is unavailable: {exc.message()}"
+    return None
