@@ -18,7 +18,8 @@ def main() -> None:
     runtime = ServiceRuntime(settings)
     store = VectorStore(settings.milvus_uri, settings.milvus_token, settings.milvus_collection_prefix)
     indexer = Indexer(settings, store, load_bundles(settings.model_dir))
-    loop = ConsumeLoop(settings, settings.topics.embedded, indexer)
+    loop = ConsumeLoop(settings, settings.topics.embedded, indexer,
+                       on_health=runtime.health_hook("stream"))
 
     def work(stopping: threading.Event) -> None:
         reaper = threading.Thread(target=Reaper(settings, store).run, args=(stopping,),
