@@ -424,7 +424,7 @@ class ConsumeLoop:
         """Publish the no-progress time and flip health when it crosses ``loop_stall_s``."""
         stalled_for = 0.0 if self._failing_since is None else time.monotonic() - self._failing_since
         SECONDS_WITHOUT_PROGRESS.labels(self.settings.service).set(stalled_for)
-        healthy = stalled_for < self.settings.loop_stall_s
+        healthy = self._failing_since is None or stalled_for < self.settings.loop_stall_s
         if healthy != self._healthy:
             self._healthy = healthy
             log.log(logging.INFO if healthy else logging.ERROR,
