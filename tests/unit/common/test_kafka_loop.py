@@ -185,7 +185,7 @@ def test_unknown_error_isolates_the_poison_record_and_the_rest_proceed(make_loop
 
 def test_permanent_error_is_dead_lettered_with_its_reason(make_loop, settings) -> None:
     values = [b"a", b"bad", b"c"]
-    loop, consumer, producer = make_loop(
+    loop, _consumer, producer = make_loop(
         echo_unless(lambda v: PermanentError("unterminated", "no") if v == b"bad" else None),
         {0: values})
     drive(loop, 2)
@@ -212,7 +212,7 @@ def test_a_batch_that_fails_entirely_unclassified_is_retried_not_dead_lettered(
         make_loop, settings) -> None:
     """An outage nobody classified must not send a batch of good records to the DLQ."""
     down = {"on": True}
-    loop, consumer, producer = make_loop(
+    loop, _consumer, producer = make_loop(
         echo_unless(lambda v: RuntimeError("socket closed") if down["on"] else None),
         {0: [b"a", b"b"]})
     drive(loop, 3)
@@ -224,7 +224,7 @@ def test_a_batch_that_fails_entirely_unclassified_is_retried_not_dead_lettered(
 
 def test_a_lone_poison_record_is_isolated_once_another_record_joins_it(make_loop, settings) -> None:
     logs = {0: [b"poison"]}
-    loop, consumer, producer = make_loop(
+    loop, _consumer, producer = make_loop(
         echo_unless(lambda v: KeyError("boom") if v == b"poison" else None), logs)
     drive(loop, 2)
     assert not letters(producer, settings)
@@ -253,7 +253,7 @@ def test_other_partitions_proceed_while_one_waits_for_its_retry(make_loop) -> No
 def test_a_stalled_loop_turns_unhealthy_and_recovers(make_loop) -> None:
     state = {"down": True}
     health: list[bool] = []
-    loop, consumer, producer = make_loop(
+    loop, _consumer, _producer = make_loop(
         echo_unless(lambda v: TransientError("Triton down") if state["down"] else None),
         {0: [b"a"]}, loop_stall_s=0.0)
     loop.on_health = health.append
@@ -267,7 +267,7 @@ def test_a_stalled_loop_turns_unhealthy_and_recovers(make_loop) -> None:
 
 
 def test_lag_comes_from_the_high_watermark_and_updates_while_a_batch_is_retried(make_loop) -> None:
-    loop, consumer, producer = make_loop(
+    loop, consumer, _producer = make_loop(
         echo_unless(lambda v: TransientError("down")), {0: [b"x"] * 5})
     drive(loop, 1)
     loop._lag_checked = 0.0
