@@ -119,6 +119,7 @@ class FakeProducer:
 
 
 Handler = Callable[[Sequence[ConsumerRecord]], BatchResult]
+MakeLoop = Callable[..., tuple[ConsumeLoop, FakeConsumer, FakeProducer]]
 
 
 @pytest.fixture
@@ -127,12 +128,12 @@ def settings() -> Settings:
 
 
 @pytest.fixture
-def make_loop(settings: Settings) -> Callable[..., tuple[ConsumeLoop, FakeConsumer, FakeProducer]]:
-    def make(handler: Handler, logs: dict[int, list[bytes]], **overrides: Any
+def make_loop(settings: Settings) -> MakeLoop:
+    def make(handler: Any, logs: dict[int, list[bytes]], **overrides: Any
              ) -> tuple[ConsumeLoop, FakeConsumer, FakeProducer]:
         consumer, producer = FakeConsumer(logs), FakeProducer()
         loop = ConsumeLoop(Settings(**{**settings.__dict__, **overrides}), TOPIC, handler,
-                           producer=producer, consumer=consumer)  # type: ignore[arg-type]
+                           producer=producer, consumer=consumer)
         return loop, consumer, producer
     return make
 
@@ -169,7 +170,7 @@ def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def test_unknown_error_isolates_the_poison_record_and_the_rest_proceed(make_loop, settings) -> None:
+def test_unknown_error_isolates_the_poison_record_and_the_rest_proceed(make_loop: MakeLoop, settings: Settings) -> None:
     values = [f"ok{i}".encode() for i in range(8)]
     values[5] = b"poison"
     loop, consumer, producer = make_loop(
@@ -183,7 +184,7 @@ def test_unknown_error_isolates_the_poison_record_and_the_rest_proceed(make_loop
     assert consumer.committed[TopicPartition(TOPIC, 0)] == 8
 
 
-def test_permanent_error_is_dead_lettered_with_its_reason(make_loop, settings) -> None:
+def test_permanent_error_is_dead_lettered_with_its_reason(make_loop: MakeLoop, settings: Settings) -> None:
     values = [b"a", b"bad", b"c"]
     loop, _consumer, producer = make_loop(
         echo_unless(lambda v: PermanentError("unterminated", "no") if v == b"bad" else None),
@@ -193,7 +194,7 @@ def test_permanent_error_is_dead_lettered_with_its_reason(make_loop, settings) -
     assert [(x.reason, x.detail) for x in letters(producer, settings)] == [("unterminated", "no")]
 
 
-def test_transient_error_pauses_seeks_back_and_retries_without_duplicates(make_loop) -> None:
+def test_transient_error_pauses_seeks_back_and_retries_without_duplicates(make_loop: MakeLoop) -> None:
     failures = iter([TransientError("Milvus down"), TransientError("Milvus down", 0.0)])
     values = [b"a", b"b", b"c"]
     loop, consumer, producer = make_loop(echo_unless(lambda v: next(failures, None)), {0: values, 1: []})
@@ -209,7 +210,7 @@ def test_transient_error_pauses_seeks_back_and_retries_without_duplicates(make_l
 
 
 def test_a_batch_that_fails_entirely_unclassified_is_retried_not_dead_lettered(
-        make_loop, settings) -> None:
+        make_loop: MakeLoop, settings: Settings) -> None:
     """An outage nobody classified must not send a batch of good records to the DLQ."""
     down = {"on": True}
     loop, _consumer, producer = make_loop(
@@ -222,7 +223,7 @@ def test_a_batch_that_fails_entirely_unclassified_is_retried_not_dead_lettered(
     assert producer.on("items.out") == [b"a", b"b"] and not letters(producer, settings)
 
 
-def test_a_lone_poison_record_is_isolated_once_another_record_joins_it(make_loop, settings) -> None:
+def test_a_lone_poison_record_is_isolated_once_another_record_joins_it(make_loop: MakeLoop, settings: Settings) -> None:
     logs = {0: [b"poison"]}
     loop, _consumer, producer = make_loop(
         echo_unless(lambda v: KeyError("boom") if v == b"poison" else None), logs)
@@ -234,7 +235,7 @@ def test_a_lone_poison_record_is_isolated_once_another_record_joins_it(make_loop
     assert producer.on("items.out") == [b"next"]
 
 
-def test_other_partitions_proceed_while_one_waits_for_its_retry(make_loop) -> None:
+def test_other_partitions_proceed_while_one_waits_for_its_retry(make_loop: MakeLoop) -> None:
     def fail_p0(records: Sequence[ConsumerRecord]) -> BatchResult:
         if any(r.partition == 0 for r in records):
             raise TransientError("down for partition 0")
@@ -250,7 +251,7 @@ def test_other_partitions_proceed_while_one_waits_for_its_retry(make_loop) -> No
     assert producer.on("items.out") == [b"b"]
 
 
-def test_a_stalled_loop_turns_unhealthy_and_recovers(make_loop) -> None:
+def test_a_stalled_loop_turns_unhealthy_and_recovers(make_loop: MakeLoop) -> None:
     state = {"down": True}
     health: list[bool] = []
     loop, _consumer, _producer = make_loop(
@@ -266,7 +267,7 @@ def test_a_stalled_loop_turns_unhealthy_and_recovers(make_loop) -> None:
     assert metric("twinstream_seconds_without_progress", service="looptest") == 0
 
 
-def test_lag_comes_from_the_high_watermark_and_updates_while_a_batch_is_retried(make_loop) -> None:
+def test_lag_comes_from_the_high_watermark_and_updates_while_a_batch_is_retried(make_loop: MakeLoop) -> None:
     loop, consumer, _producer = make_loop(
         echo_unless(lambda v: TransientError("down")), {0: [b"x"] * 5})
     drive(loop, 1)
@@ -279,7 +280,7 @@ def test_lag_comes_from_the_high_watermark_and_updates_while_a_batch_is_retried(
     assert metric("twinstream_consumer_lag", service="looptest", topic=TOPIC, partition="0") == 8
 
 
-def test_a_dead_letter_of_a_huge_record_fits_the_producer_request_limit(settings) -> None:
+def test_a_dead_letter_of_a_huge_record_fits_the_producer_request_limit(settings: Settings) -> None:
     huge = record(0, 7, b"x" * (9 * 1024 * 1024))
     letter_bytes = dead_letter(settings, Rejected(huge, "too_large", "over the limit")).value
     assert len(letter_bytes) < MAX_REQUEST_BYTES
@@ -293,4 +294,4 @@ def test_a_dead_letter_of_a_huge_record_fits_the_producer_request_limit(settings
 def test_a_broker_that_does_not_acknowledge_is_a_transient_error() -> None:
     producer = FakeProducer(fail_with=KafkaTimeoutError("no ack"))
     with pytest.raises(TransientError, match="did not acknowledge"):
-        publish(producer, [Outgoing("t", b"k", b"v")])  # type: ignore[arg-type]
+        publish(producer, [Outgoing("t", b"k", b"v")])
