@@ -6,6 +6,7 @@ embedding lags, and a broker restart is recovered from with no operator (issue 1
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kafka import KafkaProducer
 from kafka.partitioner.default import murmur2
+from prometheus_client.parser import text_string_to_metric_families
 
 from stack_helpers import read_decisions, start_stack, text
 from twinstream.client import RETRY_PUSHBACK_KEY, TwinstreamClient, pushback_s
@@ -171,6 +173,54 @@ def test_ingestion_pushes_back_while_embedding_lags_and_the_client_honours_it(
     with TwinstreamClient(faults.grpc_target("ingestion"), retry_budget_s=120) as client:
         client.ingest(text("after", "accepted once embedding caught up", tenant))
     read_decisions(faults, ["after", "b0", f"b{MAX_LAG * 2 - 1}"], tenant, timeout_s=180)
+
+
+def scrape(stack: LocalStack, service: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` on the service's /metrics whose labels include ``labels``."""
+    with urllib.request.urlopen(stack.metrics_url(service), timeout=5) as response:
+        body = response.read().decode()
+    total = 0.0
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                total += sample.value
+    return total
+
+
+def test_a_triton_outage_shows_in_lag_retries_and_health_and_recovers(
+        faults: LocalStack, tenant: str) -> None:
+    """Cases 9/13 and 11.3: while embedding cannot reach Triton its batch is retried with
+    backoff, the lag keeps counting, health turns NOT_SERVING after the stall time (5 s here),
+    and everything is decided once Triton is back, with no operator action."""
+    assert faults.triton is not None
+    settings = faults.settings()
+    ids = [f"t{i}" for i in range(10)]
+    faults.triton.stop()
+    try:
+        producer = make_producer(settings)
+        for item_id in ids:
+            producer.send(settings.topics.raw, key=tenant.encode(),
+                          value=text(item_id, f"item {item_id} during the outage", tenant)
+                          .SerializeToString())
+        producer.flush()
+        producer.close()
+        deadline = time.monotonic() + 90
+        while (health(faults, "embedding") != health_pb2.HealthCheckResponse.NOT_SERVING
+               and time.monotonic() < deadline):
+            time.sleep(0.5)
+        assert health(faults, "embedding") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert scrape(faults, "embedding", "twinstream_batch_retries_total", kind="transient") > 0
+        assert scrape(faults, "embedding", "twinstream_seconds_without_progress") >= 5
+        lag_deadline = time.monotonic() + 30
+        while (scrape(faults, "embedding", "twinstream_consumer_lag") < len(ids)
+               and time.monotonic() < lag_deadline):
+            time.sleep(0.5)
+        assert scrape(faults, "embedding", "twinstream_consumer_lag") >= len(ids), \
+            "the lag counts the records waiting behind the failing batch"
+    finally:
+        faults.triton.start()
+    read_decisions(faults, ids, tenant, timeout_s=120)
+    faults.wait_serving("embedding", timeout_s=60)
 
 
 def test_a_broker_restart_is_recovered_without_an_operator(faults: LocalStack, tenant: str) -> None:

@@ -45,7 +45,15 @@ class TritonEncoder:
 
         self._grpc = triton_grpc
         self.bundle = bundle
-        self.client = triton_grpc.InferenceServerClient(url)
+        # gRPC's reconnect backoff grows to 120 s by default: after a Triton restart the stream
+        # would wait up to that long. 2 s keeps recovery quick (a retry is cheap here).
+        self.client = triton_grpc.InferenceServerClient(url, channel_args=[
+            ("grpc.max_send_message_length", 2**31 - 1),
+            ("grpc.max_receive_message_length", 2**31 - 1),
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ])
         self.timeout_s = timeout_s
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
