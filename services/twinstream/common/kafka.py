@@ -502,7 +502,7 @@ class GroupLag:
             self._assigned = wanted
         committed = {}
         for tp in wanted:
-            committed[tp] = self.consumer.committed(tp) or 0
+            committed[tp] = self.consumer.committed(tp, timeout_ms=timeout_ms * 5) or 0
             self.consumer.seek(tp, committed[tp])
         self.consumer.poll(timeout_ms=timeout_ms, max_records=1)
         highs = {tp: self.consumer.highwater(tp) for tp in wanted}

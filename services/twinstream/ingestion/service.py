@@ -71,6 +71,7 @@ class Backpressure:
                 self.lag = self.measure()
             except Exception:  # the broker is away; admit until it answers again
                 log.debug("measuring the embedding lag failed", exc_info=True)
+                ERRORS.labels("ingestion", "lag_unknown").inc()
                 self.lag = None
             stopping.wait(self.interval_s)
 
