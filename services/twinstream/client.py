@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 
@@ -17,6 +19,23 @@ from twinstream.v1 import (
 )
 
 Modality = items_pb2.Modality
+R = TypeVar("R")
+# The trailer ingestion sets with RESOURCE_EXHAUSTED (backpressure) and UNAVAILABLE (broker down).
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+def pushback_s(error: grpc.RpcError) -> float | None:
+    """The server's retry-after, in seconds, if it asked the client to come back later."""
+    if error.code() not in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+        return None
+    trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for datum in trailers or ():
+        if datum.key == RETRY_PUSHBACK_KEY:
+            try:
+                return max(0.0, int(datum.value) / 1000)
+            except ValueError:
+                return None
+    return None
 
 
 def text_item(item_id: str, text: str, tenant: str, collection: str = "default",
@@ -46,6 +65,8 @@ class TwinstreamClient:
     ingestion_target: str = "127.0.0.1:50051"
     matching_target: str = "127.0.0.1:50054"
     timeout_s: float = 30.0
+    # How long ingest calls keep honouring the server's retry-after before giving up (0: never).
+    retry_budget_s: float = 120.0
 
     def __post_init__(self) -> None:
         self._ingest_channel = grpc.insecure_channel(self.ingestion_target)
@@ -64,17 +85,33 @@ class TwinstreamClient:
         self._match_channel.close()
 
     # -- ingestion ---------------------------------------------------------------------------
+    def _with_pushback(self, call: Callable[[], R]) -> R:
+        """Run ``call``; while the server answers with a retry-after, wait that long and retry.
+
+        Safe because ingestion is idempotent: the item id is the idempotency key.
+        """
+        deadline = time.monotonic() + self.retry_budget_s
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as error:
+                wait_s = pushback_s(error)
+                if wait_s is None or time.monotonic() + wait_s > deadline:
+                    raise
+                time.sleep(wait_s)
+
     def ingest(self, item: items_pb2.Item, assign_id: bool = False) -> ingestion_pb2.IngestResponse:
         request = ingestion_pb2.IngestRequest(item=item, assign_id=assign_id)
-        response: ingestion_pb2.IngestResponse = self.ingestion.Ingest(request, timeout=self.timeout_s)
+        response: ingestion_pb2.IngestResponse = self._with_pushback(
+            lambda: self.ingestion.Ingest(request, timeout=self.timeout_s))
         return response
 
     def ingest_many(self, items: Iterable[items_pb2.Item],
                     assign_id: bool = False) -> ingestion_pb2.IngestSummary:
         """Stream items in one call; bad items come back as rejections, the rest are accepted."""
-        requests = (ingestion_pb2.IngestRequest(item=i, assign_id=assign_id) for i in items)
-        summary: ingestion_pb2.IngestSummary = self.ingestion.IngestStream(
-            requests, timeout=max(self.timeout_s, 600))
+        requests = [ingestion_pb2.IngestRequest(item=i, assign_id=assign_id) for i in items]
+        summary: ingestion_pb2.IngestSummary = self._with_pushback(
+            lambda: self.ingestion.IngestStream(iter(requests), timeout=max(self.timeout_s, 600)))
         return summary
 
     # -- matching ----------------------------------------------------------------------------

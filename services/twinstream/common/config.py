@@ -40,6 +40,15 @@ class Settings:
     kafka_max_poll_interval_ms: int = 120_000
     batch_size: int = 64
     batch_wait_ms: int = 50
+    # A stream loop that makes no progress this long turns gRPC health NOT_SERVING.
+    loop_stall_s: float = 60.0
+    # Retry backoff cap for a failed batch (it doubles from 0.2 s).
+    loop_max_backoff_s: float = 10.0
+    # Dead letters carry at most this many payload bytes (the rest is cut, and the letter says so).
+    dead_letter_max_bytes: int = 1_048_576
+    # Ingestion backpressure: refuse new items (RESOURCE_EXHAUSTED + retry-after) while the
+    # embedding group lags this many records behind on items.accepted (0 = unbounded).
+    ingest_max_lag: int = 50_000
     grpc_port: int = 0
     grpc_host: str = "127.0.0.1"
     metrics_port: int = 0

@@ -17,6 +17,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from twinstream.common.bundle import ModelBundle
+from twinstream.common.errors import TransientError
 from twinstream.common.metrics import ENCODER_SECONDS
 from twinstream.v1 import items_pb2
 
@@ -106,7 +107,15 @@ class TritonEncoder:
 
         self._grpc = triton_grpc
         self.bundle = bundle
-        self.client = triton_grpc.InferenceServerClient(url)
+        # gRPC's reconnect backoff grows to 120 s by default: after a Triton restart the stream
+        # would wait up to that long. 2 s keeps recovery quick (a retry is cheap here).
+        self.client = triton_grpc.InferenceServerClient(url, channel_args=[
+            ("grpc.max_send_message_length", 2**31 - 1),
+            ("grpc.max_receive_message_length", 2**31 - 1),
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ])
         self.timeout_s = timeout_s
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
@@ -132,18 +141,41 @@ class TritonEncoder:
             tensor = grpc.InferInput(name, list(array.shape), dtype)
             tensor.set_data_from_numpy(array)
             tensors.append(tensor)
-        result = self.client.infer(
-            self.bundle.name,
-            tensors,
-            model_version=self.bundle.version,
-            outputs=[grpc.InferRequestedOutput("embedding"), grpc.InferRequestedOutput("ood_score")],
-            client_timeout=self.timeout_s,
-        )
+        try:
+            result = self.client.infer(
+                self.bundle.name,
+                tensors,
+                model_version=self.bundle.version,
+                outputs=[grpc.InferRequestedOutput("embedding"),
+                         grpc.InferRequestedOutput("ood_score")],
+                client_timeout=self.timeout_s,
+            )
+        except Exception as exc:
+            if triton_transient(exc):
+                raise TransientError(f"Triton unavailable: {exc}") from exc
+            raise
         embedding = result.as_numpy("embedding")
         ood = result.as_numpy("ood_score")
         if embedding is None or ood is None:
             raise RuntimeError(f"Triton returned no outputs for {self.bundle.name}")
         return embedding.astype(np.float32), ood.reshape(-1).astype(np.float32)
+
+
+def triton_transient(exc: BaseException) -> bool:
+    """Whether a tritonclient error means the server (or its model's backend) is down."""
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    if not isinstance(exc, InferenceServerException):
+        return False
+    status = str(exc.status() or "")
+    # a crashed python-backend stub answers INTERNAL until Triton restarts it
+    return (status.rsplit(".", 1)[-1] in _TRITON_TRANSIENT
+            or "Stub process" in str(exc.message()))
+
+
+_TRITON_TRANSIENT = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
 
 
 class InProcessEncoder:

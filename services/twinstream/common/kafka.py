@@ -1,15 +1,26 @@
 """The consume-process-commit loop every Kafka-driven service runs, plus topic set-up.
 
 Delivery is at-least-once: a batch's outputs (and dead letters) are produced and flushed, and
-only then are its offsets committed. If the handler or the broker fails, the consumer seeks back
-to the start of the batch and retries it with backoff; nothing is skipped. Records that can never
-succeed (bad bytes, invalid content) go to the dead-letter topic with a reason, and the loop
-moves on. Handlers must therefore be idempotent: a retried batch is processed again.
+only then are its offsets committed. Handlers must be idempotent: a retried batch runs again.
+Failures follow the error model of common/errors.py:
+
+- ``TransientError`` (broker, Milvus or Triton unavailable): the batch's partitions are paused
+  and sought back to the batch's start, and retried after an exponential backoff. The loop
+  keeps polling meanwhile, so other partitions proceed and lag stays current.
+- ``PermanentError`` or any unknown exception: the batch is split in halves until the failing
+  record is alone; it goes to the dead-letter topic (``PermanentError``'s reason, or
+  ``handler_error`` with the exception text) and the rest of the batch proceeds. Only when no
+  record of the batch succeeds is an unknown failure retried like a transient one: that looks
+  like an outage nobody classified, not like poison, and dead-lettering a whole batch of good
+  records would be worse than waiting. The next record behind a lone poison record isolates it.
+- A loop that has made no progress for ``loop_stall_s`` reports itself unhealthy (gRPC health
+  NOT_SERVING) until a retried batch succeeds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -21,22 +32,35 @@ from google.protobuf.message import Message
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
+from kafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaError,
+    TopicAlreadyExistsError,
+)
 from kafka.structs import OffsetAndMetadata
 
 from twinstream.common.config import Settings
+from twinstream.common.errors import PermanentError, TransientError
 from twinstream.common.metrics import (
+    BATCH_RETRIES,
     BATCH_SECONDS,
     BATCH_SIZE,
     CONSUMER_LAG,
     DEAD_LETTERS,
     ERRORS,
     ITEMS_PROCESSED,
+    PAUSED_PARTITIONS,
+    SECONDS_WITHOUT_PROGRESS,
 )
 from twinstream.v1 import items_pb2
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
+
+# The producer's request limit; a dead letter is cut down to fit well within it.
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+MAX_DETAIL_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -66,6 +90,19 @@ class BatchResult:
     # Runs once the outputs are acknowledged by the broker, before the offsets are committed.
     after_flush: Callable[[], None] | None = None
 
+    def extend(self, other: BatchResult) -> None:
+        """Append ``other`` (a later part of the same batch), keeping both after_flush hooks."""
+        self.outputs.extend(other.outputs)
+        self.rejected.extend(other.rejected)
+        hooks = [h for h in (self.after_flush, other.after_flush) if h is not None]
+        if len(hooks) > 1:
+            def run_all() -> None:
+                for hook in hooks:
+                    hook()
+            self.after_flush = run_all
+        elif hooks:
+            self.after_flush = hooks[0]
+
 
 def parse_record(record: ConsumerRecord, message_type: type[M]) -> M | Rejected:
     """Decode a consumed record as ``message_type``, or the dead letter saying why it can't be."""
@@ -78,20 +115,32 @@ def parse_record(record: ConsumerRecord, message_type: type[M]) -> M | Rejected:
 
 
 class BatchHandler(Protocol):
-    """Processes one batch of records; raises for transient failures (the batch is retried)."""
+    """Processes one batch of records.
+
+    Raises ``TransientError`` when a dependency is down (the batch is retried); a bad record is
+    returned as ``Rejected`` or, if the handler cannot tell which, raises and is isolated.
+    """
 
     def __call__(self, records: Sequence[ConsumerRecord]) -> BatchResult: ...
 
 
 def make_producer(settings: Settings) -> KafkaProducer:
-    """A producer that waits for the broker to acknowledge every write."""
+    """A producer that waits for the broker to acknowledge every write.
+
+    Idempotence is off: kafka-python 3 turns it on by default, and a broker that loses its
+    producer state (a restart) leaves such a producer failing for good. Every downstream write
+    is idempotent, so a duplicate from a retried send costs nothing; one request in flight per
+    connection keeps each partition's order through retries.
+    """
     return KafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap.split(","),
         client_id=f"{settings.service}-{settings.instance_id}",
         acks="all",
         linger_ms=5,
         retries=10,
-        max_request_size=8 * 1024 * 1024,
+        enable_idempotence=False,
+        max_in_flight_requests_per_connection=1,
+        max_request_size=MAX_REQUEST_BYTES,
     )
 
 
@@ -117,43 +166,82 @@ def ensure_topics(settings: Settings, timeout_s: float = 60.0) -> None:
 
 
 def dead_letter(settings: Settings, rejected: Rejected) -> Outgoing:
-    """Wrap a rejected record, its original bytes untouched, with the reason."""
+    """Wrap a rejected record with the reason; its bytes untouched unless too big to carry.
+
+    A payload over ``dead_letter_max_bytes`` is cut to that many leading bytes and the detail
+    says so (with the original size and sha256), so a letter always fits the producer's request
+    limit: a dead letter that cannot be written would block its partition.
+    """
     record = rejected.record
+    payload = record.value or b""
+    key = record.key or b""
+    detail = rejected.detail
+    if len(detail) > MAX_DETAIL_CHARS:
+        detail = detail[:MAX_DETAIL_CHARS] + f"... [{len(rejected.detail)} chars]"
+    limit = settings.dead_letter_max_bytes
+    if len(payload) > limit:
+        detail += (f" [payload truncated: {len(payload)} bytes, sha256 "
+                   f"{hashlib.sha256(payload).hexdigest()}; the first {limit} kept]")
+        payload = payload[:limit]
+    if len(key) > limit:
+        detail += f" [key truncated: {len(key)} bytes; the first {limit} kept]"
+        key = key[:limit]
     letter = items_pb2.DeadLetter(
         stage=settings.service,
         reason=rejected.reason,
-        detail=rejected.detail,
+        detail=detail,
         source_topic=record.topic,
         source_partition=record.partition,
         source_offset=record.offset,
-        key=record.key or b"",
-        payload=record.value or b"",
-        item_id=rejected.item_id,
+        key=key,
+        payload=payload,
+        item_id=rejected.item_id[:256],
         time_ms=int(time.time() * 1000),
     )
-    return Outgoing(settings.topics.dlq, record.key or b"", letter.SerializeToString())
+    return Outgoing(settings.topics.dlq, key, letter.SerializeToString())
 
 
 def publish(producer: KafkaProducer, messages: Sequence[Outgoing], timeout_s: float = 30.0) -> None:
-    """Produce ``messages`` and wait until the broker acknowledged every one; raise otherwise."""
-    futures = [producer.send(m.topic, key=m.key, value=m.value, headers=list(m.headers) or None)
-               for m in messages]
-    producer.flush(timeout=timeout_s)
-    for future in futures:
-        future.get(timeout=timeout_s)  # re-raises the send error, if any
+    """Produce ``messages`` and wait until the broker acknowledged every one.
+
+    Raises TransientError when the broker did not take them (down, restarting, timed out).
+    """
+    try:
+        futures = [producer.send(m.topic, key=m.key, value=m.value,
+                                  headers=list(m.headers) or None) for m in messages]
+        producer.flush(timeout=timeout_s)
+        for future in futures:
+            future.get(timeout=timeout_s)  # re-raises the send error, if any
+    except (KafkaError, TimeoutError) as exc:
+        raise TransientError(f"the broker did not acknowledge the batch: {exc!r}") from exc
+
+
+@dataclass
+class _Isolated:
+    """A batch run with isolation: the combined result and the records that failed alone."""
+
+    result: BatchResult = field(default_factory=BatchResult)
+    failed: list[tuple[ConsumerRecord, Exception]] = field(default_factory=list)
+    succeeded: int = 0
+
+
+class _Unisolated(Exception):
+    """Every record of a batch failed with an unknown error: retried, not dead-lettered."""
 
 
 class ConsumeLoop:
     """Polls ``topic`` in batches, runs the handler, produces, flushes, then commits."""
 
     def __init__(self, settings: Settings, topic: str, handler: BatchHandler,
-                 producer: KafkaProducer | None = None) -> None:
+                 producer: KafkaProducer | None = None, consumer: KafkaConsumer | None = None,
+                 on_health: Callable[[bool], None] | None = None) -> None:
         self.settings = settings
         self.topic = topic
         self.handler = handler
+        self.on_health = on_health or (lambda healthy: None)
         self._owns_producer = producer is None
         self.producer = producer or make_producer(settings)
-        self.consumer = KafkaConsumer(
+        self.consumer = consumer or KafkaConsumer(
             topic,
             bootstrap_servers=settings.kafka_bootstrap.split(","),
             group_id=settings.consumer_group,
@@ -169,37 +257,49 @@ class ConsumeLoop:
         )
         self._lag_checked = 0.0
         self._lag_partitions: set[TopicPartition] = set()
+        self._backoff = 0.0               # the delay before the next retry; 0 after a success
+        self._resume_at = 0.0             # when the paused partitions are retried
+        self._failing_since: float | None = None
+        self._healthy = True
 
     def run(self, stopping: threading.Event, on_ready: Callable[[], None] = lambda: None) -> None:
         """Process batches until ``stopping`` is set, then close cleanly."""
-        backoff = 0.2
         ready = False
         try:
             while not stopping.is_set():
+                self._resume_due()
                 records = self._poll_batch(stopping)
                 if not ready:  # the first poll returns once the group join has completed
                     ready = True
                     on_ready()
-                if not records:
-                    self._update_lag()
-                    continue
-                started = time.perf_counter()
-                try:
-                    self._process(records)
-                    backoff = 0.2
-                except Exception as exc:
-                    ERRORS.labels(self.settings.service, type(exc).__name__).inc()
-                    log.warning("batch failed; retrying it", exc_info=True,
-                                extra={"records": len(records), "backoff_s": backoff})
-                    self._rewind(records)
-                    stopping.wait(backoff)
-                    backoff = min(backoff * 2, 10.0)
-                    continue
-                BATCH_SIZE.labels(self.settings.service).observe(len(records))
-                BATCH_SECONDS.labels(self.settings.service).observe(time.perf_counter() - started)
+                if records:
+                    self.step(records)
+                elif not self.consumer.paused():
+                    self._progressed()  # idle with nothing pending is not a stall
                 self._update_lag()
+                self._report_stall()
         finally:
             self.close()
+
+    def step(self, records: list[ConsumerRecord]) -> bool:
+        """Process one polled batch; on failure schedule its retry. True when it committed."""
+        service = self.settings.service
+        started = time.perf_counter()
+        try:
+            self._process(records)
+        except (TransientError, _Unisolated) as exc:
+            kind = "transient" if isinstance(exc, TransientError) else "unisolated"
+            retry_after = getattr(exc, "retry_after_s", None)
+            self._retry_later(records, exc, kind, retry_after)
+            return False
+        except Exception as exc:  # a failure of the loop itself (e.g. an after_flush hook)
+            self._retry_later(records, exc, "unknown", None)
+            return False
+        BATCH_SIZE.labels(service).observe(len(records))
+        BATCH_SECONDS.labels(service).observe(time.perf_counter() - started)
+        if not self.consumer.paused():
+            self._progressed()
+        return True
 
     def close(self) -> None:
         try:
@@ -214,10 +314,14 @@ class ConsumeLoop:
         records: list[ConsumerRecord] = []
         deadline: float | None = None
         while len(records) < self.settings.batch_size and not stopping.is_set():
-            left = 0.5 if deadline is None else max(0.0, deadline - time.monotonic())
-            timeout_ms = int(left * 1000)
+            if deadline is None:
+                left = 0.5
+                if self._resume_at:
+                    left = min(left, max(0.0, self._resume_at - time.monotonic()))
+            else:
+                left = max(0.0, deadline - time.monotonic())
             polled = self.consumer.poll(
-                timeout_ms=timeout_ms, max_records=self.settings.batch_size - len(records)
+                timeout_ms=int(left * 1000), max_records=self.settings.batch_size - len(records)
             )
             for batch in polled.values():
                 records.extend(batch)
@@ -230,7 +334,20 @@ class ConsumeLoop:
         return sorted(records, key=lambda r: (r.partition, r.offset))
 
     def _process(self, records: list[ConsumerRecord]) -> None:
-        result = self.handler(records)
+        isolated = self._isolate(records)
+        unknown = [exc for _, exc in isolated.failed if not isinstance(exc, PermanentError)]
+        if unknown and not isolated.succeeded:
+            raise _Unisolated(f"all {len(records)} records failed: {unknown[0]!r}") from unknown[0]
+        result = isolated.result
+        for record, exc in isolated.failed:
+            if isinstance(exc, PermanentError):
+                result.rejected.append(Rejected(record, exc.reason, exc.detail))
+            else:
+                log.error("record isolated as the cause of a handler error", exc_info=exc,
+                          extra={"topic": record.topic, "partition": record.partition,
+                                 "offset": record.offset})
+                result.rejected.append(Rejected(record, "handler_error",
+                                                f"{type(exc).__name__}: {exc}"))
         service = self.settings.service
         outgoing = result.outputs + [dead_letter(self.settings, r) for r in result.rejected]
         publish(self.producer, outgoing)
@@ -251,42 +368,152 @@ class ConsumeLoop:
             ERRORS.labels(service, "commit_failed").inc()
             log.warning("offset commit failed after a rebalance", extra={"records": len(records)})
             return
+        except KafkaError as exc:
+            raise TransientError(f"the offset commit failed: {exc!r}") from exc
         ITEMS_PROCESSED.labels(service, "ok").inc(len(records) - len(result.rejected))
         ITEMS_PROCESSED.labels(service, "dead_letter").inc(len(result.rejected))
 
-    def _rewind(self, records: list[ConsumerRecord]) -> None:
-        """Seek every partition of the failed batch back to its first record."""
+    def _isolate(self, records: Sequence[ConsumerRecord]) -> _Isolated:
+        """Run the handler; if it raises (not transiently), bisect to the failing records.
+
+        Each half runs in order, so a partition's order is kept; the outputs of all the parts
+        are gathered and published once, after the whole batch is through.
+        """
+        try:
+            return _Isolated(self.handler(records), [], len(records))
+        except TransientError:
+            raise
+        except Exception as exc:
+            if len(records) == 1:
+                return _Isolated(BatchResult(), [(records[0], exc)], 0)
+            ERRORS.labels(self.settings.service, type(exc).__name__).inc()
+        middle = len(records) // 2
+        first, second = self._isolate(records[:middle]), self._isolate(records[middle:])
+        first.result.extend(second.result)
+        return _Isolated(first.result, first.failed + second.failed,
+                         first.succeeded + second.succeeded)
+
+    def _retry_later(self, records: list[ConsumerRecord], exc: Exception, kind: str,
+                     retry_after_s: float | None) -> None:
+        """Seek the batch's partitions back, pause them and resume them after a backoff."""
+        service = self.settings.service
+        ERRORS.labels(service, type(exc).__name__).inc()
+        BATCH_RETRIES.labels(service, kind).inc()
+        self._backoff = min(max(0.2, self._backoff * 2), self.settings.loop_max_backoff_s)
+        delay = self._backoff if retry_after_s is None else max(retry_after_s, 0.0)
+        log.warning("batch failed; retrying it", exc_info=exc,
+                    extra={"records": len(records), "kind": kind, "retry_in_s": delay})
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+        partitions = self._rewind(records)
+        self.consumer.pause(*partitions)
+        PAUSED_PARTITIONS.labels(service).set(len(self.consumer.paused()))
+        self._resume_at = time.monotonic() + delay
+
+    def _resume_due(self) -> None:
+        if self._resume_at and time.monotonic() >= self._resume_at:
+            self._resume_at = 0.0
+            paused = self.consumer.paused()
+            if paused:
+                self.consumer.resume(*paused)
+            PAUSED_PARTITIONS.labels(self.settings.service).set(0)
+
+    def _progressed(self) -> None:
+        self._backoff = 0.0
+        self._failing_since = None
+
+    def _report_stall(self) -> None:
+        """Publish the no-progress time and flip health when it crosses ``loop_stall_s``."""
+        stalled_for = 0.0 if self._failing_since is None else time.monotonic() - self._failing_since
+        SECONDS_WITHOUT_PROGRESS.labels(self.settings.service).set(stalled_for)
+        healthy = self._failing_since is None or stalled_for < self.settings.loop_stall_s
+        if healthy != self._healthy:
+            self._healthy = healthy
+            log.log(logging.INFO if healthy else logging.ERROR,
+                    "stream loop progressing again" if healthy else "stream loop stalled",
+                    extra={"stalled_s": round(stalled_for, 1)})
+            self.on_health(healthy)
+
+    def _rewind(self, records: list[ConsumerRecord]) -> list[TopicPartition]:
+        """Seek every assigned partition of the batch back to its first record; return them."""
         first: dict[TopicPartition, int] = {}
         for record in records:
             tp = TopicPartition(record.topic, record.partition)
             first[tp] = min(first.get(tp, record.offset), record.offset)
         assigned = self.consumer.assignment()
+        sought = []
         for tp, offset in first.items():
             if tp in assigned:
                 self.consumer.seek(tp, offset)
+                sought.append(tp)
+        return sought
 
     def _update_lag(self) -> None:
+        """Lag = high watermark - position, from the fetch responses' high watermarks.
+
+        (tansu answers ListOffsets(LATEST), which ``end_offsets()`` uses, with a wrong offset.)
+        Runs on every loop turn, failed batches included, so a stuck partition shows its lag.
+        """
         now = time.monotonic()
         if now - self._lag_checked < 2.0:
             return
         self._lag_checked = now
-        assigned = list(self.consumer.assignment())
-        for lost in self._lag_partitions - set(assigned):  # moved to another replica
-            CONSUMER_LAG.remove(self.settings.service, lost.topic, str(lost.partition))
-        self._lag_partitions = set(assigned)
-        if not assigned:
-            return
-        try:
-            ends = self.consumer.end_offsets(assigned)
-        except KafkaError:
-            return
+        assigned = set(self.consumer.assignment())
+        for lost in self._lag_partitions - assigned:  # moved to another replica
+            with contextlib.suppress(KeyError):
+                CONSUMER_LAG.remove(self.settings.service, lost.topic, str(lost.partition))
+        self._lag_partitions = assigned
         for tp in assigned:
             try:
+                high = self.consumer.highwater(tp)
                 position = self.consumer.position(tp)
-            except KafkaError:
+            except (KafkaError, IllegalStateError):
                 continue
-            lag = max(0, (ends.get(tp) or 0) - (position or 0))
+            if high is None or position is None:
+                continue  # no fetch for this partition yet
+            lag = max(0, high - position)
             CONSUMER_LAG.labels(self.settings.service, tp.topic, str(tp.partition)).set(lag)
+
+class GroupLag:
+    """How many records of ``topic`` a consumer group has yet to commit: the sum over partitions
+    of high watermark minus committed offset (both read from the broker; no group membership).
+
+    The high watermarks come from fetch responses (tansu's ListOffsets(LATEST) is wrong), so a
+    measurement seeks to the committed offsets and fetches at most one small batch.
+    """
+
+    def __init__(self, settings: Settings, topic: str, group: str,
+                 consumer: KafkaConsumer | None = None) -> None:
+        self.topic = topic
+        self.consumer = consumer or KafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap.split(","),
+            group_id=group, client_id=f"{settings.service}-{settings.instance_id}-lag",
+            enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=10,
+            max_partition_fetch_bytes=1024,
+        )
+        self._assigned: list[TopicPartition] = []
+
+    def measure(self, timeout_ms: int = 300) -> int | None:
+        """The group's lag now, or None when the topic or its high watermarks are unknown."""
+        partitions = self.consumer.partitions_for_topic(self.topic)
+        if not partitions:
+            return None
+        wanted = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        if wanted != self._assigned:
+            self.consumer.assign(wanted)
+            self._assigned = wanted
+        committed = {}
+        for tp in wanted:
+            committed[tp] = self.consumer.committed(tp, timeout_ms=timeout_ms * 5) or 0
+            self.consumer.seek(tp, committed[tp])
+        self.consumer.poll(timeout_ms=timeout_ms, max_records=1)
+        highs = {tp: self.consumer.highwater(tp) for tp in wanted}
+        if any(high is None for high in highs.values()):
+            return None
+        return sum(max(0, (highs[tp] or 0) - committed[tp]) for tp in wanted)
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
 
 
 class TopicReader:

@@ -25,6 +25,20 @@ CONSUMER_LAG = Gauge(
     "twinstream_consumer_lag", "Records behind the end of the partition",
     ["service", "topic", "partition"],
 )
+BATCH_RETRIES = Counter(
+    "twinstream_batch_retries", "Batches sought back and retried, by kind "
+    "(transient: a dependency down; unisolated: every record failed unclassified)",
+    ["service", "kind"],
+)
+PAUSED_PARTITIONS = Gauge(
+    "twinstream_paused_partitions", "Partitions paused while a failed batch waits for its retry",
+    ["service"],
+)
+SECONDS_WITHOUT_PROGRESS = Gauge(
+    "twinstream_seconds_without_progress",
+    "How long a stream loop with pending records has made no progress (0 when it progresses)",
+    ["service"],
+)
 BACKFILLED = Counter(
     "twinstream_backfilled", "Items written into a model version that is not live yet (re-embedding)"
 )

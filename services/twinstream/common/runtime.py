@@ -136,6 +136,9 @@ class ServiceRuntime:
         self.settings = settings
         self.stopping = threading.Event()
         self.health = health.HealthServicer()
+        self._ready = False
+        self._unhealthy: set[str] = set()
+        self._health_lock = threading.Lock()
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
             interceptors=[_MetricsInterceptor(settings.service)],
@@ -158,6 +161,32 @@ class ServiceRuntime:
         log.info("started", extra={"grpc_port": self.grpc_port, "metrics_port": self.metrics_port})
 
     def set_serving(self, serving: bool) -> None:
+        """Whether the service is up at all; SERVING also needs every component healthy."""
+        with self._health_lock:
+            self._ready = serving
+            self._publish_health()
+
+    def health_hook(self, component: str) -> Callable[[bool], None]:
+        """A callback for a part of the service (a stream loop, the producer) to report on.
+
+        Health is NOT_SERVING while any component reports unhealthy, so a stalled loop or a
+        broker outage shows, and SERVING again once it recovers.
+        """
+        def report(healthy: bool) -> None:
+            with self._health_lock:
+                if healthy == (component not in self._unhealthy):
+                    return
+                if healthy:
+                    self._unhealthy.discard(component)
+                else:
+                    self._unhealthy.add(component)
+                log.log(logging.INFO if healthy else logging.WARNING, "component health",
+                        extra={"component": component, "healthy": healthy})
+                self._publish_health()
+        return report
+
+    def _publish_health(self) -> None:
+        serving = self._ready and not self._unhealthy
         status = (health_pb2.HealthCheckResponse.SERVING if serving
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         for name in ("", *self.service_names):

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 
+from twinstream.common.errors import guarded, milvus_transient
 from twinstream.common.metrics import MILVUS_SEARCH_SECONDS
 from twinstream.v1 import decisions_pb2, items_pb2
 
@@ -100,7 +101,9 @@ class VectorStore:
         # pings more often than every 5 min without traffic with GOAWAY "too_many_pings".
         options = {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": False}
         extra: dict[str, Any] = {"token": token} if token else {}
-        self.client = MilvusClient(uri=uri, grpc_options=options, **extra)
+        # Unavailable-server errors become TransientError on every call (common/errors.py).
+        self.client = guarded(MilvusClient(uri=uri, grpc_options=options, **extra),
+                              milvus_transient, "Milvus")
         self.prefix = prefix
         self.index_type = index_type
         self._known: set[str] = set()

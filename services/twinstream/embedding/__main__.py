@@ -20,7 +20,8 @@ def main() -> None:
     for encoder in encoders:
         if isinstance(encoder.encoder, TritonEncoder):
             encoder.encoder.wait_ready()
-    loop = ConsumeLoop(settings, settings.topics.accepted, Embedder(settings, encoders))
+    loop = ConsumeLoop(settings, settings.topics.accepted, Embedder(settings, encoders),
+                       on_health=runtime.health_hook("stream"))
 
     def work(stopping: threading.Event) -> None:
         loop.run(stopping, on_ready=lambda: runtime.set_serving(True))

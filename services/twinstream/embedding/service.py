@@ -16,8 +16,9 @@ from twinstream.v1 import items_pb2
 class Embedder:
     """Turns a batch of AcceptedItem records into EmbeddedItem messages.
 
-    Content that cannot be encoded becomes a dead letter; an encoder failure raises, so the
-    whole batch is retried (the encoder being down is not the items' fault).
+    Content that cannot be encoded becomes a dead letter. Triton being down raises
+    TransientError (common/encoding.py), so the batch is retried after a backoff; any other
+    encoder failure is isolated by the stream loop down to the record that causes it.
     """
 
     def __init__(self, settings: Settings, encoders: Sequence[ItemEncoder]) -> None:

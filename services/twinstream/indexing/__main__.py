@@ -18,7 +18,8 @@ def main() -> None:
     runtime = ServiceRuntime(settings)
     store = VectorStore(settings.milvus_uri, settings.milvus_token, settings.milvus_collection_prefix)
     indexer = Indexer(settings, store, load_bundles(settings.model_dir))
-    loop = ConsumeLoop(settings, settings.topics.embedded, indexer)
+    loop = ConsumeLoop(settings, settings.topics.embedded, indexer,
+                       on_health=runtime.health_hook("stream"))
 
     reaper_producer = make_producer(settings)
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -36,11 +37,53 @@ class IdConflict(InvalidItem):
 
 @dataclass(frozen=True)
 class Admission:
-    """What to do with a valid item: publish ``accepted`` unless it was published already."""
+    """A valid item to publish; ``repeat`` when the broker acknowledged it before.
+
+    A repeat is published again: every stage downstream is idempotent, and the broker may have
+    lost what it acknowledged (a broker on memory storage restarted), so a client's retry is
+    what brings such an item to a decision.
+    """
 
     accepted: items_pb2.AcceptedItem
     key: tuple[str, str, str]
-    publish: bool
+    repeat: bool
+
+
+# gRPC's standard trailer for "retry after this many milliseconds" (also read by its retry policy).
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+class Backpressure:
+    """Refuses new items while embedding lags too far behind on items.accepted.
+
+    ``measure`` (a GroupLag) is polled about once a second on a thread of its own, so a request
+    never waits on the broker for it. An unknown lag (broker down) admits: publishing will fail
+    then anyway, with UNAVAILABLE.
+    """
+
+    def __init__(self, limit: int, measure: Callable[[], int | None],
+                 interval_s: float = 1.0) -> None:
+        self.limit = limit
+        self.measure = measure
+        self.interval_s = interval_s
+        self.lag: int | None = None
+
+    def run(self, stopping: threading.Event) -> None:
+        while not stopping.is_set():
+            try:
+                self.lag = self.measure()
+            except Exception:  # the broker is away; admit until it answers again
+                log.debug("measuring the embedding lag failed", exc_info=True)
+                ERRORS.labels("ingestion", "lag_unknown").inc()
+                self.lag = None
+            stopping.wait(self.interval_s)
+
+    def retry_after_s(self) -> float | None:
+        """None to admit; otherwise seconds to wait, 1-10 by how far the lag is over."""
+        lag = self.lag
+        if self.limit <= 0 or lag is None or lag <= self.limit:
+            return None
+        return min(10.0, max(1.0, 10.0 * (lag - self.limit) / self.limit))
 
 
 def partition_key(item: items_pb2.Item) -> bytes:
@@ -49,12 +92,16 @@ def partition_key(item: items_pb2.Item) -> bytes:
 
 
 class Ingestion(ingestion_pb2_grpc.IngestionServicer):
-    def __init__(self, settings: Settings, ids: AcceptedIds, producer: KafkaProducer) -> None:
+    def __init__(self, settings: Settings, ids: AcceptedIds, producer: KafkaProducer,
+                 backpressure: Backpressure | None = None,
+                 on_broker_health: Callable[[bool], None] = lambda healthy: None) -> None:
         self.settings = settings
         self.ids = ids
         self.producer = producer
         self.limits = Limits(settings.max_item_bytes, settings.max_text_chars,
                              settings.max_image_pixels)
+        self.backpressure = backpressure
+        self.on_broker_health = on_broker_health
 
     # -- the shared path -------------------------------------------------------------------
     def admit(self, item: items_pb2.Item, source: str, assign_id: bool = False) -> Admission:
@@ -78,36 +125,54 @@ class Ingestion(ingestion_pb2_grpc.IngestionServicer):
             item=item, content_hash=content_hash, ingest_time_ms=reserved.ingest_time_ms,
             source=source,
         )
-        return Admission(accepted, key, reserved.state is not Reservation.PUBLISHED)
+        return Admission(accepted, key, reserved.state is Reservation.PUBLISHED)
 
     def _outgoing(self, admission: Admission) -> Outgoing:
         return Outgoing(self.settings.topics.accepted, partition_key(admission.accepted.item),
                         admission.accepted.SerializeToString())
 
     def _publish(self, admissions: Sequence[Admission], context: grpc.ServicerContext) -> None:
-        fresh = [a for a in admissions if a.publish]
+        """Publish and wait for the broker's acknowledgement; only then mark them published."""
         try:
-            publish(self.producer, [self._outgoing(a) for a in fresh], timeout_s=15)
+            publish(self.producer, [self._outgoing(a) for a in admissions], timeout_s=15)
         except Exception as exc:
-            self.ids.release([a.key for a in fresh])
+            self.ids.release([a.key for a in admissions if not a.repeat])
             ERRORS.labels("ingestion", "publish_failed").inc()
             log.warning("publishing to items.accepted failed", exc_info=True)
+            self.on_broker_health(False)
+            context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, "1000"),))
             context.abort(grpc.StatusCode.UNAVAILABLE, f"the broker did not accept the items: {exc}")
-        self.ids.mark_published([a.key for a in fresh])
-        ITEMS_PROCESSED.labels("ingestion", "accepted").inc(len(fresh))
-        ITEMS_PROCESSED.labels("ingestion", "already_accepted").inc(len(admissions) - len(fresh))
+        self.on_broker_health(True)
+        self.ids.mark_published([a.key for a in admissions if not a.repeat])
+        repeats = sum(a.repeat for a in admissions)
+        ITEMS_PROCESSED.labels("ingestion", "accepted").inc(len(admissions) - repeats)
+        ITEMS_PROCESSED.labels("ingestion", "already_accepted").inc(repeats)
+
+    def _admit_or_push_back(self, context: grpc.ServicerContext) -> None:
+        """Abort with RESOURCE_EXHAUSTED and a retry-after while embedding lags too far."""
+        gate = self.backpressure
+        wait_s = gate.retry_after_s() if gate is not None else None
+        if gate is None or wait_s is None:
+            return
+        ERRORS.labels("ingestion", "backpressure").inc()
+        context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(int(wait_s * 1000))),))
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"backpressure: embedding is {gate.lag} records behind on "
+                      f"{self.settings.topics.accepted} (limit {gate.limit}); "
+                      f"retry in {wait_s:.1f} s")
 
     # -- gRPC --------------------------------------------------------------------------------
     def Ingest(self, request: ingestion_pb2.IngestRequest,
                context: grpc.ServicerContext) -> ingestion_pb2.IngestResponse:
         """One item; an InvalidItem becomes INVALID_ARGUMENT (ALREADY_EXISTS for an id conflict)
         with details "<reason>: <detail>" in the server's interceptor."""
+        self._admit_or_push_back(context)
         admission = self.admit(request.item, "grpc", request.assign_id)
         self._publish([admission], context)
         return ingestion_pb2.IngestResponse(
             item_id=admission.accepted.item.item_id,
             content_hash=admission.accepted.content_hash,
-            already_accepted=not admission.publish,
+            already_accepted=admission.repeat,
         )
 
     def IngestStream(self, request_iterator: Iterator[ingestion_pb2.IngestRequest],
@@ -116,6 +181,9 @@ class Ingestion(ingestion_pb2_grpc.IngestionServicer):
         its index and reason; one bad item never fails the call. The call fails as a whole only
         when the broker does not take the items (UNAVAILABLE): items of earlier chunks may then be
         accepted already, and sending the whole stream again is safe (ids are idempotency keys)."""
+        # Checked once, before the first item: a stream admitted runs to its end, so a client
+        # never has to guess which of its items a refused stream had accepted.
+        self._admit_or_push_back(context)
         summary = ingestion_pb2.IngestSummary()
         pending: list[Admission] = []
         for index, request in enumerate(request_iterator):
@@ -153,10 +221,10 @@ class Ingestion(ingestion_pb2_grpc.IngestionServicer):
             except InvalidItem as exc:
                 result.rejected.append(Rejected(record, exc.reason, exc.detail, item_id))
                 continue
-            if admission.publish:
-                admitted.append(admission)
-                result.outputs.append(self._outgoing(admission))
-        result.after_flush = lambda: self.ids.mark_published([a.key for a in admitted])
+            admitted.append(admission)
+            result.outputs.append(self._outgoing(admission))
+        result.after_flush = lambda: self.ids.mark_published(
+            [a.key for a in admitted if not a.repeat])
         return result
 
     @staticmethod

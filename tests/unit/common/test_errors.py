@@ -1,0 +1,43 @@
+"""Library errors are classified at the client boundary (common/errors.py, common/encoding.py)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from pymilvus.exceptions import MilvusException
+from tritonclient.utils import InferenceServerException
+
+from twinstream.common.encoding import triton_transient
+from twinstream.common.errors import TransientError, guarded, milvus_transient
+
+
+class Flaky:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.name = "a plain attribute"
+
+    def query(self, expr: str) -> list[str]:
+        raise self.error
+
+
+def test_an_unreachable_milvus_becomes_transient_and_bad_input_passes_through() -> None:
+    down = guarded(Flaky(MilvusException(grpc.StatusCode.UNAVAILABLE, "Retry timeout")),
+                   milvus_transient, "Milvus")
+    with pytest.raises(TransientError, match="Milvus unavailable"):
+        down.query("pk in []")
+    assert down.name == "a plain attribute"
+    bad = MilvusException(6, "unterminated string literal (newline)")
+    with pytest.raises(MilvusException) as raised:
+        guarded(Flaky(bad), milvus_transient, "Milvus").query("pk in ['a\n']")
+    assert raised.value is bad, "an unclassified error is left for the loop to isolate"
+    assert milvus_transient(ConnectionRefusedError())
+
+
+@pytest.mark.parametrize(("status", "message", "transient"), [
+    ("StatusCode.UNAVAILABLE", "failed to connect", True),
+    ("StatusCode.DEADLINE_EXCEEDED", "timeout", True),
+    ("StatusCode.INTERNAL", "Stub process 'm_0_0' is not healthy.", True),
+    ("StatusCode.INVALID_ARGUMENT", "unexpected shape", False),
+])
+def test_triton_errors_are_classified(status: str, message: str, transient: bool) -> None:
+    assert triton_transient(InferenceServerException(msg=message, status=status)) is transient

@@ -1,0 +1,297 @@
+"""ConsumeLoop's failure handling, driven by an in-memory consumer and producer (a unit test of
+one class: the live-stack tests in tests/test_faults.py prove the same end to end)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from kafka import TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaTimeoutError
+from prometheus_client import REGISTRY
+
+from twinstream.common.config import Settings
+from twinstream.common.errors import PermanentError, TransientError
+from twinstream.common.kafka import (
+    MAX_REQUEST_BYTES,
+    BatchResult,
+    ConsumeLoop,
+    Outgoing,
+    Rejected,
+    dead_letter,
+    publish,
+)
+from twinstream.v1 import items_pb2
+
+TOPIC = "items.test"
+
+
+def record(partition: int, offset: int, value: bytes) -> ConsumerRecord:
+    return ConsumerRecord(TOPIC, partition, -1, offset, 0, 0, b"k", value, [], None, len(b"k"),
+                          len(value), -1)
+
+
+@dataclass
+class FakeConsumer:
+    """Partition logs with positions, pause/resume, seek and commit, as KafkaConsumer does."""
+
+    logs: dict[int, list[bytes]]
+    positions: dict[TopicPartition, int] = field(default_factory=dict)
+    committed: dict[TopicPartition, int] = field(default_factory=dict)
+    paused_set: set[TopicPartition] = field(default_factory=set)
+    pause_calls: int = 0
+
+    def __post_init__(self) -> None:
+        self.positions = {TopicPartition(TOPIC, p): 0 for p in self.logs}
+
+    def poll(self, timeout_ms: int = 0, max_records: int = 500) -> dict[TopicPartition, list[Any]]:
+        out: dict[TopicPartition, list[Any]] = {}
+        for tp, position in self.positions.items():
+            if tp in self.paused_set or max_records <= 0:
+                continue
+            values = self.logs[tp.partition][position:position + max_records]
+            if values:
+                out[tp] = [record(tp.partition, position + i, v) for i, v in enumerate(values)]
+                self.positions[tp] = position + len(values)
+                max_records -= len(values)
+        return out
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.positions)
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.positions[tp] = offset
+
+    def pause(self, *tps: TopicPartition) -> None:
+        self.pause_calls += 1
+        self.paused_set.update(tps)
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self.paused_set.difference_update(tps)
+
+    def paused(self) -> set[TopicPartition]:
+        return set(self.paused_set)
+
+    def commit(self, offsets: dict[TopicPartition, Any]) -> None:
+        for tp, meta in offsets.items():
+            self.committed[tp] = meta.offset
+
+    def highwater(self, tp: TopicPartition) -> int:
+        return len(self.logs[tp.partition])
+
+    def position(self, tp: TopicPartition) -> int:
+        return self.positions[tp]
+
+    def close(self, autocommit: bool = False) -> None:
+        pass
+
+
+@dataclass
+class FakeFuture:
+    error: Exception | None = None
+
+    def get(self, timeout: float | None = None) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+@dataclass
+class FakeProducer:
+    sent: list[tuple[str, bytes]] = field(default_factory=list)
+    fail_with: Exception | None = None
+
+    def send(self, topic: str, key: bytes, value: bytes) -> FakeFuture:
+        if self.fail_with is None:
+            self.sent.append((topic, value))
+        return FakeFuture(self.fail_with)
+
+    def flush(self, timeout: float | None = None) -> None:
+        pass
+
+    def close(self, timeout: float | None = None) -> None:
+        pass
+
+    def on(self, topic: str) -> list[bytes]:
+        return [value for t, value in self.sent if t == topic]
+
+
+Handler = Callable[[Sequence[ConsumerRecord]], BatchResult]
+MakeLoop = Callable[..., tuple[ConsumeLoop, FakeConsumer, FakeProducer]]
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(service="looptest", batch_size=8, loop_stall_s=3600)
+
+
+@pytest.fixture
+def make_loop(settings: Settings) -> MakeLoop:
+    def make(handler: Any, logs: dict[int, list[bytes]], **overrides: Any
+             ) -> tuple[ConsumeLoop, FakeConsumer, FakeProducer]:
+        consumer, producer = FakeConsumer(logs), FakeProducer()
+        loop = ConsumeLoop(Settings(**{**settings.__dict__, **overrides}), TOPIC, handler,
+                           producer=producer, consumer=consumer)
+        return loop, consumer, producer
+    return make
+
+
+def echo_unless(poison: Callable[[bytes], Exception | None]) -> Handler:
+    """Echoes every record to items.out; raises ``poison(value)`` for the first bad one."""
+    def handle(records: Sequence[ConsumerRecord]) -> BatchResult:
+        for r in records:
+            error = poison(r.value)
+            if error is not None:
+                raise error
+        return BatchResult(outputs=[Outgoing("items.out", r.key, r.value) for r in records])
+    return handle
+
+
+def drive(loop: ConsumeLoop, turns: int = 20) -> None:
+    """Run the loop's turns by hand (no thread): resume what is due, poll, step."""
+    for _ in range(turns):
+        loop._resume_at = min(loop._resume_at, 1e-9) if loop._resume_at else 0.0  # no waiting
+        loop._resume_due()
+        records = sorted((r for batch in loop.consumer.poll(max_records=8).values() for r in batch),
+                         key=lambda r: (r.partition, r.offset))
+        if records:
+            loop.step(records)
+        loop._update_lag()
+        loop._report_stall()
+
+
+def letters(producer: FakeProducer, settings: Settings) -> list[items_pb2.DeadLetter]:
+    return [items_pb2.DeadLetter.FromString(v) for v in producer.on(settings.topics.dlq)]
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_unknown_error_isolates_the_poison_record_and_the_rest_proceed(make_loop: MakeLoop, settings: Settings) -> None:
+    values = [f"ok{i}".encode() for i in range(8)]
+    values[5] = b"poison"
+    loop, consumer, producer = make_loop(
+        echo_unless(lambda v: RecursionError("too deep") if v == b"poison" else None), {0: values})
+    drive(loop, 2)
+    good = [v for v in values if v != b"poison"]
+    assert producer.on("items.out") == good, "each good output once, in order"
+    [letter] = letters(producer, settings)
+    assert (letter.reason, letter.source_offset, letter.payload) == ("handler_error", 5, b"poison")
+    assert "RecursionError: too deep" in letter.detail
+    assert consumer.committed[TopicPartition(TOPIC, 0)] == 8
+
+
+def test_permanent_error_is_dead_lettered_with_its_reason(make_loop: MakeLoop, settings: Settings) -> None:
+    values = [b"a", b"bad", b"c"]
+    loop, _consumer, producer = make_loop(
+        echo_unless(lambda v: PermanentError("unterminated", "no") if v == b"bad" else None),
+        {0: values})
+    drive(loop, 2)
+    assert producer.on("items.out") == [b"a", b"c"]
+    assert [(x.reason, x.detail) for x in letters(producer, settings)] == [("unterminated", "no")]
+
+
+def test_transient_error_pauses_seeks_back_and_retries_without_duplicates(make_loop: MakeLoop) -> None:
+    failures = iter([TransientError("Milvus down"), TransientError("Milvus down", 0.0)])
+    values = [b"a", b"b", b"c"]
+    loop, consumer, producer = make_loop(echo_unless(lambda v: next(failures, None)), {0: values, 1: []})
+    before = metric("twinstream_batch_retries_total", service="looptest", kind="transient")
+    drive(loop, 1)
+    assert consumer.paused() == {TopicPartition(TOPIC, 0)}, "the failed batch's partition waits"
+    assert consumer.positions[TopicPartition(TOPIC, 0)] == 0, "sought back to the batch start"
+    assert metric("twinstream_paused_partitions", service="looptest") == 1
+    drive(loop, 4)
+    assert producer.on("items.out") == values, "published once, after the retries"
+    assert metric("twinstream_batch_retries_total", service="looptest", kind="transient") == before + 2
+    assert not consumer.paused() and consumer.committed[TopicPartition(TOPIC, 0)] == 3
+
+
+def test_a_batch_that_fails_entirely_unclassified_is_retried_not_dead_lettered(
+        make_loop: MakeLoop, settings: Settings) -> None:
+    """An outage nobody classified must not send a batch of good records to the DLQ."""
+    down = {"on": True}
+    loop, _consumer, producer = make_loop(
+        echo_unless(lambda v: RuntimeError("socket closed") if down["on"] else None),
+        {0: [b"a", b"b"]})
+    drive(loop, 3)
+    assert not letters(producer, settings) and not producer.on("items.out")
+    down["on"] = False
+    drive(loop, 2)
+    assert producer.on("items.out") == [b"a", b"b"] and not letters(producer, settings)
+
+
+def test_a_lone_poison_record_is_isolated_once_another_record_joins_it(make_loop: MakeLoop, settings: Settings) -> None:
+    logs = {0: [b"poison"]}
+    loop, _consumer, producer = make_loop(
+        echo_unless(lambda v: KeyError("boom") if v == b"poison" else None), logs)
+    drive(loop, 2)
+    assert not letters(producer, settings)
+    logs[0].append(b"next")
+    drive(loop, 2)
+    assert [x.source_offset for x in letters(producer, settings)] == [0]
+    assert producer.on("items.out") == [b"next"]
+
+
+def test_other_partitions_proceed_while_one_waits_for_its_retry(make_loop: MakeLoop) -> None:
+    def fail_p0(records: Sequence[ConsumerRecord]) -> BatchResult:
+        if any(r.partition == 0 for r in records):
+            raise TransientError("down for partition 0")
+        return BatchResult(outputs=[Outgoing("items.out", r.key, r.value) for r in records])
+    loop, consumer, producer = make_loop(fail_p0, {0: [b"a"], 1: []})
+    drive(loop, 1)  # partition 0's batch fails
+    loop._resume_at = 1e12  # and stays paused
+    consumer.logs[1].append(b"b")
+    records = sorted((r for batch in consumer.poll(max_records=8).values() for r in batch),
+                     key=lambda r: r.partition)
+    assert [r.partition for r in records] == [1]
+    loop.step(records)
+    assert producer.on("items.out") == [b"b"]
+
+
+def test_a_stalled_loop_turns_unhealthy_and_recovers(make_loop: MakeLoop) -> None:
+    state = {"down": True}
+    health: list[bool] = []
+    loop, _consumer, _producer = make_loop(
+        echo_unless(lambda v: TransientError("Triton down") if state["down"] else None),
+        {0: [b"a"]}, loop_stall_s=0.0)
+    loop.on_health = health.append
+    drive(loop, 2)
+    assert health == [False]
+    assert metric("twinstream_seconds_without_progress", service="looptest") > 0
+    state["down"] = False
+    drive(loop, 2)
+    assert health == [False, True]
+    assert metric("twinstream_seconds_without_progress", service="looptest") == 0
+
+
+def test_lag_comes_from_the_high_watermark_and_updates_while_a_batch_is_retried(make_loop: MakeLoop) -> None:
+    loop, consumer, _producer = make_loop(
+        echo_unless(lambda v: TransientError("down")), {0: [b"x"] * 5})
+    drive(loop, 1)
+    loop._lag_checked = 0.0
+    loop._update_lag()
+    assert metric("twinstream_consumer_lag", service="looptest", topic=TOPIC, partition="0") == 5
+    consumer.logs[0].extend([b"y"] * 3)  # more arrive while the batch keeps failing
+    loop._lag_checked = 0.0
+    drive(loop, 1)
+    assert metric("twinstream_consumer_lag", service="looptest", topic=TOPIC, partition="0") == 8
+
+
+def test_a_dead_letter_of_a_huge_record_fits_the_producer_request_limit(settings: Settings) -> None:
+    huge = record(0, 7, b"x" * (9 * 1024 * 1024))
+    letter_bytes = dead_letter(settings, Rejected(huge, "too_large", "over the limit")).value
+    assert len(letter_bytes) < MAX_REQUEST_BYTES
+    letter = items_pb2.DeadLetter.FromString(letter_bytes)
+    assert len(letter.payload) == settings.dead_letter_max_bytes
+    assert f"payload truncated: {9 * 1024 * 1024} bytes" in letter.detail
+    small = dead_letter(settings, Rejected(record(0, 8, b"tiny"), "r", "d")).value
+    assert items_pb2.DeadLetter.FromString(small).payload == b"tiny", "small payloads untouched"
+
+
+def test_a_broker_that_does_not_acknowledge_is_a_transient_error() -> None:
+    producer = FakeProducer(fail_with=KafkaTimeoutError("no ack"))
+    with pytest.raises(TransientError, match="did not acknowledge"):
+        publish(producer, [Outgoing("t", b"k", b"v")])
