@@ -103,7 +103,8 @@ class FakeProducer:
     sent: list[tuple[str, bytes]] = field(default_factory=list)
     fail_with: Exception | None = None
 
-    def send(self, topic: str, key: bytes, value: bytes) -> FakeFuture:
+    def send(self, topic: str, key: bytes, value: bytes,
+             headers: list[tuple[str, bytes]] | None = None) -> FakeFuture:
         if self.fail_with is None:
             self.sent.append((topic, value))
         return FakeFuture(self.fail_with)

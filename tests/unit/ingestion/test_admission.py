@@ -34,7 +34,8 @@ class FakeProducer:
     sent: list[bytes] = field(default_factory=list)
     down: bool = False
 
-    def send(self, topic: str, key: bytes, value: bytes) -> FakeFuture:
+    def send(self, topic: str, key: bytes, value: bytes,
+             headers: list[tuple[str, bytes]] | None = None) -> FakeFuture:
         if self.down:
             return FakeFuture(KafkaTimeoutError("no ack"))
         self.sent.append(value)

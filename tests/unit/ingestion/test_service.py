@@ -40,7 +40,8 @@ class RecordingProducer:
 
     sent: list[tuple[str, bytes, bytes]] = field(default_factory=list)
 
-    def send(self, topic: str, key: bytes, value: bytes) -> _Sent:
+    def send(self, topic: str, key: bytes, value: bytes,
+             headers: list[tuple[str, bytes]] | None = None) -> _Sent:
         self.sent.append((topic, key, value))
         return _Sent()
 
