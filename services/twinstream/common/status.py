@@ -2,8 +2,9 @@
 (``common/runtime.py``), so handlers raise and never pick status codes themselves.
 
 Client errors carry their code on the class; outages of Milvus or Triton are recognised from
-the client libraries' own exceptions (and from any error with ``retry_after_s``, the transient
-error of the stream loops) and answered UNAVAILABLE, so a client knows to retry.
+the client libraries' own exceptions (and from ``TransientError``, which the client boundaries
+raise) and answered UNAVAILABLE, so a client knows to retry; a ``PermanentError`` is the
+caller's input and answered INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 import grpc
+
+from twinstream.common.errors import PermanentError, TransientError
 
 
 class ServiceError(Exception):
@@ -53,8 +56,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return exc.code, str(exc)
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc) or "the deadline expired"
-    if getattr(exc, "retry_after_s", None) is not None:
+    if isinstance(exc, TransientError):
         return grpc.StatusCode.UNAVAILABLE, f"a backend is unavailable: {exc}"
+    if isinstance(exc, PermanentError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call) and exc.code() in _OUTAGE_CODES:
         return grpc.StatusCode.UNAVAILABLE, f"a backend is unavailable: {exc.details()}"
     return _library_status(exc)

@@ -12,15 +12,10 @@ from prometheus_client import REGISTRY
 from pymilvus.client.types import Status
 from pymilvus.exceptions import MilvusException
 
+from twinstream.common.errors import PermanentError, TransientError
 from twinstream.common.runtime import _MetricsInterceptor
 from twinstream.common.status import InvalidArgument, NotFound, ResourceExhausted
 from twinstream.v1 import items_pb2
-
-
-class TransientLike(Exception):
-    """What the stream loops raise for an outage: it carries ``retry_after_s``."""
-
-    retry_after_s = 1.0
 
 
 def _triton_down() -> Exception:
@@ -37,14 +32,16 @@ RAISES: dict[str, Callable[[], BaseException]] = {
     "Timeout": lambda: TimeoutError("deadline"),
     "MilvusDown": lambda: MilvusException(code=Status.CONNECT_FAILED, message="Fail connecting"),
     "TritonDown": _triton_down,
-    "Transient": lambda: TransientLike("broker unavailable"),
+    "Transient": lambda: TransientError("broker unavailable"),  # no retry-after: still UNAVAILABLE
+    "Permanent": lambda: PermanentError("id_conflict", "other content under this id"),
     "Bug": lambda: KeyError("a bug"),
 }
 EXPECTED = {
     "Invalid": grpc.StatusCode.INVALID_ARGUMENT, "Missing": grpc.StatusCode.NOT_FOUND,
     "Exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED, "Timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
     "MilvusDown": grpc.StatusCode.UNAVAILABLE, "TritonDown": grpc.StatusCode.UNAVAILABLE,
-    "Transient": grpc.StatusCode.UNAVAILABLE, "Bug": grpc.StatusCode.UNKNOWN,
+    "Transient": grpc.StatusCode.UNAVAILABLE, "Permanent": grpc.StatusCode.INVALID_ARGUMENT,
+    "Bug": grpc.StatusCode.UNKNOWN,
 }
 
 
