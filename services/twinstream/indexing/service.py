@@ -28,7 +28,8 @@ from twinstream.common.vectorstore import (
     row_key,
     scope_filter,
 )
-from twinstream.indexing.decide import Candidate, decide
+from twinstream.indexing.calibration_store import CalibrationStore
+from twinstream.indexing.decide import Candidate, decide, linked_clusters, observation
 from twinstream.v1 import decisions_pb2, items_pb2
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Indexer:
         self.settings = settings
         self.store = store
         self.bundles = {(b.name, b.version): b for b in bundles}
+        self.calibrations = CalibrationStore(store)
         self._rows_since_flush: dict[str, int] = {}
 
     def __call__(self, records: Sequence[ConsumerRecord]) -> BatchResult:
@@ -128,7 +130,11 @@ class Indexer:
         todo.sort(key=lambda t: t[1].accepted.ingest_time_ms)
         vectors = np.array([list(t[1].vector) for t in todo], dtype=np.float32)
         k = self.settings.neighbours
-        hits = self.store.search(group.collection, vectors, limit=k, expr=group.scope)
+        hits = self.store.search(group.collection, vectors, limit=k, expr=group.scope,
+                                 fields=("item_id", "cluster_id", "content_hash", "ingest_ms", "decision"))
+        calibration_key = self.calibrations.key(group.collection, group.tenant, todo[0][1].accepted.item.collection)
+        state = self.calibrations.load(calibration_key)
+        observed = state.items
         hashes = sorted({t[1].accepted.content_hash for t in todo})
         exact_rows = self.store.query(
             group.collection,
@@ -144,7 +150,8 @@ class Indexer:
             candidates = [
                 Candidate(h.fields["item_id"], h.score, h.fields["cluster_id"],
                           int(h.fields["ingest_ms"]),
-                          exact=h.fields["content_hash"] == item.accepted.content_hash)
+                          exact=h.fields["content_hash"] == item.accepted.content_hash,
+                          refused=_refused(h.fields["decision"]))
                 for h in hits[position] if h.pk != pk
             ]
             candidates += [
@@ -159,9 +166,10 @@ class Indexer:
                     earlier.item_id, float(similarity[position, earlier_position]),
                     earlier.cluster_id, earlier_item.accepted.ingest_time_ms,
                     exact=earlier.content_hash == item.accepted.content_hash, in_flight=True,
+                    refused=earlier.kind == decisions_pb2.OUT_OF_DISTRIBUTION,
                 ))
-            decision = decide(item, candidates, group.bundle, k, now_ms)
-            linked = _linked_clusters(decision, candidates)
+            decision = decide(item, candidates, group.bundle, k, now_ms, state.calibration)
+            linked = linked_clusters(decision, candidates)
             if len(linked) > 1:
                 winner = self._oldest_cluster(group, linked, batch_decisions, todo)
                 losers = sorted(linked - {winner})
@@ -173,6 +181,9 @@ class Indexer:
                         earlier.cluster_id = winner
             batch_decisions.append(decision)
             out.append((index, decision, True))
+            observed_item = observation(decision, candidates)
+            if observed_item is not None:
+                state.observe(observed_item)
         # Merge before the new rows are written: a crash in between re-decides the new items
         # against already-merged clusters, so the merge is never lost nor half-applied.
         for losers, winner in merges:
@@ -180,6 +191,10 @@ class Indexer:
         for (_, item, pk), decision in zip(todo, batch_decisions, strict=True):
             rows.append(_row(pk, item, decision))
         self.store.upsert(group.collection, rows)
+        # After the rows: a crash in between re-delivers the batch, whose items then get their
+        # stored decisions and are not observed twice (a few observations may be lost, never doubled).
+        if state.items != observed:
+            self.calibrations.save(calibration_key, state)
         self._maybe_flush(group.collection, len(rows))
         return out
 
@@ -210,13 +225,9 @@ class Indexer:
         self._rows_since_flush[collection] = count
 
 
-def _linked_clusters(decision: decisions_pb2.Decision, candidates: Sequence[Candidate]) -> set[str]:
-    """Every cluster a duplicate belongs with: the one it joined and any other it links (at the
-    duplicate threshold the decision used)."""
-    if decision.kind not in (decisions_pb2.NEAR_DUPLICATE, decisions_pb2.EXACT_DUPLICATE):
-        return set()
-    return {decision.cluster_id} | {c.cluster_id for c in candidates
-                                    if c.exact or c.score >= decision.thresholds.duplicate}
+def _refused(stored: str) -> bool:
+    """Whether a stored row was decided OUT_OF_DISTRIBUTION (its links never count)."""
+    return decode_decision(stored).kind == decisions_pb2.OUT_OF_DISTRIBUTION
 
 
 def _invalid(item: items_pb2.EmbeddedItem) -> str:
