@@ -20,7 +20,15 @@ from bench.metrics import Link
 from twinstream.common.bundle import ModelBundle
 from twinstream.common.encoding import ItemEncoder, make_encoder
 from twinstream.indexing.calibration import CollectionState
-from twinstream.indexing.decide import DUPLICATE_KINDS, Candidate, decide, linked_clusters, observation
+from twinstream.indexing.decide import (
+    DUPLICATE_KINDS,
+    Candidate,
+    compare_fields,
+    decide,
+    linked_clusters,
+    observation,
+    record_fields,
+)
 from twinstream.ingestion.validation import Limits, validate
 from twinstream.v1 import decisions_pb2, items_pb2
 
@@ -181,14 +189,19 @@ def replay(bundle: ModelBundle, stream: Stream, embedded: Embedded, neighbours: 
     refused: list[bool] = []
     state = CollectionState()
     decisions = []
+    records = [record_fields(stream.item(i)) for i in range(len(stream))]
     for i in range(len(stream)):
         candidates = [Candidate(stream.ids[j], float(s), clusters[j], j,
-                                exact=embedded.hashes[j] == embedded.hashes[i], refused=refused[j])
+                                exact=embedded.hashes[j] == embedded.hashes[i], refused=refused[j],
+                                fields=records[j])
                       for j, s in zip(index[i], score[i], strict=True) if j >= 0]
         same = first_with_hash.get(embedded.hashes[i])
         if same is not None and all(c.item_id != stream.ids[same] for c in candidates):
             candidates.append(Candidate(stream.ids[same], 1.0, clusters[same], same, exact=True,
                                         refused=refused[same]))
+        if calibrated and records[i] is not None:
+            candidates = compare_fields(records[i], candidates, state.field_names(records[i]),
+                                        state.calibration.fields)
         accepted = items_pb2.AcceptedItem(item=stream.item(i), content_hash=embedded.hashes[i],
                                           ingest_time_ms=i)
         item = items_pb2.EmbeddedItem(accepted=accepted, model=model, ood_score=float(embedded.ood[i]))

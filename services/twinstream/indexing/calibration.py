@@ -13,6 +13,13 @@ So every tenant/collection keeps, online, what its own items look like to the en
   is ``#decoys >= t / #targets >= t``; the duplicate threshold is the lowest ``t`` where that
   stays within ``1 - TARGET_PRECISION``, the match threshold the lowest within ``MATCH_FDR``.
 
+* **Record fields** (Fellegi-Sunter): each candidate pair of records is compared field by field
+  (Jaro-Winkler over normalised values: agree / similar / missing / disagree); an EM fit of
+  the two-class conditional-independence model over the collection's own pair patterns gives
+  P(duplicate | pattern). Where it is fitted, it decides records instead of the cosine
+  threshold (the cosine still finds the candidates). Patterns are kept as counts, so the state
+  stays small however long the stream.
+
 Refitted when the observed item count doubles (then every ``REFIT_EVERY``), over the last
 ``WINDOW`` observations; every fit is a new ``version`` that each decision names, so a decision
 can always be traced to the calibration that made it. Pure: no IO (see ``CalibrationStore``).
@@ -22,9 +29,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
+import jellyfish
 import numpy as np
 
 WARMUP_ITEMS = 50
@@ -35,6 +44,27 @@ MATCH_FDR = 0.5
 OOD_QUANTILE = 0.01  # reference items below the floor: in-distribution items refused, at most
 OOD_MARGIN = 0.5  # the floor sits this share of the (median - quantile) spread below the quantile
 MIN_TARGETS = 3  # a threshold needs at least this many targets above it
+MAX_FIELDS = 16
+AGREE, SIMILAR, MISSING, DISAGREE = "0", "1", "2", "3"  # a field comparison's level
+LEVELS = 4
+EM_ITERATIONS = 200
+MIN_PATTERNS = 200  # candidate pairs seen before a field model is fitted
+
+
+@dataclass(frozen=True)
+class FieldModel:
+    """Fellegi-Sunter: per field, P(level | duplicate) and P(level | not), and the prior."""
+
+    fields: tuple[str, ...]
+    m: tuple[tuple[float, ...], ...]
+    u: tuple[tuple[float, ...], ...]
+    prior: float
+
+    def probability(self, pattern: str) -> float:
+        """P(duplicate | the pair's comparison pattern)."""
+        log_m = math.log(self.prior) + sum(math.log(self.m[k][int(c)]) for k, c in enumerate(pattern))
+        log_u = math.log(1 - self.prior) + sum(math.log(self.u[k][int(c)]) for k, c in enumerate(pattern))
+        return 1.0 / (1.0 + math.exp(min(700.0, log_u - log_m)))
 
 
 @dataclass(frozen=True)
@@ -46,6 +76,7 @@ class Calibration:
     match: float = math.inf
     ood_floor: float = -math.inf  # -inf: nothing refused (warm-up)
     fitted_on: int = 0
+    fields: FieldModel | None = None
 
     @property
     def warm(self) -> bool:
@@ -59,6 +90,7 @@ class Observation:
 
     best: float
     decoy: float
+    patterns: tuple[str, ...] = ()  # field comparisons of a record with its candidates
 
 
 @dataclass
@@ -69,6 +101,14 @@ class CollectionState:
     best: list[float] = field(default_factory=list)
     decoy: list[float] = field(default_factory=list)
     calibration: Calibration = field(default_factory=Calibration)
+    fields: list[str] = field(default_factory=list)  # compared fields, from the first record
+    patterns: dict[str, int] = field(default_factory=dict)  # comparison pattern -> pairs seen
+
+    def field_names(self, record: Mapping[str, object]) -> list[str]:
+        """The fields this collection's records are compared on (set by its first record)."""
+        if not self.fields:
+            self.fields = sorted(str(k) for k in record)[:MAX_FIELDS]
+        return self.fields
 
     def observe(self, observation: Observation) -> bool:
         """Add one item; refit when due. Returns whether the calibration changed."""
@@ -76,9 +116,13 @@ class CollectionState:
         # rounded as stored, so a state read back after a restart fits exactly as one kept in memory
         self.best = [*self.best[-(WINDOW - 1):], round(observation.best, 4)]
         self.decoy = [*self.decoy[-(WINDOW - 1):], round(observation.decoy, 4)]
+        for pattern in observation.patterns:
+            self.patterns[pattern] = self.patterns.get(pattern, 0) + 1
         if self.items < next_fit(self.calibration):
             return False
         self.calibration = fit(self.best, self.decoy, self.items, self.calibration)
+        if sum(self.patterns.values()) >= MIN_PATTERNS:
+            self.calibration = replace(self.calibration, fields=fit_fields(self.patterns, self.fields))
         return True
 
     def to_json(self) -> str:
@@ -86,9 +130,12 @@ class CollectionState:
         def clean(value: float) -> float | str | None:
             return None if math.isnan(value) else (str(value) if math.isinf(value) else value)
 
+        calibration = {k: clean(v) for k, v in asdict(self.calibration).items() if k != "fields"}
+        model = self.calibration.fields
         return json.dumps({"items": self.items, "best": [clean(v) for v in self.best],
-                           "decoy": [clean(v) for v in self.decoy],
-                           "calibration": {k: clean(v) for k, v in asdict(self.calibration).items()}},
+                           "decoy": [clean(v) for v in self.decoy], "calibration": calibration,
+                           "field_model": asdict(model) if model else None,
+                           "fields": self.fields, "patterns": self.patterns},
                           separators=(",", ":"))
 
     @classmethod
@@ -97,10 +144,14 @@ class CollectionState:
             return math.nan if value is None else float(value)
 
         raw = json.loads(text)
-        c = raw["calibration"]
+        c, f = raw["calibration"], raw.get("field_model")
+        model = FieldModel(tuple(f["fields"]), tuple(tuple(r) for r in f["m"]), tuple(tuple(r) for r in f["u"]),
+                           float(f["prior"])) if f else None
         return cls(int(raw["items"]), [num(v) for v in raw["best"]], [num(v) for v in raw["decoy"]],
                    Calibration(int(c["version"]), num(c["duplicate"]), num(c["match"]), num(c["ood_floor"]),
-                               int(c["fitted_on"])))
+                               int(c["fitted_on"]), model),
+                   [str(x) for x in raw.get("fields", [])],
+                   {str(k): int(v) for k, v in raw.get("patterns", {}).items()})
 
 
 def next_fit(calibration: Calibration) -> int:
@@ -141,4 +192,54 @@ def fit(best: Sequence[float], decoy: Sequence[float], items: int, previous: Cal
         return replace(previous, version=previous.version + 1, fitted_on=items)
     duplicate = fdr_threshold(targets, decoys, 1.0 - TARGET_PRECISION)
     match = min(duplicate, fdr_threshold(targets, decoys, MATCH_FDR))
-    return Calibration(previous.version + 1, duplicate, match, ood_floor(targets), items)
+    return Calibration(previous.version + 1, duplicate, match, ood_floor(targets), items, previous.fields)
+
+
+def normalise(value: object) -> str:
+    """Mostly-digit values (phones, dates, ids) as their digits; else lower-case words."""
+    text = str(value).strip().lower()
+    digits = re.sub(r"\D", "", text)
+    if digits and len(digits) >= 0.6 * len(re.sub(r"\s", "", text)):
+        return digits
+    return " ".join(re.sub(r"[^\w ]", " ", text).split())
+
+
+def compare_records(a: Mapping[str, object], b: Mapping[str, object], fields: Sequence[str]) -> str:
+    """The pair's comparison pattern: one level per field (Jaro-Winkler of normalised values)."""
+    levels = []
+    for name in fields:
+        x, y = a.get(name), b.get(name)
+        if x is None or y is None or str(x).strip() == "" or str(y).strip() == "":
+            levels.append(MISSING)
+            continue
+        similarity = jellyfish.jaro_winkler_similarity(normalise(x), normalise(y))
+        levels.append(AGREE if similarity >= 0.95 else SIMILAR if similarity >= 0.8 else DISAGREE)
+    return "".join(levels)
+
+
+def fit_fields(patterns: Mapping[str, int], fields: Sequence[str]) -> FieldModel | None:
+    """EM for the two-class Fellegi-Sunter model over pattern counts (no labels)."""
+    keys = [p for p in patterns if len(p) == len(fields)]
+    if not keys or not fields:
+        return None
+    x = np.array([[int(c) for c in p] for p in keys])
+    weight = np.array([patterns[p] for p in keys], dtype=np.float64)
+    k = np.arange(len(fields))
+    m = np.tile([0.85, 0.05, 0.05, 0.05], (len(fields), 1))  # duplicates mostly agree
+    u = np.tile([0.1, 0.2, 0.1, 0.6], (len(fields), 1))
+    prior = 0.1
+    for _ in range(EM_ITERATIONS):
+        log_m = math.log(prior) + np.log(m[k, x]).sum(axis=1)
+        log_u = math.log(1 - prior) + np.log(u[k, x]).sum(axis=1)
+        g = 1.0 / (1.0 + np.exp(np.clip(log_u - log_m, -700, 700)))
+        prior = float(np.clip((g * weight).sum() / weight.sum(), 1e-4, 1 - 1e-4))
+        for level in range(LEVELS):
+            at = (x == level)
+            m[:, level] = ((g * weight)[:, None] * at).sum(axis=0) + 1e-3
+            u[:, level] = (((1 - g) * weight)[:, None] * at).sum(axis=0) + 1e-3
+        m /= m.sum(axis=1, keepdims=True)
+        u /= u.sum(axis=1, keepdims=True)
+    if m[:, int(AGREE)].mean() < u[:, int(AGREE)].mean():  # the classes came out swapped
+        m, u, prior = u, m, 1 - prior
+    return FieldModel(tuple(fields), tuple(tuple(round(max(float(v), 1e-6), 6) for v in row) for row in m),
+                      tuple(tuple(round(max(float(v), 1e-6), 6) for v in row) for row in u), round(prior, 6))

@@ -3,12 +3,13 @@ collection's own calibration (``indexing.calibration``); and the cluster rule.""
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from twinstream.common.bundle import ModelBundle
-from twinstream.indexing.calibration import Calibration, Observation
+from twinstream.indexing.calibration import Calibration, FieldModel, Observation, compare_records
 from twinstream.v1 import decisions_pb2, items_pb2
 
 DUPLICATE_KINDS = (decisions_pb2.EXACT_DUPLICATE, decisions_pb2.NEAR_DUPLICATE)
@@ -25,6 +26,47 @@ class Candidate:
     exact: bool = False
     in_flight: bool = False
     refused: bool = False  # decided OUT_OF_DISTRIBUTION: never a duplicate's or a match's target
+    fields: Mapping[str, object] | None = field(default=None, compare=False)  # a record's fields
+    pattern: str = ""  # field comparison with the item being decided (records)
+    probability: float = math.nan  # P(duplicate) from the collection's field model; NaN: none
+
+    def links(self, thresholds: decisions_pb2.Thresholds) -> bool:
+        """Whether this candidate is a duplicate of the item: by the field model where it
+        scored the pair, else by the cosine threshold."""
+        if self.exact or self.refused:
+            return self.exact
+        if not math.isnan(self.probability):
+            return self.probability >= 0.5
+        return self.score >= thresholds.duplicate
+
+
+def record_fields(item: items_pb2.Item) -> dict[str, object] | None:
+    """A record item's fields (``None`` for other kinds, or content that is not a JSON object)."""
+    if item.modality != items_pb2.RECORD:
+        return None
+    try:
+        record = json.loads(item.content)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def compare_fields(record: Mapping[str, object] | None, candidates: Sequence[Candidate], fields: Sequence[str],
+                   model: FieldModel | None) -> list[Candidate]:
+    """The candidates with their field comparison and, where the collection has a field model
+    for these fields, its P(duplicate)."""
+    if record is None or not fields:
+        return list(candidates)
+    usable = model if model is not None and model.fields == tuple(fields) else None
+    out = []
+    for c in candidates:
+        if c.fields is None or c.exact or c.refused:
+            out.append(c)
+            continue
+        pattern = compare_records(record, c.fields, fields)
+        out.append(replace(c, pattern=pattern,
+                           probability=usable.probability(pattern) if usable else math.nan))
+    return out
 
 
 def decide(item: items_pb2.EmbeddedItem, candidates: Sequence[Candidate], bundle: ModelBundle,
@@ -61,13 +103,16 @@ def decide(item: items_pb2.EmbeddedItem, candidates: Sequence[Candidate], bundle
         modality=accepted.item.modality,
         cluster_id=accepted.item.item_id,
     )
+    scored = [c for c in ranked if not c.exact and not c.refused and not math.isnan(c.probability)]
     if calibration is not None:
         decision.calibration.CopyFrom(decisions_pb2.Calibration(
             version=calibration.version, fitted_on_items=calibration.fitted_on,
-            source="collection" if calibration.warm else "bundle prior (warm-up)"))
+            source="collection" if calibration.warm else "bundle prior (warm-up)",
+            record_fields=bool(scored)))
     for c in ranked[:max_neighbours]:
         decision.neighbours.add(item_id=c.item_id, score=c.score, cluster_id=c.cluster_id,
-                                in_flight=c.in_flight, exact=c.exact)
+                                in_flight=c.in_flight, exact=c.exact, comparison=c.pattern,
+                                duplicate_probability=0.0 if math.isnan(c.probability) else c.probability)
     exact = sorted((c for c in candidates if c.exact), key=lambda c: (c.ingest_time_ms, c.item_id))
     if exact:
         first = exact[0]
@@ -89,10 +134,23 @@ def decide(item: items_pb2.EmbeddedItem, candidates: Sequence[Candidate], bundle
     if refused:
         decision.kind = decisions_pb2.OUT_OF_DISTRIBUTION
         return decision
+    if scored:  # the collection's field model decides records
+        top = max(scored, key=lambda c: (c.probability, c.score))
+        if top.links(thresholds):
+            decision.kind = decisions_pb2.NEAR_DUPLICATE
+            decision.duplicate_of = top.item_id
+            decision.cluster_id = top.cluster_id
+            decision.score = top.score
+            decision.duplicate_probability = top.probability
+            return decision
+        decision.duplicate_probability = top.probability
     if best is None or best.score < thresholds.match:
         decision.kind = decisions_pb2.NOVEL
         return decision
     decision.duplicate_of = best.item_id
+    if scored:
+        decision.kind = decisions_pb2.MATCH
+        return decision
     if best.score >= thresholds.duplicate:
         decision.kind = decisions_pb2.NEAR_DUPLICATE
         decision.cluster_id = best.cluster_id
@@ -111,19 +169,21 @@ def observation(decision: decisions_pb2.Decision, candidates: Sequence[Candidate
     if not near:
         return Observation(math.nan, math.nan)
     decoys = [c.score for c in near[1:] if c.cluster_id != near[0].cluster_id]
-    return Observation(near[0].score, decoys[0] if decoys else math.nan)
+    return Observation(near[0].score, decoys[0] if decoys else math.nan,
+                       tuple(c.pattern for c in near if c.pattern))
 
 
 def linked_clusters(decision: decisions_pb2.Decision, candidates: Sequence[Candidate]) -> set[str]:
     """The clusters a duplicate joins and merges; sets ``decision.cluster_id`` to the one it joins.
 
-    A cluster takes the item only with support beyond one link: a link (at the decision's
-    duplicate threshold) to its canonical item (the one whose id the cluster bears), or links
-    to two of its members. So a chain A~B~C~... cannot pull a whole collection into one cluster
-    (single-link did). Exact copies join and merge only their copies' clusters. An item that links only to
-    unsupported clusters keeps its own cluster (its pairwise decision is unchanged). Items not
-    decided as duplicates (OOD, match, novel) never join or merge anything, and links to refused
-    (OOD) items do not count.
+    A cluster takes the item only with support beyond one link: a link to its canonical item
+    (the one whose id the cluster bears), or links to two of its members; a link is the field
+    model's P(duplicate) >= 0.5 where it scored the pair, else the cosine at the decision's
+    duplicate threshold. So a chain A~B~C~... cannot pull a whole collection into one cluster
+    (single-link did). Exact copies join and merge only their copies' clusters. An item that
+    links only to unsupported clusters keeps its own cluster (its pairwise decision stands).
+    Items not decided as duplicates (OOD, match, novel) never join or merge anything, and
+    links to refused (OOD) items do not count.
     """
     if decision.kind not in DUPLICATE_KINDS:
         return set()
@@ -132,7 +192,7 @@ def linked_clusters(decision: decisions_pb2.Decision, candidates: Sequence[Candi
         return {decision.cluster_id} | exact
     links: dict[str, list[Candidate]] = {}
     for c in candidates:
-        if not c.exact and not c.refused and c.score >= decision.thresholds.duplicate:
+        if not c.exact and c.links(decision.thresholds):
             links.setdefault(c.cluster_id, []).append(c)
     supported = {cluster for cluster, members in links.items()
                  if len(members) >= 2 or any(m.item_id == cluster for m in members)}

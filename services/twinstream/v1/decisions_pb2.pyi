@@ -64,6 +64,8 @@ class Neighbour(_message.Message):
     CLUSTER_ID_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     EXACT_FIELD_NUMBER: _builtins.int
+    COMPARISON_FIELD_NUMBER: _builtins.int
+    DUPLICATE_PROBABILITY_FIELD_NUMBER: _builtins.int
     item_id: _builtins.str
     score: _builtins.float
     """cosine similarity"""
@@ -72,6 +74,11 @@ class Neighbour(_message.Message):
     """found among the same batch, not yet in Milvus"""
     exact: _builtins.bool
     """same content hash"""
+    comparison: _builtins.str
+    """Records: the per-field comparison levels (0 agree, 1 similar, 2 missing, 3 disagree, one
+    character per compared field) and the collection's field model's P(duplicate) for the pair.
+    """
+    duplicate_probability: _builtins.float
     def __init__(
         self,
         *,
@@ -80,10 +87,12 @@ class Neighbour(_message.Message):
         cluster_id: _builtins.str = ...,
         in_flight: _builtins.bool = ...,
         exact: _builtins.bool = ...,
+        comparison: _builtins.str = ...,
+        duplicate_probability: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "exact", b"exact", "in_flight", b"in_flight", "item_id", b"item_id", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "comparison", b"comparison", "duplicate_probability", b"duplicate_probability", "exact", b"exact", "in_flight", b"in_flight", "item_id", b"item_id", "score", b"score"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -130,22 +139,26 @@ class Calibration(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     FITTED_ON_ITEMS_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    RECORD_FIELDS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """0: the bundle's prior, during the collection's warm-up"""
     fitted_on_items: _builtins.int
     """items the collection had seen when it was fitted"""
     source: _builtins.str
     """"collection" or "bundle prior (warm-up)" """
+    record_fields: _builtins.bool
+    """the collection's field model decided (records), not the cosine threshold"""
     def __init__(
         self,
         *,
         version: _builtins.int = ...,
         fitted_on_items: _builtins.int = ...,
         source: _builtins.str = ...,
+        record_fields: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fitted_on_items", b"fitted_on_items", "source", b"source", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fitted_on_items", b"fitted_on_items", "record_fields", b"record_fields", "source", b"source", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
