@@ -199,9 +199,9 @@ def replay(bundle: ModelBundle, stream: Stream, embedded: Embedded, neighbours: 
         if same is not None and all(c.item_id != stream.ids[same] for c in candidates):
             candidates.append(Candidate(stream.ids[same], 1.0, clusters[same], same, exact=True,
                                         refused=refused[same]))
-        if calibrated and records[i] is not None:
-            candidates = compare_fields(records[i], candidates, state.field_names(records[i]),
-                                        state.calibration.fields)
+        record = records[i]
+        if calibrated and record is not None:
+            candidates = compare_fields(record, candidates, state.field_names(record), state.calibration.fields)
         accepted = items_pb2.AcceptedItem(item=stream.item(i), content_hash=embedded.hashes[i],
                                           ingest_time_ms=i)
         item = items_pb2.EmbeddedItem(accepted=accepted, model=model, ood_score=float(embedded.ood[i]))

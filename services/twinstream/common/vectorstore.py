@@ -30,6 +30,9 @@ OUTPUT_FIELDS = ["pk", "item_id", "tenant", "collection", "content_hash", "clust
 # Deleted rows stay as tombstones (deleted_ms > 0) so a replayed message cannot bring them back;
 # every read path filters on this, and a reaper removes tombstones past the replay horizon.
 LIVE = "deleted_ms == 0"
+# What the indexer's per-collection calibration compares an item on, beside its vector (a
+# record's fields); nullable: collections made before it have no such field and do without.
+SIGNALS = "signals"
 _SAFE = re.compile(r"[^a-z0-9_]")
 
 
@@ -85,6 +88,7 @@ class VectorStore:
         self.index_type = index_type
         self._known: set[str] = set()
         self._live_cache: dict[str, tuple[str, float]] = {}
+        self._signals: dict[str, bool] = {}
         self._lock = threading.Lock()
 
     # -- names -----------------------------------------------------------------------------
@@ -125,6 +129,7 @@ class VectorStore:
         schema.add_field("metadata", DataType.JSON)
         schema.add_field("decision", DataType.VARCHAR, max_length=65535)
         schema.add_field("deleted_ms", DataType.INT64)
+        schema.add_field(SIGNALS, DataType.JSON, nullable=True)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
         index = self.client.prepare_index_params()
         params = {"M": 16, "efConstruction": 200} if self.index_type == "HNSW" else {}
@@ -165,14 +170,27 @@ class VectorStore:
             self._live_cache[model.name] = cached
         return cached[0] == self.collection_name(model)
 
+    def has_signals(self, collection: str) -> bool:
+        """Whether the collection stores ``SIGNALS`` (not one made before they existed)."""
+        if collection not in self._signals:
+            described = self.client.describe_collection(collection)
+            self._signals[collection] = SIGNALS in {f["name"] for f in described["fields"]}
+        return self._signals[collection]
+
+    def _whole_row(self, collection: str) -> list[str]:
+        """Every stored field, for read-modify-write (tombstones, relabels)."""
+        return [*OUTPUT_FIELDS, "vector", *([SIGNALS] if self.has_signals(collection) else [])]
+
     # -- writes ----------------------------------------------------------------------------
     def upsert(self, collection: str, rows: Sequence[dict[str, Any]]) -> None:
         if rows:
+            if not self.has_signals(collection):
+                rows = [{k: v for k, v in row.items() if k != SIGNALS} for row in rows]
             self.client.upsert(collection, list(rows))
 
     def tombstone(self, collection: str, pks: Sequence[str], now_ms: int) -> int:
         """Mark rows deleted (idempotent); returns how many live rows were marked."""
-        rows = [r for r in self.get(collection, pks, [*OUTPUT_FIELDS, "vector"]).values()
+        rows = [r for r in self.get(collection, pks, self._whole_row(collection)).values()
                 if not r["deleted_ms"]]
         for row in rows:
             row["deleted_ms"] = now_ms
@@ -185,8 +203,7 @@ class VectorStore:
         if not losers:
             return 0
         listed = ", ".join(quote(c) for c in losers)
-        rows = self.query(collection, f"{scope} and cluster_id in [{listed}]",
-                          [*OUTPUT_FIELDS, "vector"])
+        rows = self.query(collection, f"{scope} and cluster_id in [{listed}]", self._whole_row(collection))
         for row in rows:
             row["cluster_id"] = winner
         self.upsert(collection, rows)

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from kafka.consumer.fetcher import ConsumerRecord
@@ -21,6 +22,7 @@ from twinstream.common.config import Settings
 from twinstream.common.kafka import BatchResult, Outgoing, Rejected, parse_record
 from twinstream.common.metrics import BACKFILLED, DECISIONS, INGEST_TO_DECISION
 from twinstream.common.vectorstore import (
+    SIGNALS,
     VectorStore,
     decode_decision,
     encode_decision,
@@ -29,10 +31,18 @@ from twinstream.common.vectorstore import (
     scope_filter,
 )
 from twinstream.indexing.calibration_store import CalibrationStore
-from twinstream.indexing.decide import Candidate, decide, linked_clusters, observation
+from twinstream.indexing.decide import (
+    Candidate,
+    compare_fields,
+    decide,
+    linked_clusters,
+    observation,
+    record_fields,
+)
 from twinstream.v1 import decisions_pb2, items_pb2
 
 log = logging.getLogger(__name__)
+MAX_SIGNAL_BYTES = 16384  # records larger than this are decided by the cosine alone
 
 
 class UnknownModel(RuntimeError):
@@ -130,8 +140,9 @@ class Indexer:
         todo.sort(key=lambda t: t[1].accepted.ingest_time_ms)
         vectors = np.array([list(t[1].vector) for t in todo], dtype=np.float32)
         k = self.settings.neighbours
+        signals = [SIGNALS] if self.store.has_signals(group.collection) else []
         hits = self.store.search(group.collection, vectors, limit=k, expr=group.scope,
-                                 fields=("item_id", "cluster_id", "content_hash", "ingest_ms", "decision"))
+                                 fields=("item_id", "cluster_id", "content_hash", "ingest_ms", "decision", *signals))
         calibration_key = self.calibrations.key(group.collection, group.tenant, todo[0][1].accepted.item.collection)
         state = self.calibrations.load(calibration_key)
         observed = state.items
@@ -151,7 +162,7 @@ class Indexer:
                 Candidate(h.fields["item_id"], h.score, h.fields["cluster_id"],
                           int(h.fields["ingest_ms"]),
                           exact=h.fields["content_hash"] == item.accepted.content_hash,
-                          refused=_refused(h.fields["decision"]))
+                          refused=_refused(h.fields["decision"]), fields=_stored_fields(h.fields))
                 for h in hits[position] if h.pk != pk
             ]
             candidates += [
@@ -167,7 +178,12 @@ class Indexer:
                     earlier.cluster_id, earlier_item.accepted.ingest_time_ms,
                     exact=earlier.content_hash == item.accepted.content_hash, in_flight=True,
                     refused=earlier.kind == decisions_pb2.OUT_OF_DISTRIBUTION,
+                    fields=record_fields(earlier_item.accepted.item),
                 ))
+            record = record_fields(item.accepted.item)
+            if record is not None:
+                candidates = compare_fields(record, candidates, state.field_names(record),
+                                            state.calibration.fields)
             decision = decide(item, candidates, group.bundle, k, now_ms, state.calibration)
             linked = linked_clusters(decision, candidates)
             if len(linked) > 1:
@@ -225,6 +241,13 @@ class Indexer:
         self._rows_since_flush[collection] = count
 
 
+def _stored_fields(row: dict[str, Any]) -> dict[str, object] | None:
+    """A stored record's fields (``None``: not a record, or stored before signals existed)."""
+    signals = row.get(SIGNALS) or {}
+    fields = signals.get("fields") if isinstance(signals, dict) else None
+    return fields if isinstance(fields, dict) else None
+
+
 def _refused(stored: str) -> bool:
     """Whether a stored row was decided OUT_OF_DISTRIBUTION (its links never count)."""
     return decode_decision(stored).kind == decisions_pb2.OUT_OF_DISTRIBUTION
@@ -254,8 +277,17 @@ def _row(pk: str, item: items_pb2.EmbeddedItem, decision: decisions_pb2.Decision
         "metadata": dict(it.metadata),
         "decision": encode_decision(decision),
         "deleted_ms": 0,
+        SIGNALS: _signals(it),
         "vector": list(item.vector),
     }
+
+
+def _signals(item: items_pb2.Item) -> dict[str, object] | None:
+    """What later items are compared with beside the vector: a record's fields (small ones)."""
+    record = record_fields(item)
+    if record is None or len(item.content) > MAX_SIGNAL_BYTES:
+        return None
+    return {"fields": record}
 
 
 def _observe(decisions: Sequence[decisions_pb2.Decision]) -> None:
