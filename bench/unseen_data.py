@@ -12,7 +12,8 @@ original), plus where it came from.
   generator (its own field schemas, value pools and noise: typos, OCR errors, homoglyphs, date
   swaps, abbreviations, dropped fields), one entity type each, with its ground-truth master ids.
   Its surrogate keys (``*_id`` columns) are dropped: they are copied unchanged into most
-  duplicates, and a user's dirty data has no such key;
+  duplicates, and a user's dirty data has no such key. Its few ``CANARY`` records (a watermark)
+  stay in as singletons;
 * text: prose paragraphs of the installed distributions' package descriptions (their READMEs,
   read from the installed metadata), with copies by the bench's text edits;
 * images: the Twemoji icons shipped with ``augly``, on white, with copies by the bench's augly
@@ -26,6 +27,7 @@ and bench) are not used here. Neither are the datasets of ``py-entitymatching`` 
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import io
 import json
@@ -59,23 +61,27 @@ def _version(distribution: str) -> str:
     return f"{distribution}=={importlib.metadata.version(distribution)}"
 
 
-def arrival_order(rows: Sequence[tuple[str, str, bytes]], limit: int, seed: int,
-                  modality: items_pb2.Modality.ValueType) -> Stream:
+Content = bytes | Callable[[], bytes]  # made only when the item is kept (images cost)
+Row = tuple[str, str, Content]
+
+
+def arrival_order(rows: Sequence[Row], limit: int, seed: int, modality: items_pb2.Modality.ValueType) -> Stream:
     """(id, entity, content) rows as a stream: whole entities, in a random order, until about
     ``limit`` items; then the items shuffled into their arrival order."""
-    by_entity: dict[str, list[tuple[str, str, bytes]]] = {}
+    by_entity: dict[str, list[Row]] = {}
     for row in rows:
         by_entity.setdefault(row[1], []).append(row)
     rng = random.Random(seed)
     entities = sorted(by_entity)
     rng.shuffle(entities)
-    kept: list[tuple[str, str, bytes]] = []
+    kept: list[Row] = []
     for entity in entities:
         if len(kept) >= limit:
             break
         kept += by_entity[entity]
     rng.shuffle(kept)
-    return Stream([safe_id(r[0]) for r in kept], [r[1] for r in kept], [r[2] for r in kept], modality)
+    contents = [r[2] if isinstance(r[2], bytes) else r[2]() for r in kept]
+    return Stream([safe_id(r[0]) for r in kept], [r[1] for r in kept], contents, modality)
 
 
 def _record(fields: dict[str, object]) -> bytes:
@@ -125,6 +131,7 @@ SYNTHETIC = (
     Synthetic("products", "ecommerce", "product", "products"),
 )
 _DROPPED = {"record_id", "master_id", "domain", "entity_type"}
+GENERATED = 400
 
 
 def synthetic(spec: Synthetic, limit: int, seed: int) -> UnseenSet:
@@ -133,8 +140,9 @@ def synthetic(spec: Synthetic, limit: int, seed: int) -> UnseenSet:
     from dupehell import generate
 
     with tempfile.TemporaryDirectory() as out:
-        # ``size`` counts base records; duplicates come on top, and whole entities are cut to ``limit``.
-        result = generate(domain=spec.domain, size=max(10, limit), seed=seed,
+        # ``size`` is about the records made: never under GENERATED, so that a smaller ``limit`` cuts
+        # the same data (its first entities), not a different draw.
+        result = generate(domain=spec.domain, size=max(GENERATED, limit), seed=seed,
                           difficulty="medium", output_dir=out, only_entity=spec.entity_type)
         frame = pd.read_parquet(result.dataset)
     columns = [c for c in frame.columns if c not in _DROPPED and not c.endswith("_id")]
@@ -181,23 +189,26 @@ def readme_text(limit: int, seed: int) -> UnseenSet:
 
     found = description_paragraphs()
     paragraphs = distinct_paragraphs(found)
-    rng = random.Random(seed)
-    rows = _with_copies(paragraphs, "t", rng, lambda p: p.encode(), lambda p, r: edit_text(p, r).encode())
+    rows = _with_copies(paragraphs, "t", seed, lambda p: p.encode(), lambda p, r: edit_text(p, r).encode())
     source = (f"prose paragraphs of the package descriptions of {len({d for d, _ in found})} installed "
               f"distributions ({len(paragraphs)} distinct); copies by the bench's text edits (typos, "
               "truncation, sentence reordering, boilerplate, re-wrapping/HTML/lower-casing)")
     return UnseenSet("readmes", "text", arrival_order(rows, limit, seed, items_pb2.TEXT), source)
 
 
-def _with_copies(originals: Sequence[str], prefix: str, rng: random.Random, render: Callable[[str], bytes],
-                 copy: Callable[[str, random.Random], bytes]) -> list[tuple[str, str, bytes]]:
+def _with_copies(originals: Sequence[str], prefix: str, seed: int, render: Callable[[str], bytes],
+                 copy: Callable[[str, random.Random], bytes]) -> list[Row]:
+    """Each original and 0-3 copies of it (half have none), made lazily; each entity's random
+    draws depend on the seed and the entity only, so that any cut of the set sees the same items."""
     from bench.datasets import _copies
 
-    rows = []
+    rows: list[Row] = []
     for number, original in enumerate(originals):
         entity = f"{prefix}{number}"
-        rows.append((f"{entity}-o", entity, render(original)))
-        rows += [(f"{entity}-c{k}", entity, copy(original, rng)) for k in range(_copies(rng))]
+        rng = random.Random(f"{seed}:{entity}")
+        rows.append((f"{entity}-o", entity, functools.partial(render, original)))
+        rows += [(f"{entity}-c{k}", entity, functools.partial(copy, original, random.Random(f"{seed}:{entity}:{k}")))
+                 for k in range(_copies(rng))]
     return rows
 
 
@@ -228,10 +239,7 @@ def icons(limit: int, seed: int) -> UnseenSet:
     from bench.datasets import copy_image
 
     paths = [str(p) for p in twemoji_paths()]
-    rng = random.Random(seed)
-    rng.shuffle(paths)
-    paths = paths[:limit]  # decoding is the cost: never more originals than items wanted
-    rows = _with_copies(paths, "i", rng, lambda p: _encode(_icon(p), "PNG"),
+    rows = _with_copies(paths, "i", seed, lambda p: _encode(_icon(p), "PNG"),
                         lambda p, r: _encode(copy_image(_icon(p), r), "JPEG"))
     source = (f"{len(twemoji_paths())} Twemoji icons shipped in {_version('augly')}, on white at 160 px; "
               "copies by the bench's 1-3 augly transformations")
