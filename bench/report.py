@@ -54,6 +54,17 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+CLUSTER_HEADER = "clusters: pair P / R, largest (entity)"
+
+
+def _cluster(row: dict[str, Any]) -> str:
+    """twinstream's final dedup clusters, scored by pairs; the largest next to the largest entity."""
+    c = row.get("cluster")
+    if not c:
+        return "-"
+    return f"{_num(c['precision'])} / {_num(c['recall'])}, {c['largest_cluster']} ({c['largest_entity']})"
+
+
 def _quality_md(quality: dict[str, Any]) -> list[str]:
     if not quality:
         return []
@@ -68,10 +79,11 @@ def _quality_md(quality: dict[str, Any]) -> list[str]:
         lines += [f"### {name}", "", f"{result['description']}. Test stream: {result['test_items']} items, "
                   f"{result['test_entities']} entities, {truth} with an earlier duplicate"
                   + (f"; validation stream: {result['val_items']} items." if result["val_items"] else "."), ""]
-        lines += _table(["method", "decision", "threshold", "precision", "recall", "F1", "µAP", "OOD refusals"],
+        lines += _table(["method", "decision", "threshold", "precision", "recall", "F1", "µAP", "OOD refusals",
+                         CLUSTER_HEADER],
                         [[r["method"], r["decision"], _num(r["threshold"]), _num(r["precision"]),
-                          _num(r["recall"]), _num(r["f1"]), _num(r["micro_ap"]), _num(r["refused_ood"])]
-                         for r in rows])
+                          _num(r["recall"]), _num(r["f1"]), _num(r["micro_ap"]), _num(r["refused_ood"]),
+                          _cluster(r)] for r in rows])
         lines += [f"- {n}" for n in result["notes"]] + ([""] if result["notes"] else [])
     return lines
 
@@ -92,7 +104,8 @@ def _unseen_md(unseen: dict[str, Any]) -> list[str]:
         ours = [r for r in result["rows"] if r["kind"] == "twinstream"]
         summary.append([name, result["domain"], str(result["test_items"]),
                         f"{best['method']}: {_num(best['f1'])}" if best else "-",
-                        "; ".join(f"{r['method']}: {_num(r['f1'])}" for r in ours) or "not measured"])
+                        "; ".join(f"{r['method']} ({r['decision']}): {_num(r['f1'])}" for r in ours)
+                        or "not measured"])
     lines += _table(["set", "domain", "items", "best baseline: F1", "twinstream: F1"], summary)
     for name, result in unseen.items():
         rows = result["rows"]
@@ -100,9 +113,9 @@ def _unseen_md(unseen: dict[str, Any]) -> list[str]:
         lines += [f"### unseen: {name} ({result['domain']})", "",
                   f"{result['description']}. Stream: {result['test_items']} items, {result['test_entities']} "
                   f"entities, {truth} with an earlier duplicate.", ""]
-        lines += _table(["method", "decision", "precision", "recall", "F1", "µAP", "OOD refusals"],
+        lines += _table(["method", "decision", "precision", "recall", "F1", "µAP", "OOD refusals", CLUSTER_HEADER],
                         [[r["method"], r["decision"], _num(r["precision"]), _num(r["recall"]), _num(r["f1"]),
-                          _num(r["micro_ap"]), _num(r["refused_ood"])] for r in rows])
+                          _num(r["micro_ap"]), _num(r["refused_ood"]), _cluster(r)] for r in rows])
         lines += [f"- {n}" for n in result["notes"]] + ([""] if result["notes"] else [])
     return lines
 

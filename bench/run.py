@@ -82,6 +82,7 @@ def resolve_bundles(args: argparse.Namespace, notes: list[str]) -> config.Bundle
 def _rows_json(result: quality.DatasetResult) -> dict[str, Any]:
     rows = [{"method": r.method, "kind": r.kind, "decision": r.decision, "threshold": r.threshold,
              **asdict(r.quality), "refused_ood": r.refused,
+             "cluster": asdict(r.cluster) if r.cluster is not None else None,
              "curve": {"recall": r.curve[0], "precision": r.curve[1]}} for r in result.rows]
     return {"description": result.description, "test_items": result.test_items, "test_entities":
             result.test_entities, "val_items": result.val_items, "rows": rows, "notes": result.notes,
