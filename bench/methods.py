@@ -25,9 +25,9 @@ from twinstream.indexing.decide import (
     Candidate,
     compare_fields,
     decide,
+    item_signals,
     linked_clusters,
     observation,
-    record_fields,
 )
 from twinstream.ingestion.validation import Limits, validate
 from twinstream.v1 import decisions_pb2, items_pb2
@@ -189,19 +189,19 @@ def replay(bundle: ModelBundle, stream: Stream, embedded: Embedded, neighbours: 
     refused: list[bool] = []
     state = CollectionState()
     decisions = []
-    records = [record_fields(stream.item(i)) for i in range(len(stream))]
+    signals = [item_signals(stream.item(i)) if calibrated else None for i in range(len(stream))]
     for i in range(len(stream)):
         candidates = [Candidate(stream.ids[j], float(s), clusters[j], j,
                                 exact=embedded.hashes[j] == embedded.hashes[i], refused=refused[j],
-                                fields=records[j])
+                                signals=signals[j])
                       for j, s in zip(index[i], score[i], strict=True) if j >= 0]
         same = first_with_hash.get(embedded.hashes[i])
         if same is not None and all(c.item_id != stream.ids[same] for c in candidates):
             candidates.append(Candidate(stream.ids[same], 1.0, clusters[same], same, exact=True,
                                         refused=refused[same]))
-        record = records[i]
-        if calibrated and record is not None:
-            candidates = compare_fields(record, candidates, state.field_names(record), state.calibration.fields)
+        own = signals[i]
+        if own is not None:
+            candidates = compare_fields(own, candidates, state.field_names(own), state.calibration.fields)
         accepted = items_pb2.AcceptedItem(item=stream.item(i), content_hash=embedded.hashes[i],
                                           ingest_time_ms=i)
         item = items_pb2.EmbeddedItem(accepted=accepted, model=model, ood_score=float(embedded.ood[i]))

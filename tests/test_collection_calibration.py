@@ -167,8 +167,9 @@ def test_the_field_model_overrules_a_close_cosine() -> None:
     item = embedded()
     item.accepted.item.modality = items_pb2.RECORD
     item.accepted.item.content = json.dumps(a).encode()
-    candidates = compare_fields(a, [Candidate("x", 0.97, "x", 10, fields=other),
-                                    Candidate("y", 0.90, "y", 11, fields=dict(a, postcode=""))], FIELDS, model)
+    near = [Candidate("x", 0.97, "x", 10, signals={"fields": other}),
+            Candidate("y", 0.90, "y", 11, signals={"fields": dict(a, postcode="")})]
+    candidates = compare_fields({"fields": a}, near, FIELDS, model)
     decision = decide(item, candidates, BUNDLE, 3, 5, fitted)
     assert decision.kind == decisions_pb2.NEAR_DUPLICATE and decision.duplicate_of == "y"
     assert decision.calibration.record_fields and decision.duplicate_probability > 0.5

@@ -13,12 +13,13 @@ So every tenant/collection keeps, online, what its own items look like to the en
   is ``#decoys >= t / #targets >= t``; the duplicate threshold is the lowest ``t`` where that
   stays within ``1 - TARGET_PRECISION``, the match threshold the lowest within ``MATCH_FDR``.
 
-* **Record fields** (Fellegi-Sunter): each candidate pair of records is compared field by field
-  (Jaro-Winkler over normalised values: agree / similar / missing / disagree); an EM fit of
-  the two-class conditional-independence model over the collection's own pair patterns gives
-  P(duplicate | pattern). Where it is fitted, it decides records instead of the cosine
-  threshold (the cosine still finds the candidates). Patterns are kept as counts, so the state
-  stays small however long the stream.
+* **Pair model** (Fellegi-Sunter): each candidate pair is compared signal by signal into a
+  pattern of levels: records field by field (Jaro-Winkler over normalised values: agree /
+  similar / missing / disagree), text by cosine, character-shingle Jaccard and containment
+  (from MinHash signatures). An EM fit of the two-class conditional-independence model over the
+  collection's own pair patterns gives P(duplicate | pattern); once fitted it decides instead of
+  the cosine threshold (the cosine still finds the candidates). Patterns are kept as counts, so
+  the state stays small however long the stream.
 
 Refitted when the observed item count doubles (then every ``REFIT_EVERY``), over the last
 ``WINDOW`` observations; every fit is a new ``version`` that each decision names, so a decision
@@ -27,6 +28,7 @@ can always be traced to the calibration that made it. Pure: no IO (see ``Calibra
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -49,6 +51,16 @@ AGREE, SIMILAR, MISSING, DISAGREE = "0", "1", "2", "3"  # a field comparison's l
 LEVELS = 4
 EM_ITERATIONS = 200
 MIN_PATTERNS = 200  # candidate pairs seen before a field model is fitted
+TEXT_SIGNALS = ("cosine", "jaccard", "containment")  # what texts are compared on
+COSINE_LEVELS = (0.9, 0.8, 0.7)  # level 0 at or above the first cut, 3 below the last
+JACCARD_LEVELS = (0.6, 0.4, 0.2)
+CONTAINMENT_LEVELS = (0.8, 0.5, 0.25)
+SHINGLE = 5
+PERMUTATIONS = 128
+_PRIME = (1 << 31) - 1
+_RNG = np.random.default_rng(20261129)  # fixed: signatures must compare across restarts
+_A = _RNG.integers(1, _PRIME, PERMUTATIONS, dtype=np.uint64)
+_B = _RNG.integers(0, _PRIME, PERMUTATIONS, dtype=np.uint64)
 
 
 @dataclass(frozen=True)
@@ -104,10 +116,13 @@ class CollectionState:
     fields: list[str] = field(default_factory=list)  # compared fields, from the first record
     patterns: dict[str, int] = field(default_factory=dict)  # comparison pattern -> pairs seen
 
-    def field_names(self, record: Mapping[str, object]) -> list[str]:
-        """The fields this collection's records are compared on (set by its first record)."""
+    def field_names(self, signals: Mapping[str, object]) -> list[str]:
+        """What this collection's pairs are compared on, set by its first item: a record's
+        fields (up to ``MAX_FIELDS``) or, for text, ``TEXT_SIGNALS``."""
         if not self.fields:
-            self.fields = sorted(str(k) for k in record)[:MAX_FIELDS]
+            record = signals.get("fields")
+            self.fields = (sorted(str(k) for k in record)[:MAX_FIELDS] if isinstance(record, dict)
+                           else list(TEXT_SIGNALS))
         return self.fields
 
     def observe(self, observation: Observation) -> bool:
@@ -202,6 +217,48 @@ def normalise(value: object) -> str:
     if digits and len(digits) >= 0.6 * len(re.sub(r"\s", "", text)):
         return digits
     return " ".join(re.sub(r"[^\w ]", " ", text).split())
+
+
+def _level(value: float, cuts: Sequence[float]) -> str:
+    return str(next((n for n, cut in enumerate(cuts) if value >= cut), len(cuts)))
+
+
+def shingles(text: str) -> set[str]:
+    """Character ``SHINGLE``-grams of the lower-cased, whitespace-collapsed text."""
+    norm = " ".join(text.lower().split())
+    return {norm[i:i + SHINGLE] for i in range(max(1, len(norm) - SHINGLE + 1))}
+
+
+def text_signals(text: str) -> dict[str, object]:
+    """A MinHash signature of the text's shingles and their count (for Jaccard and containment)."""
+    grams = shingles(text)
+    hashed = np.array([int.from_bytes(hashlib.blake2b(g.encode(), digest_size=4).digest(), "little") % _PRIME
+                       for g in grams], dtype=np.uint64)
+    signature = ((hashed[:, None] * _A[None, :] + _B[None, :]) % _PRIME).min(axis=0)
+    return {"minhash": [int(v) for v in signature], "shingles": len(grams)}
+
+
+def compare_texts(a: Mapping[str, object], b: Mapping[str, object], cosine: float) -> str:
+    """The pair's levels of cosine, estimated shingle Jaccard and containment."""
+    sig_a, sig_b = a.get("minhash"), b.get("minhash")
+    size_a, size_b = a.get("shingles"), b.get("shingles")
+    if not isinstance(sig_a, list) or not isinstance(sig_b, list) or len(sig_a) != len(sig_b) \
+            or not isinstance(size_a, int) or not isinstance(size_b, int) or not size_a or not size_b:
+        return _level(cosine, COSINE_LEVELS) + MISSING + MISSING
+    jaccard = float(np.mean(np.asarray(sig_a) == np.asarray(sig_b)))
+    shared = jaccard * (size_a + size_b) / (1 + jaccard)
+    containment = shared / min(size_a, size_b)
+    return _level(cosine, COSINE_LEVELS) + _level(jaccard, JACCARD_LEVELS) + _level(containment, CONTAINMENT_LEVELS)
+
+
+def compare(a: Mapping[str, object], b: Mapping[str, object], cosine: float, fields: Sequence[str]) -> str:
+    """The pair's comparison pattern: records field by field, text by its ``TEXT_SIGNALS``."""
+    if tuple(fields) == TEXT_SIGNALS:
+        return compare_texts(a, b, cosine)
+    record_a, record_b = a.get("fields"), b.get("fields")
+    if not isinstance(record_a, dict) or not isinstance(record_b, dict):
+        return MISSING * len(fields)
+    return compare_records(record_a, record_b, fields)
 
 
 def compare_records(a: Mapping[str, object], b: Mapping[str, object], fields: Sequence[str]) -> str:

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from twinstream.common.bundle import ModelBundle
-from twinstream.indexing.calibration import Calibration, FieldModel, Observation, compare_records
+from twinstream.indexing.calibration import Calibration, FieldModel, Observation, compare, text_signals
 from twinstream.v1 import decisions_pb2, items_pb2
 
 DUPLICATE_KINDS = (decisions_pb2.EXACT_DUPLICATE, decisions_pb2.NEAR_DUPLICATE)
@@ -26,9 +26,10 @@ class Candidate:
     exact: bool = False
     in_flight: bool = False
     refused: bool = False  # decided OUT_OF_DISTRIBUTION: never a duplicate's or a match's target
-    fields: Mapping[str, object] | None = field(default=None, compare=False)  # a record's fields
-    pattern: str = ""  # field comparison with the item being decided (records)
-    probability: float = math.nan  # P(duplicate) from the collection's field model; NaN: none
+    # what it is compared on beside the vector: a record's fields, a text's MinHash signature
+    signals: Mapping[str, object] | None = field(default=None, compare=False)
+    pattern: str = ""  # comparison levels with the item being decided
+    probability: float = math.nan  # P(duplicate) from the collection's pair model; NaN: none
 
     def links(self, thresholds: decisions_pb2.Thresholds) -> bool:
         """Whether this candidate is a duplicate of the item: by the field model where it
@@ -40,30 +41,33 @@ class Candidate:
         return self.score >= thresholds.duplicate
 
 
-def record_fields(item: items_pb2.Item) -> dict[str, object] | None:
-    """A record item's fields (``None`` for other kinds, or content that is not a JSON object)."""
+def item_signals(item: items_pb2.Item) -> dict[str, object] | None:
+    """What an item is compared on beside its vector: a record's fields, a text's MinHash
+    signature (``None`` for images, or a record that is not a JSON object)."""
+    if item.modality == items_pb2.TEXT:
+        return text_signals(item.content.decode("utf-8", errors="replace"))
     if item.modality != items_pb2.RECORD:
         return None
     try:
         record = json.loads(item.content)
     except ValueError:
         return None
-    return record if isinstance(record, dict) else None
+    return {"fields": record} if isinstance(record, dict) else None
 
 
-def compare_fields(record: Mapping[str, object] | None, candidates: Sequence[Candidate], fields: Sequence[str],
+def compare_fields(signals: Mapping[str, object] | None, candidates: Sequence[Candidate], fields: Sequence[str],
                    model: FieldModel | None) -> list[Candidate]:
-    """The candidates with their field comparison and, where the collection has a field model
-    for these fields, its P(duplicate)."""
-    if record is None or not fields:
+    """The candidates with their comparison pattern and, where the collection has a pair model
+    for these signals, its P(duplicate)."""
+    if signals is None or not fields:
         return list(candidates)
     usable = model if model is not None and model.fields == tuple(fields) else None
     out = []
     for c in candidates:
-        if c.fields is None or c.exact or c.refused:
+        if c.signals is None or c.exact or c.refused:
             out.append(c)
             continue
-        pattern = compare_records(record, c.fields, fields)
+        pattern = compare(signals, c.signals, c.score, fields)
         out.append(replace(c, pattern=pattern,
                            probability=usable.probability(pattern) if usable else math.nan))
     return out

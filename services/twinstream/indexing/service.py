@@ -35,9 +35,9 @@ from twinstream.indexing.decide import (
     Candidate,
     compare_fields,
     decide,
+    item_signals,
     linked_clusters,
     observation,
-    record_fields,
 )
 from twinstream.v1 import decisions_pb2, items_pb2
 
@@ -140,9 +140,10 @@ class Indexer:
         todo.sort(key=lambda t: t[1].accepted.ingest_time_ms)
         vectors = np.array([list(t[1].vector) for t in todo], dtype=np.float32)
         k = self.settings.neighbours
-        signals = [SIGNALS] if self.store.has_signals(group.collection) else []
-        hits = self.store.search(group.collection, vectors, limit=k, expr=group.scope,
-                                 fields=("item_id", "cluster_id", "content_hash", "ingest_ms", "decision", *signals))
+        stored_signals = [SIGNALS] if self.store.has_signals(group.collection) else []
+        hits = self.store.search(
+            group.collection, vectors, limit=k, expr=group.scope,
+            fields=("item_id", "cluster_id", "content_hash", "ingest_ms", "decision", *stored_signals))
         calibration_key = self.calibrations.key(group.collection, group.tenant, todo[0][1].accepted.item.collection)
         state = self.calibrations.load(calibration_key)
         observed = state.items
@@ -162,7 +163,7 @@ class Indexer:
                 Candidate(h.fields["item_id"], h.score, h.fields["cluster_id"],
                           int(h.fields["ingest_ms"]),
                           exact=h.fields["content_hash"] == item.accepted.content_hash,
-                          refused=_refused(h.fields["decision"]), fields=_stored_fields(h.fields))
+                          refused=_refused(h.fields["decision"]), signals=_stored_signals(h.fields))
                 for h in hits[position] if h.pk != pk
             ]
             candidates += [
@@ -178,11 +179,11 @@ class Indexer:
                     earlier.cluster_id, earlier_item.accepted.ingest_time_ms,
                     exact=earlier.content_hash == item.accepted.content_hash, in_flight=True,
                     refused=earlier.kind == decisions_pb2.OUT_OF_DISTRIBUTION,
-                    fields=record_fields(earlier_item.accepted.item),
+                    signals=item_signals(earlier_item.accepted.item),
                 ))
-            record = record_fields(item.accepted.item)
-            if record is not None:
-                candidates = compare_fields(record, candidates, state.field_names(record),
+            signals = item_signals(item.accepted.item)
+            if signals is not None:
+                candidates = compare_fields(signals, candidates, state.field_names(signals),
                                             state.calibration.fields)
             decision = decide(item, candidates, group.bundle, k, now_ms, state.calibration)
             linked = linked_clusters(decision, candidates)
@@ -241,11 +242,10 @@ class Indexer:
         self._rows_since_flush[collection] = count
 
 
-def _stored_fields(row: dict[str, Any]) -> dict[str, object] | None:
-    """A stored record's fields (``None``: not a record, or stored before signals existed)."""
-    signals = row.get(SIGNALS) or {}
-    fields = signals.get("fields") if isinstance(signals, dict) else None
-    return fields if isinstance(fields, dict) else None
+def _stored_signals(row: dict[str, Any]) -> dict[str, object] | None:
+    """A stored item's signals (``None``: an image, or stored before signals existed)."""
+    signals = row.get(SIGNALS)
+    return signals if isinstance(signals, dict) else None
 
 
 def _refused(stored: str) -> bool:
@@ -283,11 +283,10 @@ def _row(pk: str, item: items_pb2.EmbeddedItem, decision: decisions_pb2.Decision
 
 
 def _signals(item: items_pb2.Item) -> dict[str, object] | None:
-    """What later items are compared with beside the vector: a record's fields (small ones)."""
-    record = record_fields(item)
-    if record is None or len(item.content) > MAX_SIGNAL_BYTES:
+    """What later items are compared with beside the vector (records: only small ones)."""
+    if item.modality == items_pb2.RECORD and len(item.content) > MAX_SIGNAL_BYTES:
         return None
-    return {"fields": record}
+    return item_signals(item)
 
 
 def _observe(decisions: Sequence[decisions_pb2.Decision]) -> None:
