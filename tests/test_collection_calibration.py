@@ -21,9 +21,11 @@ from twinstream.indexing.calibration import (
     FieldModel,
     Observation,
     compare_records,
+    compare_texts,
     fdr_threshold,
     fit_fields,
     next_fit,
+    text_signals,
 )
 from twinstream.indexing.decide import Candidate, compare_fields, decide
 from twinstream.v1 import decisions_pb2, items_pb2
@@ -174,3 +176,18 @@ def test_the_field_model_overrules_a_close_cosine() -> None:
     assert decision.kind == decisions_pb2.NEAR_DUPLICATE and decision.duplicate_of == "y"
     assert decision.calibration.record_fields and decision.duplicate_probability > 0.5
     assert decision.neighbours[0].comparison == DISAGREE + AGREE + DISAGREE + DISAGREE
+
+
+# -- text: cosine, shingle Jaccard and containment -------------------------------------------------
+PARAGRAPH = ("Return a new array of given shape and type, filled with zeros. The array is laid out in "
+             "row-major order unless another order is asked for, and its values are not copied.")
+
+
+def test_a_texts_copy_agrees_on_shingles_and_another_text_does_not() -> None:
+    original = text_signals(PARAGRAPH)
+    copy = text_signals(PARAGRAPH.replace("zeros", "zeroes").upper()[:120])  # a typo, shouting, cut short
+    other = text_signals("Compute the discrete Fourier transform of a sequence along one axis, in place.")
+    assert original == text_signals(PARAGRAPH)  # deterministic: signatures compare across restarts
+    assert compare_texts(original, copy, 0.93)[2] == AGREE  # the copy is contained in the original
+    assert compare_texts(original, other, 0.55)[1:] == DISAGREE + DISAGREE
+    assert compare_texts(original, {}, 0.85) == SIMILAR + MISSING + MISSING  # stored before signals
