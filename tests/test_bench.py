@@ -41,6 +41,13 @@ def test_metrics_score_a_stream_like_the_demo() -> None:
     assert [link.duplicate for link in metrics.at_threshold(links, 0.5)] == [False, True, False, True, False]
 
 
+def test_clusters_are_scored_by_pairs() -> None:
+    # clusters {a1 a2 b1} {a3}: 3 pairs said, 1 right (a1 a2); entity a has 3 pairs
+    scored = metrics.cluster_quality(["x", "x", "x", "y"], ["a", "a", "b", "a"])
+    assert (scored.precision, scored.recall) == pytest.approx((1 / 3, 1 / 3))
+    assert (scored.largest_cluster, scored.largest_entity) == (3, 3)
+
+
 def test_quick_quality_and_queries_write_a_well_formed_report(tmp_path: Path, base_bundle: Path) -> None:
     out = tmp_path / "report"
     code = main(["--quick", "--skip", "pipeline", "--no-discover", "--base-bundle", str(base_bundle),
