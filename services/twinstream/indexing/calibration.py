@@ -252,11 +252,14 @@ def compare_texts(a: Mapping[str, object], b: Mapping[str, object], cosine: floa
 
 
 def compare(a: Mapping[str, object], b: Mapping[str, object], cosine: float, fields: Sequence[str]) -> str:
-    """The pair's comparison pattern: records field by field, text by its ``TEXT_SIGNALS``."""
+    """The pair's comparison pattern: records field by field, text by its ``TEXT_SIGNALS``;
+    "" when the item is not of the kind the collection compares (a text in a records collection)."""
     if tuple(fields) == TEXT_SIGNALS:
-        return compare_texts(a, b, cosine)
+        return compare_texts(a, b, cosine) if "minhash" in a else ""
     record_a, record_b = a.get("fields"), b.get("fields")
-    if not isinstance(record_a, dict) or not isinstance(record_b, dict):
+    if not isinstance(record_a, dict):
+        return ""
+    if not isinstance(record_b, dict):
         return MISSING * len(fields)
     return compare_records(record_a, record_b, fields)
 

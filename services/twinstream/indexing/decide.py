@@ -68,6 +68,9 @@ def compare_fields(signals: Mapping[str, object] | None, candidates: Sequence[Ca
             out.append(c)
             continue
         pattern = compare(signals, c.signals, c.score, fields)
+        if not pattern:  # not the kind of item this collection compares: the cosine decides
+            out.append(c)
+            continue
         out.append(replace(c, pattern=pattern,
                            probability=usable.probability(pattern) if usable else math.nan))
     return out

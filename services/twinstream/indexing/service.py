@@ -144,6 +144,7 @@ class Indexer:
         hits = self.store.search(
             group.collection, vectors, limit=k, expr=group.scope,
             fields=("item_id", "cluster_id", "content_hash", "ingest_ms", "decision", *stored_signals))
+        own_signals = [_signals(t[1].accepted.item) for t in todo]  # once per item, not per pair
         calibration_key = self.calibrations.key(group.collection, group.tenant, todo[0][1].accepted.item.collection)
         state = self.calibrations.load(calibration_key)
         observed = state.items
@@ -179,9 +180,9 @@ class Indexer:
                     earlier.cluster_id, earlier_item.accepted.ingest_time_ms,
                     exact=earlier.content_hash == item.accepted.content_hash, in_flight=True,
                     refused=earlier.kind == decisions_pb2.OUT_OF_DISTRIBUTION,
-                    signals=item_signals(earlier_item.accepted.item),
+                    signals=own_signals[earlier_position],
                 ))
-            signals = item_signals(item.accepted.item)
+            signals = own_signals[position]
             if signals is not None:
                 candidates = compare_fields(signals, candidates, state.field_names(signals),
                                             state.calibration.fields)
@@ -205,8 +206,8 @@ class Indexer:
         # against already-merged clusters, so the merge is never lost nor half-applied.
         for losers, winner in merges:
             self.store.relabel_clusters(group.collection, group.scope, losers, winner)
-        for (_, item, pk), decision in zip(todo, batch_decisions, strict=True):
-            rows.append(_row(pk, item, decision))
+        for (_, item, pk), decision, signals in zip(todo, batch_decisions, own_signals, strict=True):
+            rows.append(_row(pk, item, decision, signals))
         self.store.upsert(group.collection, rows)
         # After the rows: a crash in between re-delivers the batch, whose items then get their
         # stored decisions and are not observed twice (a few observations may be lost, never doubled).
@@ -263,7 +264,8 @@ def _invalid(item: items_pb2.EmbeddedItem) -> str:
     return ""
 
 
-def _row(pk: str, item: items_pb2.EmbeddedItem, decision: decisions_pb2.Decision) -> dict[str, object]:
+def _row(pk: str, item: items_pb2.EmbeddedItem, decision: decisions_pb2.Decision,
+         signals: dict[str, object] | None) -> dict[str, object]:
     it = item.accepted.item
     return {
         "pk": pk,
@@ -277,7 +279,7 @@ def _row(pk: str, item: items_pb2.EmbeddedItem, decision: decisions_pb2.Decision
         "metadata": dict(it.metadata),
         "decision": encode_decision(decision),
         "deleted_ms": 0,
-        SIGNALS: _signals(it),
+        SIGNALS: signals,
         "vector": list(item.vector),
     }
 
