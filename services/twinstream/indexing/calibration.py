@@ -51,7 +51,8 @@ AGREE, SIMILAR, MISSING, DISAGREE = "0", "1", "2", "3"  # a field comparison's l
 LEVELS = 4
 EM_ITERATIONS = 200
 MIN_PATTERNS = 200  # candidate pairs seen before a field model is fitted
-TEXT_SIGNALS = ("cosine", "jaccard", "containment")  # what texts are compared on
+COSINE = "cosine"  # records are compared on their fields and the learned cosine
+TEXT_SIGNALS = (COSINE, "jaccard", "containment")  # what texts are compared on
 COSINE_LEVELS = (0.9, 0.8, 0.7)  # level 0 at or above the first cut, 3 below the last
 JACCARD_LEVELS = (0.6, 0.4, 0.2)
 CONTAINMENT_LEVELS = (0.8, 0.5, 0.25)
@@ -121,7 +122,7 @@ class CollectionState:
         fields (up to ``MAX_FIELDS``) or, for text, ``TEXT_SIGNALS``."""
         if not self.fields:
             record = signals.get("fields")
-            self.fields = (sorted(str(k) for k in record)[:MAX_FIELDS] if isinstance(record, dict)
+            self.fields = ([*sorted(str(k) for k in record)[:MAX_FIELDS], COSINE] if isinstance(record, dict)
                            else list(TEXT_SIGNALS))
         return self.fields
 
@@ -259,9 +260,11 @@ def compare(a: Mapping[str, object], b: Mapping[str, object], cosine: float, fie
     record_a, record_b = a.get("fields"), b.get("fields")
     if not isinstance(record_a, dict):
         return ""
+    names = [name for name in fields if name != COSINE]
+    cosine_level = _level(cosine, COSINE_LEVELS) if COSINE in fields else ""
     if not isinstance(record_b, dict):
-        return MISSING * len(fields)
-    return compare_records(record_a, record_b, fields)
+        return MISSING * len(names) + cosine_level
+    return compare_records(record_a, record_b, names) + cosine_level
 
 
 def compare_records(a: Mapping[str, object], b: Mapping[str, object], fields: Sequence[str]) -> str:
