@@ -130,10 +130,10 @@ def test_one_link_to_a_member_alone_does_not_join_its_cluster() -> None:
     assert decision.cluster_id == "new" and linked == set()
 
 
-def test_links_to_two_members_join_and_merge_supported_clusters() -> None:
+def test_links_to_canonical_items_join_and_merge_their_clusters() -> None:
     decision, linked = clustered("new", [Candidate("b", 0.95, "a", 11), Candidate("c", 0.94, "a", 12),
                                          Candidate("x", 0.92, "x", 3), Candidate("y", 0.91, "w", 4)])
-    assert decision.cluster_id == "a" and linked == {"a", "x"}  # "w": one link to a member only
+    assert decision.cluster_id == "x" and linked == {"x"}  # "a" and "w": links to members only
 
 
 def test_an_ood_item_never_joins_a_cluster() -> None:

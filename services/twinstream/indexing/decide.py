@@ -183,12 +183,13 @@ def observation(decision: decisions_pb2.Decision, candidates: Sequence[Candidate
 def linked_clusters(decision: decisions_pb2.Decision, candidates: Sequence[Candidate]) -> set[str]:
     """The clusters a duplicate joins and merges; sets ``decision.cluster_id`` to the one it joins.
 
-    A cluster takes the item only with support beyond one link: a link to its canonical item
-    (the one whose id the cluster bears), or links to two of its members; a link is the field
-    model's P(duplicate) >= 0.5 where it scored the pair, else the cosine at the decision's
-    duplicate threshold. So a chain A~B~C~... cannot pull a whole collection into one cluster
-    (single-link did). Exact copies join and merge only their copies' clusters. An item that
-    links only to unsupported clusters keeps its own cluster (its pairwise decision stands).
+    A cluster takes the item only when it links to the cluster's canonical item (the one whose
+    id the cluster bears), not merely to some member; a link is the pair model's P(duplicate)
+    >= 0.5 where it scored the pair, else the cosine at the decision's duplicate threshold. So a
+    chain A~B~C~... cannot pull a whole collection into one cluster (single-link did); measured
+    against "canonical or two members" it kept clusters as complete and more precise. Exact
+    copies join and merge only their copies' clusters. An item that links to no canonical item
+    keeps its own cluster (its pairwise decision stands).
     Items not decided as duplicates (OOD, match, novel) never join or merge anything, and
     links to refused (OOD) items do not count.
     """
@@ -201,8 +202,7 @@ def linked_clusters(decision: decisions_pb2.Decision, candidates: Sequence[Candi
     for c in candidates:
         if not c.exact and c.links(decision.thresholds):
             links.setdefault(c.cluster_id, []).append(c)
-    supported = {cluster for cluster, members in links.items()
-                 if len(members) >= 2 or any(m.item_id == cluster for m in members)}
+    supported = {cluster for cluster, members in links.items() if any(m.item_id == cluster for m in members)}
     if decision.cluster_id not in supported:
         ranked = sorted(supported, key=lambda k: (-max(m.score for m in links[k]), k))
         decision.cluster_id = ranked[0] if ranked else decision.item_id
