@@ -20,6 +20,7 @@ class Sizes:
     items: int = 2000               # FEBRL3 records streamed through the stack and linked
     text_items: int = 500           # text items per split (validation and test)
     image_items: int = 250          # images per split
+    unseen_items: int = 400         # items per unseen-data set (whole entities, about)
     vectors: tuple[int, ...] = (100_000, 1_000_000)
     dims: int = 16
     freshness_probes: int = 40
@@ -32,7 +33,7 @@ class Sizes:
     @classmethod
     def quick(cls) -> Sizes:
         """Seconds, not minutes: checks the harness works, says nothing about speed."""
-        return cls(items=120, text_items=40, image_items=24, vectors=(2_000, 5_000), dims=16,
+        return cls(items=120, text_items=40, image_items=24, unseen_items=40, vectors=(2_000, 5_000), dims=16,
                    freshness_probes=3, match_queries=10, latency_queries=20, recall_queries=40,
                    max_latency_s=3.0, encoder_seconds=0.2)
 

@@ -19,11 +19,19 @@ import numpy as np
 from bench.metrics import Link
 from twinstream.common.bundle import ModelBundle
 from twinstream.common.encoding import ItemEncoder, make_encoder
-from twinstream.indexing.decide import Candidate, decide
+from twinstream.indexing.calibration import CollectionState
+from twinstream.indexing.decide import (
+    DUPLICATE_KINDS,
+    Candidate,
+    compare_fields,
+    decide,
+    item_signals,
+    linked_clusters,
+    observation,
+)
 from twinstream.ingestion.validation import Limits, validate
 from twinstream.v1 import decisions_pb2, items_pb2
 
-DUPLICATE_KINDS = (decisions_pb2.EXACT_DUPLICATE, decisions_pb2.NEAR_DUPLICATE)
 _TENANT = "bench"
 
 
@@ -158,30 +166,74 @@ def embed_stream(encoder: ItemEncoder, stream: Stream) -> Embedded:
     return Embedded(vectors, ood, content_hashes(stream))
 
 
-def replay_decisions(bundle: ModelBundle, stream: Stream, embedded: Embedded,
-                     neighbours: int = 10) -> list[decisions_pb2.Decision]:
-    """twinstream's decisions for the stream: the indexer's rule over the exact top-k earlier
-    neighbours and every earlier item with the same content hash."""
+@dataclass
+class Replayed:
+    """twinstream's decisions for a stream, and each item's cluster once the stream has passed
+    (merges relabel earlier items, as ``VectorStore.relabel_clusters`` does)."""
+
+    decisions: list[decisions_pb2.Decision]
+    clusters: list[str]
+    calibrations: int  # fits the collection went through (0: the bundle's thresholds decided)
+
+
+def replay(bundle: ModelBundle, stream: Stream, embedded: Embedded, neighbours: int = 10,
+           calibrated: bool = True, single_link: bool = False) -> Replayed:
+    """The indexer's decision path, in process: the exact top-k earlier neighbours and every
+    earlier item with the same content hash, the collection's calibration (``calibrated``; else
+    the bundle's thresholds) and the cluster rule (``single_link``: the old rule, for comparison)."""
     index, score = top_earlier(embedded.vectors, neighbours)
     model = bundle.model_ref
     first_with_hash: dict[str, int] = {}
+    position = {item_id: i for i, item_id in enumerate(stream.ids)}
     clusters: list[str] = []
+    refused: list[bool] = []
+    state = CollectionState()
     decisions = []
+    signals = [item_signals(stream.item(i)) if calibrated else None for i in range(len(stream))]
     for i in range(len(stream)):
         candidates = [Candidate(stream.ids[j], float(s), clusters[j], j,
-                                exact=embedded.hashes[j] == embedded.hashes[i])
+                                exact=embedded.hashes[j] == embedded.hashes[i], refused=refused[j],
+                                signals=signals[j])
                       for j, s in zip(index[i], score[i], strict=True) if j >= 0]
         same = first_with_hash.get(embedded.hashes[i])
         if same is not None and all(c.item_id != stream.ids[same] for c in candidates):
-            candidates.append(Candidate(stream.ids[same], 1.0, clusters[same], same, exact=True))
+            candidates.append(Candidate(stream.ids[same], 1.0, clusters[same], same, exact=True,
+                                        refused=refused[same]))
+        own = signals[i]
+        if own is not None:
+            candidates = compare_fields(own, candidates, state.field_names(own), state.calibration.fields)
         accepted = items_pb2.AcceptedItem(item=stream.item(i), content_hash=embedded.hashes[i],
                                           ingest_time_ms=i)
         item = items_pb2.EmbeddedItem(accepted=accepted, model=model, ood_score=float(embedded.ood[i]))
-        decision = decide(item, candidates, bundle, neighbours, i)
+        decision = decide(item, candidates, bundle, neighbours, i, state.calibration if calibrated else None)
+        linked = (_single_link if single_link else linked_clusters)(decision, candidates)
+        if len(linked) > 1:  # the oldest cluster survives (canonical ids are first members)
+            winner = min(linked, key=lambda c: (position.get(c, i), c))
+            decision.cluster_id = winner
+            decision.merged_clusters.extend(sorted(linked - {winner}))
+            clusters = [winner if c in linked else c for c in clusters]
         decisions.append(decision)
         clusters.append(decision.cluster_id)
+        refused.append(decision.kind == decisions_pb2.OUT_OF_DISTRIBUTION)
         first_with_hash.setdefault(embedded.hashes[i], i)
-    return decisions
+        seen = observation(decision, candidates)
+        if calibrated and seen is not None:
+            state.observe(seen)
+    return Replayed(decisions, clusters, state.calibration.version)
+
+
+def _single_link(decision: decisions_pb2.Decision, candidates: Sequence[Candidate]) -> set[str]:
+    """The cluster rule before issue 16: every cluster linked at the duplicate threshold merges."""
+    if decision.kind not in DUPLICATE_KINDS:
+        return set()
+    return {decision.cluster_id} | {c.cluster_id for c in candidates
+                                    if c.exact or c.score >= decision.thresholds.duplicate}
+
+
+def replay_decisions(bundle: ModelBundle, stream: Stream, embedded: Embedded,
+                     neighbours: int = 10, calibrated: bool = False) -> list[decisions_pb2.Decision]:
+    """twinstream's decisions for the stream (see ``replay``)."""
+    return replay(bundle, stream, embedded, neighbours, calibrated).decisions
 
 
 def decision_links(decisions: Sequence[decisions_pb2.Decision], entity_of: dict[str, str]) -> list[Link]:

@@ -112,3 +112,32 @@ def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 99)) -> list
     if not len(values):
         return [math.nan for _ in qs]
     return [float(np.percentile(np.asarray(values, dtype=np.float64), q)) for q in qs]
+
+
+@dataclass(frozen=True)
+class ClusterQuality:
+    """Pairwise quality of the final dedup clusters: a pair of items is called a duplicate when
+    they share a cluster, and is one when they show the same entity."""
+
+    precision: float
+    recall: float
+    f1: float
+    largest_cluster: int
+    largest_entity: int
+
+
+def cluster_quality(clusters: Sequence[str], entities: Sequence[str]) -> ClusterQuality:
+    from collections import Counter
+
+    def pairs(counts: Counter[object]) -> int:
+        return sum(n * (n - 1) // 2 for n in counts.values())
+
+    by_cluster: Counter[object] = Counter(clusters)
+    by_entity: Counter[object] = Counter(entities)
+    said, true = pairs(by_cluster), pairs(by_entity)
+    tp = pairs(Counter(zip(clusters, entities, strict=True)))
+    precision = tp / said if said else 0.0
+    recall = tp / true if true else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return ClusterQuality(precision, recall, f1, max(by_cluster.values(), default=0),
+                          max(by_entity.values(), default=0))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,16 +29,27 @@ from bench.methods import (
     embed_stream,
     load_encoder,
     minhash_links,
+    replay,
     replay_decisions,
     with_duplicate_threshold,
 )
-from bench.metrics import Link, Quality, at_threshold, calibrate_threshold, pr_curve, quality
+from bench.metrics import (
+    ClusterQuality,
+    Link,
+    Quality,
+    at_threshold,
+    calibrate_threshold,
+    cluster_quality,
+    pr_curve,
+    quality,
+)
 from twinstream.common.encoding import ItemEncoder
 from twinstream.v1 import decisions_pb2
 
 log = logging.getLogger(__name__)
 SHIPPED = "bundle thresholds (as shipped)"
 CALIBRATED = "calibrated on validation (P>=0.95)"
+COLLECTION = "fitted on the collection's own stream (no labels)"
 
 
 @dataclass
@@ -51,6 +63,7 @@ class Row:
     quality: Quality
     curve: tuple[list[float], list[float]]
     refused: int | None = None  # twinstream: items decided OUT_OF_DISTRIBUTION (never duplicates)
+    cluster: ClusterQuality | None = None  # twinstream: pairwise quality of its final dedup clusters
 
 
 @dataclass
@@ -70,11 +83,14 @@ def row(method: str, kind: str, decision: str, links: Sequence[Link], threshold:
 
 
 def twinstream_row(method: str, decision: str, decisions: Sequence[decisions_pb2.Decision],
-                   entity_of: dict[str, str], threshold: float) -> Row:
-    """A row from twinstream decisions (replayed, or read off the running stack)."""
+                   entity_of: dict[str, str], threshold: float, clusters: Sequence[str] | None = None) -> Row:
+    """A row from twinstream decisions (replayed, or read off the running stack) and, given each
+    item's final cluster, the clusters' pairwise quality."""
     refused = sum(d.kind == decisions_pb2.OUT_OF_DISTRIBUTION for d in decisions)
     links = decision_links(decisions, entity_of)
-    return Row(method, "twinstream", decision, threshold, quality(links), pr_curve(links), refused)
+    cluster = (cluster_quality(clusters, [entity_of[d.item_id] for d in decisions])
+               if clusters is not None else None)
+    return Row(method, "twinstream", decision, threshold, quality(links), pr_curve(links), refused, cluster)
 
 
 def calibrated_row(method: str, val: Sequence[Link], test: Sequence[Link]) -> Row:
@@ -96,13 +112,19 @@ class Encoders:
 
 
 def twinstream_rows(label: str, encoder: ItemEncoder, test: Stream, val: Stream | None) -> list[Row]:
-    """The bundle replayed with the indexer's rule: as shipped and, given a validation stream,
-    with its duplicate threshold recalibrated there."""
+    """The bundle replayed with the indexer's decision path: as shipped (the bundle's thresholds
+    and OOD detector), fitted on the collection's own stream as the indexer does (no labels) and,
+    given a validation stream, with its duplicate threshold recalibrated there."""
     entity_of = dict(zip(test.ids, test.entities, strict=True))
     embedded = embed_stream(encoder, test)
     bundle = encoder.bundle
-    rows = [twinstream_row(label, SHIPPED, replay_decisions(bundle, test, embedded), entity_of,
-                           bundle.for_modality(test.modality).duplicate_threshold)]
+    shipped = replay(bundle, test, embedded, calibrated=False)
+    fitted = replay(bundle, test, embedded, calibrated=True)
+    final = fitted.decisions[-1] if fitted.decisions else None
+    rows = [twinstream_row(label, SHIPPED, shipped.decisions, entity_of,
+                           bundle.for_modality(test.modality).duplicate_threshold, shipped.clusters),
+            twinstream_row(label, COLLECTION, fitted.decisions, entity_of,
+                           final.thresholds.duplicate if final else math.inf, fitted.clusters)]
     if val is not None:
         threshold = calibrate_threshold(dense_links(embed_stream(encoder, val).vectors, val.entities))
         recalibrated = with_duplicate_threshold(bundle, threshold)

@@ -41,6 +41,7 @@ def markdown(data: dict[str, Any]) -> str:
                                       f"{'trained on ' + b['trained_on'] if b['trained_on'] else 'untrained'})"
                                       for role, b in data["bundles"].items()), ""]
     lines += _quality_md(data.get("quality", {}))
+    lines += _unseen_md(data.get("unseen", {}))
     speed = data.get("speed", {})
     lines += ["## Speed", ""]
     if "pipeline" in speed:
@@ -51,6 +52,17 @@ def markdown(data: dict[str, Any]) -> str:
         lines += ["## Notes", "", *(f"- {n}" for n in data["notes"]), ""]
     lines += ["![quality](quality.png)", "", "![speed](speed.png)", ""]
     return "\n".join(lines)
+
+
+CLUSTER_HEADER = "clusters: pair P / R, largest (entity)"
+
+
+def _cluster(row: dict[str, Any]) -> str:
+    """twinstream's final dedup clusters, scored by pairs; the largest next to the largest entity."""
+    c = row.get("cluster")
+    if not c:
+        return "-"
+    return f"{_num(c['precision'])} / {_num(c['recall'])}, {c['largest_cluster']} ({c['largest_entity']})"
 
 
 def _quality_md(quality: dict[str, Any]) -> list[str]:
@@ -67,10 +79,43 @@ def _quality_md(quality: dict[str, Any]) -> list[str]:
         lines += [f"### {name}", "", f"{result['description']}. Test stream: {result['test_items']} items, "
                   f"{result['test_entities']} entities, {truth} with an earlier duplicate"
                   + (f"; validation stream: {result['val_items']} items." if result["val_items"] else "."), ""]
-        lines += _table(["method", "decision", "threshold", "precision", "recall", "F1", "µAP", "OOD refusals"],
+        lines += _table(["method", "decision", "threshold", "precision", "recall", "F1", "µAP", "OOD refusals",
+                         CLUSTER_HEADER],
                         [[r["method"], r["decision"], _num(r["threshold"]), _num(r["precision"]),
-                          _num(r["recall"]), _num(r["f1"]), _num(r["micro_ap"]), _num(r["refused_ood"])]
-                         for r in rows])
+                          _num(r["recall"]), _num(r["f1"]), _num(r["micro_ap"]), _num(r["refused_ood"]),
+                          _cluster(r)] for r in rows])
+        lines += [f"- {n}" for n in result["notes"]] + ([""] if result["notes"] else [])
+    return lines
+
+
+def _unseen_md(unseen: dict[str, Any]) -> list[str]:
+    """Out-of-the-box quality on the unseen sets: a summary, then every set's table."""
+    if not unseen:
+        return []
+    lines = ["## Unseen data, no labels", "",
+             "Data no twinstream training or calibration step has seen (`bench/unseen_data.py`); one stream per "
+             "set, the same for every method, and no labels for any: twinstream decides with the thresholds its "
+             "bundle ships with, the baselines with their default rules (`bench/unseen.py`). µAP needs no "
+             "threshold: it shows what a method could reach if labels picked its threshold.", ""]
+    summary = []
+    for name, result in unseen.items():
+        baselines = [r for r in result["rows"] if r["kind"] == "baseline"]
+        best = max(baselines, key=lambda r: r["f1"]) if baselines else None
+        ours = [r for r in result["rows"] if r["kind"] == "twinstream"]
+        summary.append([name, result["domain"], str(result["test_items"]),
+                        f"{best['method']}: {_num(best['f1'])}" if best else "-",
+                        "; ".join(f"{r['method']} ({r['decision']}): {_num(r['f1'])}" for r in ours)
+                        or "not measured"])
+    lines += _table(["set", "domain", "items", "best baseline: F1", "twinstream: F1"], summary)
+    for name, result in unseen.items():
+        rows = result["rows"]
+        truth = rows[0]["true_duplicates"] if rows else 0
+        lines += [f"### unseen: {name} ({result['domain']})", "",
+                  f"{result['description']}. Stream: {result['test_items']} items, {result['test_entities']} "
+                  f"entities, {truth} with an earlier duplicate.", ""]
+        lines += _table(["method", "decision", "precision", "recall", "F1", "µAP", "OOD refusals", CLUSTER_HEADER],
+                        [[r["method"], r["decision"], _num(r["precision"]), _num(r["recall"]), _num(r["f1"]),
+                          _num(r["micro_ap"]), _num(r["refused_ood"]), _cluster(r)] for r in rows])
         lines += [f"- {n}" for n in result["notes"]] + ([""] if result["notes"] else [])
     return lines
 
@@ -251,15 +296,17 @@ def problems(data: dict[str, Any]) -> list[str]:
             found.append(f"missing {key}")
     if data.get("schema") != SCHEMA:
         found.append(f"schema is {data.get('schema')!r}, not {SCHEMA!r}")
-    for name, result in data.get("quality", {}).items():
-        for key in ("description", "test_items", "test_entities", "val_items", "rows", "notes", "seconds"):
-            if key not in result:
-                found.append(f"quality.{name}: missing {key}")
-        for i, r in enumerate(result.get("rows", [])):
-            found += [f"quality.{name}.rows[{i}]: missing {k}" for k in ROW_KEYS if k not in r]
-            for k in ("precision", "recall", "f1", "micro_ap"):
-                if k in r and not 0.0 <= r[k] <= 1.0:
-                    found.append(f"quality.{name}.rows[{i}].{k} = {r[k]} is not in [0, 1]")
+    for section, extra in (("quality", ()), ("unseen", ("domain", "modality"))):
+        for name, result in data.get(section, {}).items():
+            for key in ("description", "test_items", "test_entities", "val_items", "rows", "notes", "seconds",
+                        *extra):
+                if key not in result:
+                    found.append(f"{section}.{name}: missing {key}")
+            for i, r in enumerate(result.get("rows", [])):
+                found += [f"{section}.{name}.rows[{i}]: missing {k}" for k in ROW_KEYS if k not in r]
+                for k in ("precision", "recall", "f1", "micro_ap"):
+                    if k in r and not 0.0 <= r[k] <= 1.0:
+                        found.append(f"{section}.{name}.rows[{i}].{k} = {r[k]} is not in [0, 1]")
     speed = data.get("speed", {})
     if "pipeline" in speed:
         for key in ("encoder", "freshness", "matching", "memory_mib"):

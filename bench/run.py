@@ -3,7 +3,9 @@ baselines in one run on the same data, and write report.json, report.md, quality
 speed.png (default ``bench/results/``). See docs/bench.md.
 
 Sections (``--skip`` any): ``pipeline`` (the stack: efficiency, freshness, Match API, memory),
-``records``, ``text``, ``images`` (quality) and ``queries`` (Milvus at 100k/1M vectors).
+``records``, ``text``, ``images`` (quality), ``unseen`` (out-of-the-box quality on data nothing
+was trained or calibrated on, no labels for any method: ``bench.unseen``) and ``queries`` (Milvus
+at 100k/1M vectors).
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import config, datasets, quality, queries, report, speed
+from bench import config, datasets, quality, queries, report, speed, unseen
 from bench.methods import Stream
 from bench.metrics import percentiles
 from twinstream.devstack import REPO_ROOT, LocalStack, StackConfig
-from twinstream.v1 import decisions_pb2
+from twinstream.v1 import decisions_pb2, items_pb2
 
-SECTIONS = ("pipeline", "records", "text", "images", "queries")
+SECTIONS = ("pipeline", "records", "text", "images", "unseen", "queries")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 log = logging.getLogger("bench")
 
@@ -52,6 +54,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-bundle", type=Path, help="trained image bundle")
     parser.add_argument("--no-discover", action="store_true",
                         help=f"do not look for trained bundles under {config.MODELS}")
+    parser.add_argument("--unseen-sets", nargs="+", choices=list(unseen.DEFAULT_SETS),
+                        default=list(unseen.DEFAULT_SETS),
+                        help="the unseen-data sets to measure (default all)")
     parser.add_argument("--retsim-python", type=Path, help="an interpreter with unisim installed "
                                                            "(default var/retsim-venv/bin/python)")
     return parser.parse_args(argv)
@@ -77,6 +82,7 @@ def resolve_bundles(args: argparse.Namespace, notes: list[str]) -> config.Bundle
 def _rows_json(result: quality.DatasetResult) -> dict[str, Any]:
     rows = [{"method": r.method, "kind": r.kind, "decision": r.decision, "threshold": r.threshold,
              **asdict(r.quality), "refused_ood": r.refused,
+             "cluster": asdict(r.cluster) if r.cluster is not None else None,
              "curve": {"recall": r.curve[0], "precision": r.curve[1]}} for r in result.rows]
     return {"description": result.description, "test_items": result.test_items, "test_entities":
             result.test_entities, "val_items": result.val_items, "rows": rows, "notes": result.notes,
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None, stack: LocalStack | None = None) -> int:
         "bundles": {role: config.describe(path) for role, path in
                     (("base", bundles.base), ("record", bundles.record), ("text", bundles.text),
                      ("image", bundles.image)) if path is not None},
-        "quality": {}, "speed": {}, "notes": notes, "seconds": {}, "sections": [],
+        "quality": {}, "unseen": {}, "speed": {}, "notes": notes, "seconds": {}, "sections": [],
     }
     encoders = quality.Encoders()
     records_stream = datasets.febrl3_stream(sizes.items, args.seed)
@@ -220,13 +226,26 @@ def main(argv: list[str] | None = None, stack: LocalStack | None = None) -> int:
         labelled = [("twinstream trained (image bundle)", bundles.image)] if bundles.image else []
         data["quality"]["images"] = _rows_json(quality.image_quality(streams, labelled, encoders))
 
+    def do_unseen() -> None:
+        base = [("twinstream base (untrained MiniLM)", bundles.base)]
+        chosen = unseen.Bundles(
+            records=base + ([("twinstream trained (record bundle)", bundles.record)] if bundles.record else []),
+            text=base + ([("twinstream trained (text bundle)", bundles.text)] if bundles.text else []),
+            images=[("twinstream trained (image bundle)", bundles.image)] if bundles.image else [])
+        for unseen_set, result in unseen.run(args.unseen_sets, sizes.unseen_items, args.seed, chosen, encoders,
+                                             args.retsim_python):
+            if unseen_set.stream.modality == items_pb2.IMAGE and not bundles.image:
+                result.notes.append("no image bundle given or found: twinstream is not measured on images")
+            data["unseen"][unseen_set.name] = {**_rows_json(result), "domain": unseen_set.domain,
+                                               "modality": items_pb2.Modality.Name(unseen_set.stream.modality)}
+
     def do_queries() -> None:
         points = queries.run(sizes.vectors, sizes.dims, REPO_ROOT / "var" / "bench-milvus", args.seed,
                              sizes.latency_queries, sizes.recall_queries, sizes.max_latency_s)
         data["speed"]["queries"] = [asdict(p) for p in points]
 
     for name, body in (("pipeline", do_pipeline), ("records", do_records), ("text", do_text),
-                       ("images", do_images), ("queries", do_queries)):
+                       ("images", do_images), ("unseen", do_unseen), ("queries", do_queries)):
         section(name, body)
     data["machine"]["load_end"] = [round(x, 2) for x in os.getloadavg()]
     data["seconds"]["total"] = round(time.perf_counter() - started, 1)

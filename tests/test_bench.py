@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bench import metrics, report
+from bench import metrics, report, unseen, unseen_data
 from bench.metrics import Link
 from bench.run import main
 from twinstream.devstack import LocalStack
@@ -41,6 +41,13 @@ def test_metrics_score_a_stream_like_the_demo() -> None:
     assert [link.duplicate for link in metrics.at_threshold(links, 0.5)] == [False, True, False, True, False]
 
 
+def test_clusters_are_scored_by_pairs() -> None:
+    # clusters {a1 a2 b1} {a3}: 3 pairs said, 1 right (a1 a2); entity a has 3 pairs
+    scored = metrics.cluster_quality(["x", "x", "x", "y"], ["a", "a", "b", "a"])
+    assert (scored.precision, scored.recall) == pytest.approx((1 / 3, 1 / 3))
+    assert (scored.largest_cluster, scored.largest_entity) == (3, 3)
+
+
 def test_quick_quality_and_queries_write_a_well_formed_report(tmp_path: Path, base_bundle: Path) -> None:
     out = tmp_path / "report"
     code = main(["--quick", "--skip", "pipeline", "--no-discover", "--base-bundle", str(base_bundle),
@@ -53,11 +60,19 @@ def test_quick_quality_and_queries_write_a_well_formed_report(tmp_path: Path, ba
     assert any("recordlinkage" in m for m in methods["records"])
     assert any("MinHash" in m for m in methods["text"]) and any("twinstream" in m for m in methods["text"])
     assert any("pHash" in m for m in methods["images"])
+    sets = data["unseen"]
+    assert isinstance(sets, dict) and list(sets) == list(unseen.DEFAULT_SETS)
+    for name, result in sets.items():
+        kinds = {r["kind"] for r in result["rows"]}
+        assert "baseline" in kinds and result["test_items"] > 0, name
+        assert ("twinstream" in kinds) == (result["modality"] != "IMAGE"), name  # no image bundle given
+    assert any("ECM" in r["method"] for r in sets["books"]["rows"])
     points = data["speed"]["queries"]  # type: ignore[index]
     assert [p["vectors"] for p in points] == [500, 1500]
     assert all(p["recall_at_10"] > 0.5 and p["p99_ms"] >= p["p50_ms"] > 0 for p in points)
     text = (out / "report.md").read_text()
-    for heading in ("### records", "### text", "### images", "### Match queries at scale"):
+    for heading in ("### records", "### text", "### images", "## Unseen data, no labels", "### unseen: books",
+                    "### Match queries at scale"):
         assert heading in text
     assert "| method | decision | threshold | precision | recall | F1 | µAP | OOD refusals |" in text
     assert "| vectors | insert s |" in text
@@ -82,3 +97,34 @@ def test_quick_pipeline_on_the_shared_stack(tmp_path: Path, stack: LocalStack, b
     text = (out / "report.md").read_text()
     for heading in ("### Pipeline efficiency", "### Freshness", "### Match API", "### Memory"):
         assert heading in text
+
+
+@pytest.mark.parametrize("name", unseen_data.LOADERS)
+def test_an_unseen_set_streams_whole_entities_in_a_fixed_order(name: str) -> None:
+    first, again = unseen_data.load(name, 30, seed=3), unseen_data.load(name, 30, seed=3)
+    stream = first.stream
+    assert (stream.ids, stream.entities, stream.contents) == (again.stream.ids, again.stream.entities,
+                                                             again.stream.contents)
+    assert len(set(stream.ids)) == len(stream) >= 30 or (name == "companies" and len(stream) >= 20)
+    assert len(set(stream.entities)) < len(stream)  # some items have a duplicate
+    bigger = unseen_data.load(name, 60, seed=3).stream
+    kept = set(stream.entities)
+    assert sorted(e for e in bigger.entities if e in kept) == sorted(stream.entities)  # entities stay whole
+    assert stream.ids != sorted(stream.ids)  # shuffled arrival, not generation order
+    assert first.source and first.domain
+
+
+def test_unseen_records_drop_the_generator_keys_and_keep_every_other_field() -> None:
+    stream = unseen_data.load("books", 40, seed=1).stream
+    frame = unseen.record_frame(stream)
+    assert "title" in frame.columns and not any(c.endswith("_id") for c in frame.columns)
+    assert frame.notna().any().all()
+
+
+def test_a_report_with_a_malformed_unseen_row_is_flagged() -> None:
+    row = {k: 0.5 for k in report.ROW_KEYS} | {"f1": 1.5}
+    data = {"unseen": {"books": {"description": "", "test_items": 1, "test_entities": 1, "val_items": 0,
+                                 "rows": [row], "notes": [], "seconds": 0.0}}}
+    found = report.problems(data)
+    assert "unseen.books: missing domain" in found
+    assert "unseen.books.rows[0].f1 = 1.5 is not in [0, 1]" in found

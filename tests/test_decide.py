@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from twinstream.common.bundle import ModelBundle
-from twinstream.indexing.decide import Candidate, decide
+from twinstream.indexing.decide import Candidate, decide, linked_clusters
 from twinstream.v1 import decisions_pb2, items_pb2
 
 BUNDLE = ModelBundle(
@@ -93,3 +94,62 @@ def test_neighbours_are_capped_and_ranked() -> None:
     decision = run(candidates)
     assert [n.item_id for n in decision.neighbours] == ["n5", "n4", "n3"]
     assert decision.neighbours[1].in_flight
+
+
+# -- the cluster rule -----------------------------------------------------------------------------
+def clustered(item_id: str, candidates: list[Candidate], ood: float = 0.1,
+              content_hash: str = "") -> tuple[decisions_pb2.Decision, set[str]]:
+    decision = decide(embedded(item_id, ood=ood, content_hash=content_hash or f"h-{item_id}"),
+                      candidates, BUNDLE, max_neighbours=10, decided_time_ms=5)
+    return decision, linked_clusters(decision, candidates)
+
+
+def test_a_chain_of_links_does_not_end_in_one_cluster() -> None:
+    """A~B~C~...~Z: each item links only to the one before it (single-link made one cluster)."""
+    ids = [chr(ord("A") + i) for i in range(26)]
+    cluster: dict[str, str] = {}
+    for i, item_id in enumerate(ids):
+        candidates = [Candidate(ids[j], 0.95 if j == i - 1 else 0.5, cluster[ids[j]], j) for j in range(i)]
+        decision, linked = clustered(item_id, candidates)
+        assert decision.kind == (decisions_pb2.NEAR_DUPLICATE if i else decisions_pb2.NOVEL)
+        winner = min(linked, key=ids.index) if linked else decision.cluster_id
+        cluster = {k: (winner if c in linked else c) for k, c in cluster.items()}
+        cluster[item_id] = winner
+    sizes = sorted(Counter(cluster.values()).values())
+    assert max(sizes) <= 2 and len(sizes) == 13
+
+
+def test_a_link_to_the_canonical_item_joins_its_cluster() -> None:
+    decision, linked = clustered("new", [Candidate("b", 0.95, "a", 11), Candidate("a", 0.93, "a", 10)])
+    assert decision.cluster_id == "a" and linked == {"a"}
+
+
+def test_one_link_to_a_member_alone_does_not_join_its_cluster() -> None:
+    decision, linked = clustered("new", [Candidate("b", 0.95, "a", 11), Candidate("a", 0.5, "a", 10)])
+    assert decision.kind == decisions_pb2.NEAR_DUPLICATE and decision.duplicate_of == "b"
+    assert decision.cluster_id == "new" and linked == set()
+
+
+def test_links_to_canonical_items_join_and_merge_their_clusters() -> None:
+    decision, linked = clustered("new", [Candidate("b", 0.95, "a", 11), Candidate("c", 0.94, "a", 12),
+                                         Candidate("x", 0.92, "x", 3), Candidate("y", 0.91, "w", 4)])
+    assert decision.cluster_id == "x" and linked == {"x"}  # "a" and "w": links to members only
+
+
+def test_an_ood_item_never_joins_a_cluster() -> None:
+    decision, linked = clustered("new", [Candidate("a", 0.99, "a", 10)], ood=0.9)
+    assert decision.kind == decisions_pb2.OUT_OF_DISTRIBUTION
+    assert decision.cluster_id == "new" and linked == set()
+
+
+def test_links_to_a_refused_item_never_pull_it_into_a_cluster() -> None:
+    decision, linked = clustered("new", [Candidate("a", 0.96, "a", 10),
+                                         Candidate("ood", 0.95, "ood", 11, refused=True)])
+    assert decision.cluster_id == "a" and linked == {"a"}
+
+
+def test_an_exact_copy_merges_only_its_copies_clusters() -> None:
+    decision, linked = clustered("new", [Candidate("a", 1.0, "a", 10, exact=True),
+                                         Candidate("b", 0.97, "b", 11)], ood=0.9)
+    assert decision.kind == decisions_pb2.EXACT_DUPLICATE
+    assert linked == {"a"}

@@ -31,6 +31,9 @@ OUTPUT_FIELDS = ["pk", "item_id", "tenant", "collection", "content_hash", "clust
 # Deleted rows stay as tombstones (deleted_ms > 0) so a replayed message cannot bring them back;
 # every read path filters on this, and a reaper removes tombstones past the replay horizon.
 LIVE = "deleted_ms == 0"
+# What the indexer's per-collection calibration compares an item on, beside its vector (a
+# record's fields); nullable: collections made before it have no such field and do without.
+SIGNALS = "signals"
 _SAFE = re.compile(r"[^a-z0-9_]")
 # Milvus status codes: the collection (or alias) does not exist / exists but is not loaded.
 _NOT_FOUND, _NOT_LOADED = 100, 101
@@ -108,6 +111,7 @@ class VectorStore:
         self.index_type = index_type
         self._known: set[str] = set()
         self._live_cache: dict[str, tuple[str, float]] = {}
+        self._signals: dict[str, bool] = {}
         self._lock = threading.Lock()
 
     # -- names -----------------------------------------------------------------------------
@@ -148,6 +152,7 @@ class VectorStore:
         schema.add_field("metadata", DataType.JSON)
         schema.add_field("decision", DataType.VARCHAR, max_length=65535)
         schema.add_field("deleted_ms", DataType.INT64)
+        schema.add_field(SIGNALS, DataType.JSON, nullable=True)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
         index = self.client.prepare_index_params()
         params = {"M": 16, "efConstruction": 200} if self.index_type == "HNSW" else {}
@@ -189,8 +194,10 @@ class VectorStore:
         return cached[0] == self.collection_name(model)
 
     def collections(self) -> list[str]:
-        """Every collection of this prefix (each model version)."""
-        return [c for c in self.client.list_collections() if c.startswith(f"{self.prefix}_")]
+        """Every item collection of this prefix (one per model version, named as
+        ``collection_name`` makes them; not the indexer's ``<prefix>_calibration``)."""
+        versioned = re.compile(rf"{re.escape(self.prefix)}_[a-z0-9_]+_v[a-z0-9_]+")
+        return [c for c in self.client.list_collections() if versioned.fullmatch(c)]
 
     def _loaded(self, collection: str, call: Callable[[], T]) -> T:
         """Run a read, loading the collection first if Milvus says it is not loaded.
@@ -209,12 +216,25 @@ class VectorStore:
         self.client.load_collection(collection)
         return call()
 
+    def has_signals(self, collection: str) -> bool:
+        """Whether the collection stores ``SIGNALS`` (not one made before they existed)."""
+        if collection not in self._signals:
+            described = self.client.describe_collection(collection)
+            self._signals[collection] = SIGNALS in {f["name"] for f in described["fields"]}
+        return self._signals[collection]
+
+    def _whole_row(self, collection: str) -> list[str]:
+        """Every stored field, for read-modify-write (tombstones, relabels)."""
+        return [*OUTPUT_FIELDS, "vector", *([SIGNALS] if self.has_signals(collection) else [])]
+
     # -- writes ----------------------------------------------------------------------------
     # Only the indexer that owns a scope's partition writes its rows (inserts, merges, deletes,
     # expiry and purges all arrive on that partition), so these read-modify-writes never race.
     def upsert(self, collection: str, rows: Sequence[dict[str, Any]]) -> None:
         if not rows:
             return
+        if not self.has_signals(collection):
+            rows = [{k: v for k, v in row.items() if k != SIGNALS} for row in rows]
         try:
             self.client.upsert(collection, list(rows))
         except MilvusException as exc:
@@ -226,7 +246,7 @@ class VectorStore:
                   ingested_before_ms: int | None = None) -> int:
         """Mark live rows deleted at ``now_ms`` (idempotent); with ``ingested_before_ms`` only rows
         ingested before it (TTL expiry re-checked where it is applied). Returns how many."""
-        rows = [r for r in self.get(collection, pks, [*OUTPUT_FIELDS, "vector"]).values()
+        rows = [r for r in self.get(collection, pks, self._whole_row(collection)).values()
                 if not r["deleted_ms"]
                 and (ingested_before_ms is None or int(r["ingest_ms"]) < ingested_before_ms)]
         for row in rows:
@@ -240,8 +260,7 @@ class VectorStore:
         if not losers:
             return 0
         listed = ", ".join(quote(c) for c in losers)
-        rows = self.query(collection, f"{scope} and cluster_id in [{listed}]",
-                          [*OUTPUT_FIELDS, "vector"])
+        rows = self.query(collection, f"{scope} and cluster_id in [{listed}]", self._whole_row(collection))
         for row in rows:
             row["cluster_id"] = winner
         self.upsert(collection, rows)

@@ -1,12 +1,18 @@
-"""The decision rule, as a pure function of an item and the earlier items near it."""
+"""The decision rule, as a pure function of an item, the earlier items near it and the
+collection's own calibration (``indexing.calibration``); and the cluster rule."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from twinstream.common.bundle import ModelBundle
+from twinstream.indexing.calibration import Calibration, FieldModel, Observation, compare, text_signals
 from twinstream.v1 import decisions_pb2, items_pb2
+
+DUPLICATE_KINDS = (decisions_pb2.EXACT_DUPLICATE, decisions_pb2.NEAR_DUPLICATE)
 
 
 @dataclass(frozen=True)
@@ -19,24 +25,83 @@ class Candidate:
     ingest_time_ms: int
     exact: bool = False
     in_flight: bool = False
+    refused: bool = False  # decided OUT_OF_DISTRIBUTION: never a duplicate's or a match's target
+    # what it is compared on beside the vector: a record's fields, a text's MinHash signature
+    signals: Mapping[str, object] | None = field(default=None, compare=False)
+    pattern: str = ""  # comparison levels with the item being decided
+    probability: float = math.nan  # P(duplicate) from the collection's pair model; NaN: none
+
+    def links(self, thresholds: decisions_pb2.Thresholds) -> bool:
+        """Whether this candidate is a duplicate of the item: by the field model where it
+        scored the pair, else by the cosine threshold."""
+        if self.exact or self.refused:
+            return self.exact
+        if not math.isnan(self.probability):
+            return self.probability >= 0.5
+        return self.score >= thresholds.duplicate
+
+
+def item_signals(item: items_pb2.Item) -> dict[str, object] | None:
+    """What an item is compared on beside its vector: a record's fields, a text's MinHash
+    signature (``None`` for images, or a record that is not a JSON object)."""
+    if item.modality == items_pb2.TEXT:
+        return text_signals(item.content.decode("utf-8", errors="replace"))
+    if item.modality != items_pb2.RECORD:
+        return None
+    try:
+        record = json.loads(item.content)
+    except ValueError:
+        return None
+    return {"fields": record} if isinstance(record, dict) else None
+
+
+def compare_fields(signals: Mapping[str, object] | None, candidates: Sequence[Candidate], fields: Sequence[str],
+                   model: FieldModel | None) -> list[Candidate]:
+    """The candidates with their comparison pattern and, where the collection has a pair model
+    for these signals, its P(duplicate)."""
+    if signals is None or not fields:
+        return list(candidates)
+    usable = model if model is not None and model.fields == tuple(fields) else None
+    out = []
+    for c in candidates:
+        if c.signals is None or c.exact or c.refused:
+            out.append(c)
+            continue
+        pattern = compare(signals, c.signals, c.score, fields)
+        if not pattern:  # not the kind of item this collection compares: the cosine decides
+            out.append(c)
+            continue
+        out.append(replace(c, pattern=pattern,
+                           probability=usable.probability(pattern) if usable else math.nan))
+    return out
 
 
 def decide(item: items_pb2.EmbeddedItem, candidates: Sequence[Candidate], bundle: ModelBundle,
-           max_neighbours: int, decided_time_ms: int) -> decisions_pb2.Decision:
+           max_neighbours: int, decided_time_ms: int,
+           calibration: Calibration | None = None) -> decisions_pb2.Decision:
     """Exact duplicate > out-of-distribution > near duplicate > match > novel.
 
     Exact duplicates rest on the content hash, not the encoder, so they hold even for OOD
-    items; OOD items are never forced into a (near-)match. Thresholds and Platt scaling are the
-    ones the bundle calibrated for the item's modality; the decision carries them.
+    items; OOD items are never forced into a (near-)match. With a collection ``calibration``
+    its thresholds decide and OOD means "unlike this collection" (best neighbour below its
+    floor; nothing is refused during warm-up); the bundle's thresholds for the item's modality
+    are only the prior (warm-up) and decide alone without one. The decision carries them.
     """
     accepted = item.accepted
     bundle = bundle.for_modality(accepted.item.modality)
     ranked = sorted(candidates, key=lambda c: (-c.score, c.ingest_time_ms, c.item_id))
+    thresholds = bundle.thresholds
+    if calibration is not None:
+        if calibration.warm:
+            thresholds = decisions_pb2.Thresholds(duplicate=calibration.duplicate, match=calibration.match,
+                                                  ood=bundle.ood_threshold, ood_similarity=calibration.ood_floor)
+        else:
+            thresholds.ood_similarity = -math.inf
     decision = decisions_pb2.Decision(
         item_id=accepted.item.item_id,
         tenant=accepted.item.tenant,
         collection=accepted.item.collection,
-        thresholds=bundle.thresholds,
+        thresholds=thresholds,
         model=item.model,
         ood_score=item.ood_score,
         content_hash=accepted.content_hash,
@@ -45,9 +110,16 @@ def decide(item: items_pb2.EmbeddedItem, candidates: Sequence[Candidate], bundle
         modality=accepted.item.modality,
         cluster_id=accepted.item.item_id,
     )
+    scored = [c for c in ranked if not c.exact and not c.refused and not math.isnan(c.probability)]
+    if calibration is not None:
+        decision.calibration.CopyFrom(decisions_pb2.Calibration(
+            version=calibration.version, fitted_on_items=calibration.fitted_on,
+            source="collection" if calibration.warm else "bundle prior (warm-up)",
+            record_fields=bool(scored)))
     for c in ranked[:max_neighbours]:
         decision.neighbours.add(item_id=c.item_id, score=c.score, cluster_id=c.cluster_id,
-                                in_flight=c.in_flight, exact=c.exact)
+                                in_flight=c.in_flight, exact=c.exact, comparison=c.pattern,
+                                duplicate_probability=0.0 if math.isnan(c.probability) else c.probability)
     exact = sorted((c for c in candidates if c.exact), key=lambda c: (c.ingest_time_ms, c.item_id))
     if exact:
         first = exact[0]
@@ -57,20 +129,83 @@ def decide(item: items_pb2.EmbeddedItem, candidates: Sequence[Candidate], bundle
         decision.score = 1.0
         decision.duplicate_probability = 1.0
         return decision
-    best = ranked[0] if ranked else None
+    accepted_ranked = [c for c in ranked if not c.refused]
+    best = accepted_ranked[0] if accepted_ranked else None
     if best is not None:
         decision.score = best.score
         decision.duplicate_probability = bundle.duplicate_probability(best.score)
-    if item.ood_score > bundle.ood_threshold:
+    if calibration is None:
+        refused = item.ood_score > bundle.ood_threshold
+    else:
+        refused = best is not None and best.score < thresholds.ood_similarity
+    if refused:
         decision.kind = decisions_pb2.OUT_OF_DISTRIBUTION
         return decision
-    if best is None or best.score < bundle.match_threshold:
+    if scored:  # the collection's field model decides records
+        top = max(scored, key=lambda c: (c.probability, c.score))
+        if top.links(thresholds):
+            decision.kind = decisions_pb2.NEAR_DUPLICATE
+            decision.duplicate_of = top.item_id
+            decision.cluster_id = top.cluster_id
+            decision.score = top.score
+            decision.duplicate_probability = top.probability
+            return decision
+        decision.duplicate_probability = top.probability
+    if best is None or best.score < thresholds.match:
         decision.kind = decisions_pb2.NOVEL
         return decision
     decision.duplicate_of = best.item_id
-    if best.score >= bundle.duplicate_threshold:
+    if scored:
+        decision.kind = decisions_pb2.MATCH
+        return decision
+    if best.score >= thresholds.duplicate:
         decision.kind = decisions_pb2.NEAR_DUPLICATE
         decision.cluster_id = best.cluster_id
     else:
         decision.kind = decisions_pb2.MATCH
     return decision
+
+
+def observation(decision: decisions_pb2.Decision, candidates: Sequence[Candidate]) -> Observation | None:
+    """What a decided item tells its collection's calibration (``None``: nothing, for exact
+    duplicates and refused items): its best neighbour and its best from another cluster."""
+    if decision.kind in (decisions_pb2.EXACT_DUPLICATE, decisions_pb2.OUT_OF_DISTRIBUTION):
+        return None
+    near = sorted((c for c in candidates if not c.exact and not c.refused),
+                  key=lambda c: (-c.score, c.ingest_time_ms, c.item_id))
+    if not near:
+        return Observation(math.nan, math.nan)
+    decoys = [c.score for c in near[1:] if c.cluster_id != near[0].cluster_id]
+    return Observation(near[0].score, decoys[0] if decoys else math.nan,
+                       tuple(c.pattern for c in near if c.pattern))
+
+
+def linked_clusters(decision: decisions_pb2.Decision, candidates: Sequence[Candidate]) -> set[str]:
+    """The clusters a duplicate joins and merges; sets ``decision.cluster_id`` to the one it joins.
+
+    A cluster takes the item only when it links to the cluster's canonical item (the one whose
+    id the cluster bears), not merely to some member; a link is the pair model's P(duplicate)
+    >= 0.5 where it scored the pair, else the cosine at the decision's duplicate threshold. So a
+    chain A~B~C~... cannot pull a whole collection into one cluster (single-link did); measured
+    against "canonical or two members" it kept clusters as complete and more precise. Exact
+    copies join and merge only their copies' clusters. An item that links to no canonical item
+    keeps its own cluster (its pairwise decision stands).
+    Items not decided as duplicates (OOD, match, novel) never join or merge anything, and
+    links to refused (OOD) items do not count.
+    """
+    if decision.kind not in DUPLICATE_KINDS:
+        return set()
+    exact = {c.cluster_id for c in candidates if c.exact}
+    if decision.kind == decisions_pb2.EXACT_DUPLICATE:  # its copy already made its links
+        return {decision.cluster_id} | exact
+    links: dict[str, list[Candidate]] = {}
+    for c in candidates:
+        if not c.exact and c.links(decision.thresholds):
+            links.setdefault(c.cluster_id, []).append(c)
+    supported = {cluster for cluster, members in links.items() if any(m.item_id == cluster for m in members)}
+    if decision.cluster_id not in supported:
+        ranked = sorted(supported, key=lambda k: (-max(m.score for m in links[k]), k))
+        decision.cluster_id = ranked[0] if ranked else decision.item_id
+    if decision.cluster_id == decision.item_id:
+        return set()
+    return {decision.cluster_id} | supported

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from kafka.consumer.fetcher import ConsumerRecord
@@ -26,6 +27,7 @@ from twinstream.common.config import Settings
 from twinstream.common.kafka import BatchResult, Outgoing, Rejected, parse_record
 from twinstream.common.metrics import BACKFILLED, DECISIONS, INGEST_TO_DECISION, ITEMS_PROCESSED
 from twinstream.common.vectorstore import (
+    SIGNALS,
     VectorStore,
     decode_decision,
     encode_decision,
@@ -33,10 +35,19 @@ from twinstream.common.vectorstore import (
     row_key,
     scope_filter,
 )
-from twinstream.indexing.decide import Candidate, decide
+from twinstream.indexing.calibration_store import CalibrationStore
+from twinstream.indexing.decide import (
+    Candidate,
+    compare_fields,
+    decide,
+    item_signals,
+    linked_clusters,
+    observation,
+)
 from twinstream.v1 import decisions_pb2, items_pb2
 
 log = logging.getLogger(__name__)
+MAX_SIGNAL_BYTES = 16384  # records larger than this are decided by the cosine alone
 
 
 class UnknownModel(RuntimeError):
@@ -64,6 +75,7 @@ class Indexer:
         self.settings = settings
         self.store = store
         self.bundles = {(b.name, b.version): b for b in bundles}
+        self.calibrations = CalibrationStore(store)
         self._rows_since_flush: dict[str, int] = {}
 
     def __call__(self, records: Sequence[ConsumerRecord]) -> BatchResult:
@@ -190,7 +202,14 @@ class Indexer:
         todo.sort(key=lambda t: t[1].accepted.ingest_time_ms)
         vectors = np.array([list(t[1].vector) for t in todo], dtype=np.float32)
         k = self.settings.neighbours
-        hits = self.store.search(group.collection, vectors, limit=k, expr=group.scope)
+        stored_signals = [SIGNALS] if self.store.has_signals(group.collection) else []
+        hits = self.store.search(
+            group.collection, vectors, limit=k, expr=group.scope,
+            fields=("item_id", "cluster_id", "content_hash", "ingest_ms", "decision", *stored_signals))
+        own_signals = [_signals(t[1].accepted.item) for t in todo]  # once per item, not per pair
+        calibration_key = self.calibrations.key(group.collection, group.tenant, todo[0][1].accepted.item.collection)
+        state = self.calibrations.load(calibration_key)
+        observed = state.items
         hashes = sorted({t[1].accepted.content_hash for t in todo})
         exact_rows = self.store.query(
             group.collection,
@@ -205,7 +224,8 @@ class Indexer:
             candidates = [
                 Candidate(h.fields["item_id"], h.score, h.fields["cluster_id"],
                           int(h.fields["ingest_ms"]),
-                          exact=h.fields["content_hash"] == item.accepted.content_hash)
+                          exact=h.fields["content_hash"] == item.accepted.content_hash,
+                          refused=_refused(h.fields["decision"]), signals=_stored_signals(h.fields))
                 for h in hits[position] if h.pk != pk
             ]
             candidates += [
@@ -220,9 +240,16 @@ class Indexer:
                     earlier.item_id, float(similarity[position, earlier_position]),
                     earlier.cluster_id, earlier_item.accepted.ingest_time_ms,
                     exact=earlier.content_hash == item.accepted.content_hash, in_flight=True,
+                    refused=earlier.kind == decisions_pb2.OUT_OF_DISTRIBUTION,
+                    signals=own_signals[earlier_position],
                 ))
-            decision = decide(item, candidates, group.bundle, k, group.record_ms[index])
-            linked = _linked_clusters(decision, candidates)
+            signals = own_signals[position]
+            if signals is not None:
+                candidates = compare_fields(signals, candidates, state.field_names(signals),
+                                            state.calibration.fields)
+            decision = decide(item, candidates, group.bundle, k, group.record_ms[index],
+                              state.calibration)
+            linked = linked_clusters(decision, candidates)
             if len(linked) > 1:
                 winner = self._oldest_cluster(group, linked, batch_decisions, todo)
                 losers = sorted(linked - {winner})
@@ -234,6 +261,9 @@ class Indexer:
                         earlier.cluster_id = winner
             batch_decisions.append(decision)
             out.append((index, decision, True))
+            observed_item = observation(decision, candidates)
+            if observed_item is not None:
+                state.observe(observed_item)
         # Merge before the new rows are written: a crash in between re-decides the new items
         # against already-merged clusters, so the merge is never lost nor half-applied.
         for losers, winner in merges:
@@ -245,10 +275,15 @@ class Indexer:
                  for index, _, pk in todo if pk in written}
         if since:
             out = [(i, since.get(i, d), new and i not in since) for i, d, new in out]
-        for (index, item, pk), decision in zip(todo, batch_decisions, strict=True):
+        for (index, item, pk), decision, signals in zip(todo, batch_decisions, own_signals,
+                                                      strict=True):
             if index not in since:
-                rows.append(_row(pk, item, decision))
+                rows.append(_row(pk, item, decision, signals))
         self.store.upsert(group.collection, rows)
+        # After the rows: a crash in between re-delivers the batch, whose items then get their
+        # stored decisions and are not observed twice (a few observations may be lost, never doubled).
+        if state.items != observed:
+            self.calibrations.save(calibration_key, state)
         self._maybe_flush(group.collection, len(rows))
         return out
 
@@ -279,13 +314,15 @@ class Indexer:
         self._rows_since_flush[collection] = count
 
 
-def _linked_clusters(decision: decisions_pb2.Decision, candidates: Sequence[Candidate]) -> set[str]:
-    """Every cluster a duplicate belongs with: the one it joined and any other it links (at the
-    duplicate threshold the decision used)."""
-    if decision.kind not in (decisions_pb2.NEAR_DUPLICATE, decisions_pb2.EXACT_DUPLICATE):
-        return set()
-    return {decision.cluster_id} | {c.cluster_id for c in candidates
-                                    if c.exact or c.score >= decision.thresholds.duplicate}
+def _stored_signals(row: dict[str, Any]) -> dict[str, object] | None:
+    """A stored item's signals (``None``: an image, or stored before signals existed)."""
+    signals = row.get(SIGNALS)
+    return signals if isinstance(signals, dict) else None
+
+
+def _refused(stored: str) -> bool:
+    """Whether a stored row was decided OUT_OF_DISTRIBUTION (its links never count)."""
+    return decode_decision(stored).kind == decisions_pb2.OUT_OF_DISTRIBUTION
 
 
 def _invalid(item: items_pb2.EmbeddedItem) -> str:
@@ -298,7 +335,8 @@ def _invalid(item: items_pb2.EmbeddedItem) -> str:
     return ""
 
 
-def _row(pk: str, item: items_pb2.EmbeddedItem, decision: decisions_pb2.Decision) -> dict[str, object]:
+def _row(pk: str, item: items_pb2.EmbeddedItem, decision: decisions_pb2.Decision,
+         signals: dict[str, object] | None) -> dict[str, object]:
     it = item.accepted.item
     return {
         "pk": pk,
@@ -312,8 +350,16 @@ def _row(pk: str, item: items_pb2.EmbeddedItem, decision: decisions_pb2.Decision
         "metadata": dict(it.metadata),
         "decision": encode_decision(decision),
         "deleted_ms": 0,
+        SIGNALS: signals,
         "vector": list(item.vector),
     }
+
+
+def _signals(item: items_pb2.Item) -> dict[str, object] | None:
+    """What later items are compared with beside the vector (records: only small ones)."""
+    if item.modality == items_pb2.RECORD and len(item.content) > MAX_SIGNAL_BYTES:
+        return None
+    return item_signals(item)
 
 
 def _observe(decisions: Sequence[decisions_pb2.Decision]) -> None:

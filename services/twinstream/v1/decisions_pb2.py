@@ -25,19 +25,21 @@ _sym_db = _symbol_database.Default()
 from twinstream.v1 import items_pb2 as twinstream_dot_v1_dot_items__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtwinstream/v1/decisions.proto\x12\rtwinstream.v1\x1a\x19twinstream/v1/items.proto\"a\n\tNeighbour\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x12\n\ncluster_id\x18\x03 \x01(\t\x12\x11\n\tin_flight\x18\x04 \x01(\x08\x12\r\n\x05\x65xact\x18\x05 \x01(\x08\";\n\nThresholds\x12\x11\n\tduplicate\x18\x01 \x01(\x02\x12\r\n\x05match\x18\x02 \x01(\x02\x12\x0b\n\x03ood\x18\x03 \x01(\x02\"\xe5\x03\n\x08\x44\x65\x63ision\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x12\n\ncollection\x18\x03 \x01(\t\x12)\n\x04kind\x18\x04 \x01(\x0e\x32\x1b.twinstream.v1.DecisionKind\x12\x14\n\x0c\x64uplicate_of\x18\x05 \x01(\t\x12\x12\n\ncluster_id\x18\x06 \x01(\t\x12\r\n\x05score\x18\x07 \x01(\x02\x12\x1d\n\x15\x64uplicate_probability\x18\x08 \x01(\x02\x12,\n\nneighbours\x18\t \x03(\x0b\x32\x18.twinstream.v1.Neighbour\x12-\n\nthresholds\x18\n \x01(\x0b\x32\x19.twinstream.v1.Thresholds\x12&\n\x05model\x18\x0b \x01(\x0b\x32\x17.twinstream.v1.ModelRef\x12\x11\n\tood_score\x18\x0c \x01(\x02\x12\x14\n\x0c\x63ontent_hash\x18\r \x01(\t\x12\x16\n\x0eingest_time_ms\x18\x0e \x01(\x03\x12\x17\n\x0f\x64\x65\x63ided_time_ms\x18\x0f \x01(\x03\x12)\n\x08modality\x18\x10 \x01(\x0e\x32\x17.twinstream.v1.Modality\x12\x17\n\x0fmerged_clusters\x18\x11 \x03(\t*\x85\x01\n\x0c\x44\x65\x63isionKind\x12\x1d\n\x19\x44\x45\x43ISION_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45XACT_DUPLICATE\x10\x01\x12\x12\n\x0eNEAR_DUPLICATE\x10\x02\x12\t\n\x05MATCH\x10\x03\x12\t\n\x05NOVEL\x10\x04\x12\x17\n\x13OUT_OF_DISTRIBUTION\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtwinstream/v1/decisions.proto\x12\rtwinstream.v1\x1a\x19twinstream/v1/items.proto\"\x94\x01\n\tNeighbour\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x12\n\ncluster_id\x18\x03 \x01(\t\x12\x11\n\tin_flight\x18\x04 \x01(\x08\x12\r\n\x05\x65xact\x18\x05 \x01(\x08\x12\x12\n\ncomparison\x18\x06 \x01(\t\x12\x1d\n\x15\x64uplicate_probability\x18\x07 \x01(\x02\"S\n\nThresholds\x12\x11\n\tduplicate\x18\x01 \x01(\x02\x12\r\n\x05match\x18\x02 \x01(\x02\x12\x0b\n\x03ood\x18\x03 \x01(\x02\x12\x16\n\x0eood_similarity\x18\x04 \x01(\x02\"^\n\x0b\x43\x61libration\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x17\n\x0f\x66itted_on_items\x18\x02 \x01(\x03\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x15\n\rrecord_fields\x18\x04 \x01(\x08\"\x96\x04\n\x08\x44\x65\x63ision\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x12\n\ncollection\x18\x03 \x01(\t\x12)\n\x04kind\x18\x04 \x01(\x0e\x32\x1b.twinstream.v1.DecisionKind\x12\x14\n\x0c\x64uplicate_of\x18\x05 \x01(\t\x12\x12\n\ncluster_id\x18\x06 \x01(\t\x12\r\n\x05score\x18\x07 \x01(\x02\x12\x1d\n\x15\x64uplicate_probability\x18\x08 \x01(\x02\x12,\n\nneighbours\x18\t \x03(\x0b\x32\x18.twinstream.v1.Neighbour\x12-\n\nthresholds\x18\n \x01(\x0b\x32\x19.twinstream.v1.Thresholds\x12&\n\x05model\x18\x0b \x01(\x0b\x32\x17.twinstream.v1.ModelRef\x12\x11\n\tood_score\x18\x0c \x01(\x02\x12\x14\n\x0c\x63ontent_hash\x18\r \x01(\t\x12\x16\n\x0eingest_time_ms\x18\x0e \x01(\x03\x12\x17\n\x0f\x64\x65\x63ided_time_ms\x18\x0f \x01(\x03\x12)\n\x08modality\x18\x10 \x01(\x0e\x32\x17.twinstream.v1.Modality\x12\x17\n\x0fmerged_clusters\x18\x11 \x03(\t\x12/\n\x0b\x63\x61libration\x18\x12 \x01(\x0b\x32\x1a.twinstream.v1.Calibration*\x85\x01\n\x0c\x44\x65\x63isionKind\x12\x1d\n\x19\x44\x45\x43ISION_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45XACT_DUPLICATE\x10\x01\x12\x12\n\x0eNEAR_DUPLICATE\x10\x02\x12\t\n\x05MATCH\x10\x03\x12\t\n\x05NOVEL\x10\x04\x12\x17\n\x13OUT_OF_DISTRIBUTION\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'twinstream.v1.decisions_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DECISIONKIND']._serialized_start=724
-  _globals['_DECISIONKIND']._serialized_end=857
-  _globals['_NEIGHBOUR']._serialized_start=75
-  _globals['_NEIGHBOUR']._serialized_end=172
-  _globals['_THRESHOLDS']._serialized_start=174
-  _globals['_THRESHOLDS']._serialized_end=233
-  _globals['_DECISION']._serialized_start=236
-  _globals['_DECISION']._serialized_end=721
+  _globals['_DECISIONKIND']._serialized_start=945
+  _globals['_DECISIONKIND']._serialized_end=1078
+  _globals['_NEIGHBOUR']._serialized_start=76
+  _globals['_NEIGHBOUR']._serialized_end=224
+  _globals['_THRESHOLDS']._serialized_start=226
+  _globals['_THRESHOLDS']._serialized_end=309
+  _globals['_CALIBRATION']._serialized_start=311
+  _globals['_CALIBRATION']._serialized_end=405
+  _globals['_DECISION']._serialized_start=408
+  _globals['_DECISION']._serialized_end=942
 # @@protoc_insertion_point(module_scope)

@@ -64,6 +64,8 @@ class Neighbour(_message.Message):
     CLUSTER_ID_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     EXACT_FIELD_NUMBER: _builtins.int
+    COMPARISON_FIELD_NUMBER: _builtins.int
+    DUPLICATE_PROBABILITY_FIELD_NUMBER: _builtins.int
     item_id: _builtins.str
     score: _builtins.float
     """cosine similarity"""
@@ -72,6 +74,11 @@ class Neighbour(_message.Message):
     """found among the same batch, not yet in Milvus"""
     exact: _builtins.bool
     """same content hash"""
+    comparison: _builtins.str
+    """Records: the per-field comparison levels (0 agree, 1 similar, 2 missing, 3 disagree, one
+    character per compared field) and the collection's field model's P(duplicate) for the pair.
+    """
+    duplicate_probability: _builtins.float
     def __init__(
         self,
         *,
@@ -80,10 +87,12 @@ class Neighbour(_message.Message):
         cluster_id: _builtins.str = ...,
         in_flight: _builtins.bool = ...,
         exact: _builtins.bool = ...,
+        comparison: _builtins.str = ...,
+        duplicate_probability: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "exact", b"exact", "in_flight", b"in_flight", "item_id", b"item_id", "score", b"score"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "comparison", b"comparison", "duplicate_probability", b"duplicate_probability", "exact", b"exact", "in_flight", b"in_flight", "item_id", b"item_id", "score", b"score"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -96,23 +105,64 @@ class Thresholds(_message.Message):
     DUPLICATE_FIELD_NUMBER: _builtins.int
     MATCH_FIELD_NUMBER: _builtins.int
     OOD_FIELD_NUMBER: _builtins.int
+    OOD_SIMILARITY_FIELD_NUMBER: _builtins.int
     duplicate: _builtins.float
     match: _builtins.float
     ood: _builtins.float
+    """the bundle's detector (ood_score above it); decides only without a calibration"""
+    ood_similarity: _builtins.float
+    """Collection-relative OOD: a best neighbour less similar than this is unlike the collection
+    (-inf during warm-up: nothing refused).
+    """
     def __init__(
         self,
         *,
         duplicate: _builtins.float = ...,
         match: _builtins.float = ...,
         ood: _builtins.float = ...,
+        ood_similarity: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "match", b"match", "ood", b"ood"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "match", b"match", "ood", b"ood", "ood_similarity", b"ood_similarity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Thresholds: _TypeAlias = Thresholds  # noqa: Y015
+
+@_typing.final
+class Calibration(_message.Message):
+    """The per-tenant/collection calibration a decision was made with (indexing/calibration.py)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    FITTED_ON_ITEMS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    RECORD_FIELDS_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """0: the bundle's prior, during the collection's warm-up"""
+    fitted_on_items: _builtins.int
+    """items the collection had seen when it was fitted"""
+    source: _builtins.str
+    """"collection" or "bundle prior (warm-up)" """
+    record_fields: _builtins.bool
+    """the collection's field model decided (records), not the cosine threshold"""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        fitted_on_items: _builtins.int = ...,
+        source: _builtins.str = ...,
+        record_fields: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fitted_on_items", b"fitted_on_items", "record_fields", b"record_fields", "source", b"source", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Calibration: _TypeAlias = Calibration  # noqa: Y015
 
 @_typing.final
 class Decision(_message.Message):
@@ -135,6 +185,7 @@ class Decision(_message.Message):
     DECIDED_TIME_MS_FIELD_NUMBER: _builtins.int
     MODALITY_FIELD_NUMBER: _builtins.int
     MERGED_CLUSTERS_FIELD_NUMBER: _builtins.int
+    CALIBRATION_FIELD_NUMBER: _builtins.int
     item_id: _builtins.str
     tenant: _builtins.str
     collection: _builtins.str
@@ -162,6 +213,10 @@ class Decision(_message.Message):
     def merged_clusters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Dedup clusters this item linked together and that were merged into cluster_id."""
 
+    @_builtins.property
+    def calibration(self) -> Global___Calibration:
+        """The collection calibration whose thresholds decided (unset: the bundle's thresholds alone)."""
+
     def __init__(
         self,
         *,
@@ -182,10 +237,11 @@ class Decision(_message.Message):
         decided_time_ms: _builtins.int = ...,
         modality: _items_pb2.Modality.ValueType = ...,
         merged_clusters: _abc.Iterable[_builtins.str] | None = ...,
+        calibration: Global___Calibration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "thresholds", b"thresholds"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "model", b"model", "thresholds", b"thresholds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id", "collection", b"collection", "content_hash", b"content_hash", "decided_time_ms", b"decided_time_ms", "duplicate_of", b"duplicate_of", "duplicate_probability", b"duplicate_probability", "ingest_time_ms", b"ingest_time_ms", "item_id", b"item_id", "kind", b"kind", "merged_clusters", b"merged_clusters", "modality", b"modality", "model", b"model", "neighbours", b"neighbours", "ood_score", b"ood_score", "score", b"score", "tenant", b"tenant", "thresholds", b"thresholds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "cluster_id", b"cluster_id", "collection", b"collection", "content_hash", b"content_hash", "decided_time_ms", b"decided_time_ms", "duplicate_of", b"duplicate_of", "duplicate_probability", b"duplicate_probability", "ingest_time_ms", b"ingest_time_ms", "item_id", b"item_id", "kind", b"kind", "merged_clusters", b"merged_clusters", "modality", b"modality", "model", b"model", "neighbours", b"neighbours", "ood_score", b"ood_score", "score", b"score", "tenant", b"tenant", "thresholds", b"thresholds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

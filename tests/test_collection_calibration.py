@@ -1,0 +1,193 @@
+"""Per-collection calibration (indexing/calibration.py): fitted on the collection's own stream."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import replace
+
+import pytest
+from test_decide import BUNDLE, embedded
+
+from twinstream.indexing.calibration import (
+    AGREE,
+    DISAGREE,
+    MISSING,
+    SIMILAR,
+    WARMUP_ITEMS,
+    Calibration,
+    CollectionState,
+    FieldModel,
+    Observation,
+    compare_records,
+    compare_texts,
+    fdr_threshold,
+    fit_fields,
+    next_fit,
+    text_signals,
+)
+from twinstream.indexing.decide import Candidate, compare_fields, decide
+from twinstream.v1 import decisions_pb2, items_pb2
+
+
+def dedup_stream(items: int, duplicates: float, seed: int = 1) -> list[Observation]:
+    """Best-neighbour and decoy scores of a collection: duplicates score near 0.95, the best
+    non-duplicate of any item (and every decoy) between 0.55 and 0.8."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(items):
+        best = rng.uniform(0.9, 0.99) if rng.random() < duplicates else rng.uniform(0.55, 0.8)
+        out.append(Observation(best, rng.uniform(0.55, 0.8)))
+    return out
+
+
+def fed(observations: list[Observation]) -> CollectionState:
+    state = CollectionState()
+    for seen in observations:
+        state.observe(seen)
+    return state
+
+
+def test_a_new_collection_refuses_nothing_during_warm_up() -> None:
+    # the bundle's detector says OOD (0.9 > 0.5) and the best neighbour is far: still not refused
+    decision = decide(embedded(ood=0.9), [Candidate("a", 0.1, "a", 10)], BUNDLE, 3, 5, Calibration())
+    assert decision.kind == decisions_pb2.NOVEL
+    assert decision.calibration.version == 0 and decision.thresholds.ood_similarity == -math.inf
+
+
+def test_the_collection_fits_after_warm_up_and_refits_as_it_doubles() -> None:
+    stream = dedup_stream(4 * WARMUP_ITEMS, 0.3)
+    assert fed(stream[:WARMUP_ITEMS - 1]).calibration.version == 0
+    state = fed(stream[:WARMUP_ITEMS])
+    assert state.calibration.version == 1 and state.calibration.fitted_on == WARMUP_ITEMS
+    assert next_fit(state.calibration) == 2 * WARMUP_ITEMS
+    assert fed(stream).calibration.version == 3  # at 50, 100 and 200 items
+
+
+def test_the_duplicate_threshold_separates_duplicates_from_the_best_non_duplicates() -> None:
+    fitted = fed(dedup_stream(1000, 0.3)).calibration
+    assert 0.78 <= fitted.duplicate <= 0.9
+    assert fitted.match <= fitted.duplicate
+
+
+def test_a_collection_without_duplicates_calls_none() -> None:
+    assert fed(dedup_stream(1000, 0.0)).calibration.duplicate > 0.78
+
+
+def test_the_thresholds_decide_once_fitted() -> None:
+    fitted = fed(dedup_stream(1000, 0.3)).calibration
+    # 0.85 is below the bundle's duplicate threshold (0.9) but above the collection's
+    decision = decide(embedded(), [Candidate("a", 0.85, "a", 10)], BUNDLE, 3, 5, fitted)
+    assert decision.kind == decisions_pb2.NEAR_DUPLICATE
+    assert decision.calibration.version == fitted.version
+    assert decision.thresholds.duplicate == pytest.approx(fitted.duplicate)
+
+
+def test_an_item_unlike_the_collection_is_refused_once_fitted() -> None:
+    fitted = fed(dedup_stream(1000, 0.3)).calibration
+    # the bundle's detector finds nothing wrong (0.1 < 0.5): the collection's reference decides
+    far = decide(embedded(ood=0.1), [Candidate("a", 0.2, "a", 10)], BUNDLE, 3, 5, fitted)
+    usual = decide(embedded(ood=0.9), [Candidate("a", 0.6, "a", 10)], BUNDLE, 3, 5, fitted)
+    assert far.kind == decisions_pb2.OUT_OF_DISTRIBUTION
+    assert usual.kind in (decisions_pb2.NOVEL, decisions_pb2.MATCH)
+
+
+def test_in_distribution_items_are_rarely_refused() -> None:
+    fitted = fed(dedup_stream(1000, 0.3)).calibration
+    fresh = dedup_stream(1000, 0.3, seed=2)
+    refused = sum(s.best < fitted.ood_floor for s in fresh)
+    assert refused <= 20
+
+
+def test_a_refused_neighbour_is_never_the_target_of_a_duplicate() -> None:
+    decision = decide(embedded(), [Candidate("a", 0.99, "a", 10, refused=True), Candidate("b", 0.5, "b", 11)],
+                      BUNDLE, 3, 5)
+    assert decision.kind == decisions_pb2.NOVEL and decision.duplicate_of == ""
+
+
+def test_the_state_reads_back_identically() -> None:
+    state = fed([*dedup_stream(2100, 0.3), Observation(math.nan, math.nan)])
+    again = CollectionState.from_json(state.to_json())
+    assert again.to_json() == state.to_json() and again.calibration == state.calibration
+    assert len(state.to_json()) < 65535
+
+
+def test_fdr_threshold_is_infinite_without_enough_targets() -> None:
+    import numpy as np
+
+    assert fdr_threshold(np.array([0.9, 0.8]), np.array([0.1]), 0.05) == math.inf
+
+
+# -- records: the Fellegi-Sunter field model ------------------------------------------------------
+FIELDS = ["date_of_birth", "given_name", "postcode", "surname"]
+
+
+def person(rng: random.Random, n: int) -> dict[str, str]:
+    return {"given_name": rng.choice(["anna", "bruno", "carla", "dieter", "emma"]), "surname": f"miller{n}son",
+            "postcode": str(rng.randint(1000, 9999)),
+            "date_of_birth": f"19{rng.randint(10, 99)}-0{rng.randint(1, 9)}-1{n % 10}"}
+
+
+def fitted_field_model() -> FieldModel:
+    """Fitted on candidate pairs of 300 people: each against 5 others, a third also against a typo'd copy."""
+    rng = random.Random(4)
+    people = [person(rng, n) for n in range(300)]
+    counts: dict[str, int] = {}
+    for n, p in enumerate(people):
+        pairs = [people[(n + d) % 300] for d in range(1, 6)]
+        if n % 3 == 0:
+            pairs.append(dict(p, surname=p["surname"].replace("ll", "l"), postcode=""))
+        for other in pairs:
+            pattern = compare_records(p, other, FIELDS)
+            counts[pattern] = counts.get(pattern, 0) + 1
+    model = fit_fields(counts, FIELDS)
+    assert model is not None
+    return model
+
+
+def test_fields_compare_as_agree_similar_missing_or_disagree() -> None:
+    a = {"given_name": "Anna", "surname": "Miller", "postcode": "2600", "date_of_birth": "1980-01-02"}
+    b = {"given_name": "anna", "surname": "Milller", "date_of_birth": "19800102"}
+    assert compare_records(a, b, FIELDS) == AGREE + AGREE + MISSING + AGREE
+    assert compare_records(a, {**b, "surname": "Zhou"}, FIELDS)[3] == DISAGREE
+    assert compare_records(a, {**b, "given_name": "Annabel"}, FIELDS)[1] == SIMILAR
+
+
+def test_the_field_model_learns_without_labels_that_agreeing_records_are_duplicates() -> None:
+    model = fitted_field_model()
+    assert model.probability(AGREE * 4) > 0.99
+    assert model.probability(AGREE + AGREE + MISSING + SIMILAR) > 0.5  # the typo'd copy
+    assert model.probability(DISAGREE + AGREE + DISAGREE + DISAGREE) < 0.01  # same first name only
+
+
+def test_the_field_model_overrules_a_close_cosine() -> None:
+    model = fitted_field_model()
+    fitted = replace(fed(dedup_stream(1000, 0.3)).calibration, fields=model)
+    a = {"given_name": "anna", "surname": "miller", "postcode": "2600", "date_of_birth": "1980-01-02"}
+    other = {"given_name": "anna", "surname": "zhou", "postcode": "4000", "date_of_birth": "1955-07-30"}
+    item = embedded()
+    item.accepted.item.modality = items_pb2.RECORD
+    item.accepted.item.content = json.dumps(a).encode()
+    near = [Candidate("x", 0.97, "x", 10, signals={"fields": other}),
+            Candidate("y", 0.90, "y", 11, signals={"fields": dict(a, postcode="")})]
+    candidates = compare_fields({"fields": a}, near, FIELDS, model)
+    decision = decide(item, candidates, BUNDLE, 3, 5, fitted)
+    assert decision.kind == decisions_pb2.NEAR_DUPLICATE and decision.duplicate_of == "y"
+    assert decision.calibration.record_fields and decision.duplicate_probability > 0.5
+    assert decision.neighbours[0].comparison == DISAGREE + AGREE + DISAGREE + DISAGREE
+
+
+# -- text: cosine, shingle Jaccard and containment -------------------------------------------------
+PARAGRAPH = ("Return a new array of given shape and type, filled with zeros. The array is laid out in "
+             "row-major order unless another order is asked for, and its values are not copied.")
+
+
+def test_a_texts_copy_agrees_on_shingles_and_another_text_does_not() -> None:
+    original = text_signals(PARAGRAPH)
+    copy = text_signals(PARAGRAPH.replace("zeros", "zeroes").upper()[:120])  # a typo, shouting, cut short
+    other = text_signals("Compute the discrete Fourier transform of a sequence along one axis, in place.")
+    assert original == text_signals(PARAGRAPH)  # deterministic: signatures compare across restarts
+    assert compare_texts(original, copy, 0.93)[2] == AGREE  # the copy is contained in the original
+    assert compare_texts(original, other, 0.55)[1:] == DISAGREE + DISAGREE
+    assert compare_texts(original, {}, 0.85) == SIMILAR + MISSING + MISSING  # stored before signals
