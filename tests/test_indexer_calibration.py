@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
+from kafka.consumer.fetcher import ConsumerRecord
 from test_decide import BUNDLE
 
 from twinstream.common.config import Settings
@@ -41,7 +41,7 @@ def records(entities: int, seed: int = 3) -> list[tuple[str, str, dict[str, str]
     return out
 
 
-def message(item_id: str, fields: dict[str, str], vector: np.ndarray, at: int) -> Any:
+def message(item_id: str, fields: dict[str, str], vector: np.ndarray, at: int) -> ConsumerRecord:
     content = json.dumps(fields).encode()
     item = items_pb2.EmbeddedItem(
         accepted=items_pb2.AcceptedItem(
@@ -49,7 +49,10 @@ def message(item_id: str, fields: dict[str, str], vector: np.ndarray, at: int) -
                                 content=content),
             content_hash=f"h-{item_id}", ingest_time_ms=at),
         vector=list(vector / np.linalg.norm(vector)), model=BUNDLE.model_ref, ood_score=0.9)
-    return SimpleNamespace(value=item.SerializeToString())
+    value, key = item.SerializeToString(), b"t/people"
+    # As indexing polls it: offset ``at`` on one partition, stamped when it was produced.
+    return ConsumerRecord("items.embedded", 0, 0, at, 1_700_000_000_000 + at, 0, key, value, [],
+                          None, len(key), len(value), -1)
 
 
 def decide_all(indexer: Indexer, messages: list[Any], batch: int = 25) -> list[decisions_pb2.Decision]:
