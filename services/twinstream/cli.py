@@ -97,7 +97,8 @@ def cmd_match(args: argparse.Namespace) -> int:
 def cmd_stack(args: argparse.Namespace) -> int:
     from twinstream.devstack import LocalStack, StackConfig
 
-    stack = LocalStack(StackConfig(bundles=args.bundle, fixed_ports=True))
+    stack = LocalStack(StackConfig(bundles=args.bundle, fixed_ports=True,
+                                   broker_storage=args.broker_storage, milvus=args.milvus))
     stack.start()
     print(f"stack up: ingestion {stack.grpc_target('ingestion')}, matching "
           f"{stack.grpc_target('matching')}, Kafka {stack.kafka_bootstrap}, Milvus "
@@ -188,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     stack = commands.add_parser("stack", help="run the local stack (`stack up`)")
     stack.add_argument("action", choices=["up"])
     stack.add_argument("--bundle", type=Path, action="append", default=None)
+    stack.add_argument("--broker-storage", choices=["s3", "memory"], default="s3",
+                       help="s3: tansu on SeaweedFS, survives restarts (default); memory: faster, volatile")
+    stack.add_argument("--milvus", choices=["server", "lite"], default="server",
+                       help="server: Milvus 2.3 standalone with HNSW (default); lite: Milvus Lite, exact scans")
     stack.set_defaults(run=cmd_stack)
     reembed = commands.add_parser("reembed", help="embed the retained stream with a new model version")
     reembed.add_argument("--bundle", type=Path, required=True)

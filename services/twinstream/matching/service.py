@@ -13,7 +13,7 @@ import numpy as np
 from twinstream.common.bundle import ModelBundle
 from twinstream.common.config import Settings
 from twinstream.common.encoding import ContentError, ItemEncoder
-from twinstream.common.vectorstore import VectorStore, decode_decision, quote, row_key
+from twinstream.common.vectorstore import MATCH_CONSISTENCY, VectorStore, decode_decision, quote, row_key
 from twinstream.matching.requests import (
     BadRequest,
     OverLimit,
@@ -141,7 +141,7 @@ class Matching(matching_pb2_grpc.MatchingServicer):
             raise TimeoutError("the deadline expired before the search started")
         hits = self.store.search(
             self._live(encoder.bundle), [vector], limit=k + 1, expr=expr, fields=_RESULT_FIELDS,
-            min_score=request.min_score or None, offset=offset,
+            min_score=request.min_score or None, offset=offset, consistency=MATCH_CONSISTENCY,
         )[0]
         bundle = encoder.bundle.for_modality(modality)
         response = matching_pb2.MatchResponse(model=bundle.model_ref, request_id=request.request_id,
