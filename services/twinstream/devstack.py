@@ -518,6 +518,36 @@ class LocalStack:
     def stop_service(self, service: str) -> None:
         self.processes[service].stop()
 
+    # -- faults (the fault-matrix tests and bench) -------------------------------------------
+    def crash(self, name: str) -> None:
+        """SIGKILL one piece: a service, "broker", "storage" (SeaweedFS), "milvus" or "triton"."""
+        if name == "triton":
+            if self.triton is not None and self.triton.process is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.triton.process.pid, signal.SIGKILL)
+                self.triton.process.wait(10)
+            return
+        self.processes[name].kill()
+
+    def restart(self, name: str) -> None:
+        """Start a stopped or crashed piece again, on its ports and with its data."""
+        if name == "triton":
+            if self.triton is not None:
+                self.triton.start()
+            return
+        starters = {"broker": self.start_broker, "storage": self.start_storage, "milvus": self.start_milvus}
+        if name in starters:
+            starters[name]()
+        else:
+            self.start_service(name)
+
+    def freeze(self, name: str) -> None:
+        """SIGSTOP: the process stops answering and heartbeating, as on a long GC pause."""
+        self.processes[name].signal(signal.SIGSTOP)
+
+    def thaw(self, name: str) -> None:
+        self.processes[name].signal(signal.SIGCONT)
+
     def wait_serving(self, service: str, timeout_s: float = 180.0) -> None:
         """Wait until the service's gRPC health check says SERVING."""
         process = self.processes[service]
