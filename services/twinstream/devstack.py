@@ -252,6 +252,7 @@ class MilvusServer:
                           "indexNode", "dataCoord", "dataNode"):
             config[component]["ip"] = "127.0.0.1"
         config["indexCoord"]["bindIndexNodeMode"]["address"] = f"127.0.0.1:{self.ports['index_coord']}"
+        config["minio"]["address"] = config["pulsar"]["address"] = "127.0.0.1"  # unused: local storage, rocksmq
         config["proxy"]["timeTickInterval"] = self.TIME_TICK_MS
         config["common"]["gracefulTime"] = self.GRACEFUL_TIME_MS
         config["dataCoord"]["segment"]["maxSize"] = 2048
@@ -604,6 +605,24 @@ def _wait_port(port: int, process: ManagedProcess, timeout_s: float = 60.0) -> N
             return
         time.sleep(0.2)
     raise TimeoutError(f"{process.name} did not listen on {port}:\n{process.log_tail()}")
+
+
+@contextlib.contextmanager
+def running_milvus(root: Path) -> Iterator[tuple[str, ManagedProcess]]:
+    """A Milvus server of its own in ``root`` (the stack's, started the same way): the URI and
+    the process (benchmarks)."""
+    if root.exists():
+        shutil.rmtree(root)
+    server = MilvusServer(root, free_port())
+    argv, env = server.prepare()
+    process = ManagedProcess("milvus", argv, {**os.environ, **env}, root / "milvus.log",
+                             term_grace_s=MilvusServer.TERM_GRACE_S)
+    process.start()
+    try:
+        server.wait_healthy(process)
+        yield f"http://127.0.0.1:{server.port}", process
+    finally:
+        process.stop()
 
 
 @contextlib.contextmanager
