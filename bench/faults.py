@@ -41,9 +41,11 @@ FAULTS: dict[str, tuple[str, ...]] = {
     "matching": ("matching",),
     "triton": ("embedding",),
     "milvus": ("indexing", "matching"),
+    "sigstop-indexing": ("indexing",),
+    # last: while producers and consumers do not recover from a broker restart, a failure here
+    # would leave the shared stack broken for the faults after it
     "broker": ("ingestion", "embedding", "indexing"),
     "storage": ("ingestion", "embedding", "indexing"),
-    "sigstop-indexing": ("indexing",),
 }
 MODEL = "twinstream_text"
 COLLECTION = "faults"

@@ -22,12 +22,11 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from bench.metrics import percentiles
-from bench.queries import Synthetic, _rows, _rss_mib, exact_top_k
+from bench.queries import Synthetic, _rows, _rss_mib, exact_top_k, wait_indexed
 from twinstream.common.vectorstore import MATCH_CONSISTENCY, VectorStore, scope_filter
 from twinstream.devstack import REPO_ROOT, running_milvus
 from twinstream.matching.service import _RESULT_FIELDS as MATCH_FIELDS
@@ -92,17 +91,6 @@ class Writer(threading.Thread):
             time.sleep(max(0.0, self.batch / self.rate - (time.perf_counter() - began)))
 
 
-def _wait_indexed(store: VectorStore, name: str, rows: int, timeout_s: float) -> None:
-    """Until every sealed row is in the HNSW index (searching earlier would time brute force)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        info: dict[str, Any] = store.client.describe_index(name, "vector")
-        if int(info.get("indexed_rows", 0)) >= rows and not int(info.get("pending_index_rows", 0)):
-            return
-        time.sleep(2)
-    raise TimeoutError(f"index not built after {timeout_s:.0f}s: {info}")
-
-
 def _segments(store: VectorStore, name: str) -> int:
     """Loaded segments (-1 when this pymilvus cannot say): many small ones slow every search."""
     try:
@@ -149,7 +137,7 @@ def run(vectors: int, dims: int, efs: Sequence[int], root: Path, seed: int = 7, 
         store.flush(name)
         insert_s = time.perf_counter() - started
         started = time.perf_counter()
-        _wait_indexed(store, name, vectors, build_timeout_s)
+        wait_indexed(store, name, vectors, build_timeout_s)
         build_s = time.perf_counter() - started
         started = time.perf_counter()
         store.client.load_collection(name)

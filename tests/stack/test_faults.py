@@ -36,7 +36,7 @@ def fault_stack(base_bundle: Path) -> Iterator[LocalStack]:
 def test_a_fault_loses_duplicates_and_contradicts_nothing(fault_stack: LocalStack, fault: str) -> None:
     if fault in ("broker", "storage") and fault_stack.s3 is None:
         pytest.skip("a memory:// broker loses every topic when it restarts, by design")
-    result = run_fault(fault_stack, fault, febrl_items(ITEMS, seed=5), rate=60.0, bound_s=180.0)
+    result = run_fault(fault_stack, fault, febrl_items(ITEMS, seed=5), rate=60.0, bound_s=90.0)
     print(result)
     counts = (result.lost, result.duplicate_rows, result.contradicting, result.undecided)
     assert result.accepted == ITEMS, result.notes
