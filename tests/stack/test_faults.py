@@ -23,6 +23,18 @@ from twinstream.devstack import LocalStack
 pytestmark = pytest.mark.stack
 
 ITEMS = int(os.environ.get("FAULT_MATRIX_ITEMS", "300"))
+# Faults today's services do not survive as the issue asks; each reason is what the run showed.
+# strict: the marker must go when the fix lands (issue 11 items 3 and the broker-restart work).
+KNOWN = {
+    "triton": "embedding's health stays SERVING while Triton is down (no stall detection yet); "
+              "nothing is lost and the stream completes",
+    "milvus": "indexing's and matching's health stay SERVING while Milvus is down (no stall "
+              "detection yet); nothing is lost and the stream completes",
+    "broker": "after a broker restart the consume loop retries its offset commit forever with "
+              "RebalanceInProgressError (it never polls to rejoin the group)",
+    "storage": "after SeaweedFS restarts, embedding's idempotent producer aborts every batch with a "
+               "fatal UnknownError and never recovers; most items stay undecided",
+}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +44,8 @@ def fault_stack(base_bundle: Path) -> Iterator[LocalStack]:
     running.stop()
 
 
-@pytest.mark.parametrize("fault", list(FAULTS))
+@pytest.mark.parametrize("fault", [
+    pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=KNOWN[f])) if f in KNOWN else f for f in FAULTS])
 def test_a_fault_loses_duplicates_and_contradicts_nothing(fault_stack: LocalStack, fault: str) -> None:
     if fault in ("broker", "storage") and fault_stack.s3 is None:
         pytest.skip("a memory:// broker loses every topic when it restarts, by design")
