@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what is missing (scripts/setup.sh), then runs the main job: the whole pipeline on one
-# machine (tansu broker, Milvus Lite, Triton on CPU, the four services, Prometheus) with FEBRL3
+# machine (tansu on SeaweedFS, a Milvus server, Triton on CPU, the four services, Prometheus) with FEBRL3
 # streamed through it, ending in a report. Extra args go to `twinstream demo` (see --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
