@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=5000, help="FEBRL3 records per fault (at most 5000)")
     parser.add_argument("--rate", type=float, default=150.0, help="items per second the client sends")
     parser.add_argument("--faults", nargs="+", choices=list(FAULTS), default=list(FAULTS))
+    parser.add_argument("--bound", type=float, default=600.0, help="seconds a run may take to finish after the fault")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument("--bundle", type=Path, default=REPO_ROOT / "var" / "models" / "twinstream_text" / "1")
     args = parser.parse_args(argv)
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     config = StackConfig(root=REPO_ROOT / "var" / "bench-faults", bundles=[args.bundle], prometheus=False)
     with LocalStack(config) as stack:
         for fault in args.faults:
-            result = run_fault(stack, fault, records, rate=args.rate, bound_s=900.0)
+            result = run_fault(stack, fault, records, rate=args.rate, bound_s=args.bound)
             print(f"{fault}: {asdict(result)}", file=sys.stderr, flush=True)
             results.append(result)
     text = table(results)
