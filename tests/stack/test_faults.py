@@ -30,8 +30,9 @@ KNOWN = {
               "nothing is lost and the stream completes",
     "milvus": "indexing's and matching's health stay SERVING while Milvus is down (no stall "
               "detection yet); nothing is lost and the stream completes",
-    "broker": "after a broker restart the consume loop retries its offset commit forever with "
-              "RebalanceInProgressError (it never polls to rejoin the group)",
+    "broker": "ingestion's, embedding's and indexing's health stay SERVING while the broker is down "
+              "(no stall detection yet); in one run of two the consume loop then retried its offset "
+              "commit forever with RebalanceInProgressError",
     "storage": "after SeaweedFS restarts, embedding's idempotent producer aborts every batch with a "
                "fatal UnknownError and never recovers; most items stay undecided",
 }
