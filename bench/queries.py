@@ -1,36 +1,35 @@
-"""Match queries at scale: synthetic clustered vectors in a Milvus Lite server, written and
-searched through twinstream's ``VectorStore`` (the schema, HNSW M=16/efConstruction=200, the
-scope filter and the ef the Matching service uses), recall@10 against exact numpy search.
+"""Match queries at scale: synthetic clustered vectors in a Milvus 2.3 server (the stack's),
+written and searched through twinstream's ``VectorStore`` (the schema, HNSW M=16/efConstruction=200,
+the scope filter, the ef and the consistency level the Matching service uses), recall@10 against
+exact numpy search. ``bench/milvus.py`` sweeps ef, idle and under concurrent ingest.
 
 One collection grows through the requested sizes: rows go in 10k at a time with a flush every
-100k (Milvus Lite's segment size), and the collection is released while it is written and loaded
-before it is searched, so that every segment is HNSW-indexed when timed (the load is the build).
+100k, and the collection is released while it is written and loaded once every sealed segment is
+HNSW-indexed, so that what is timed is the index, not a scan of growing segments.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import socket
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from bench.metrics import percentiles
 from bench.speed import hwm_kib
-from twinstream.common.vectorstore import VectorStore, row_key, scope_filter
-from twinstream.devstack import ManagedProcess, free_port
+from twinstream.common.vectorstore import MATCH_CONSISTENCY, VectorStore, row_key, scope_filter
+from twinstream.devstack import ManagedProcess, running_milvus
 from twinstream.matching.service import _RESULT_FIELDS as MATCH_FIELDS  # what a Match request reads
 from twinstream.v1 import items_pb2
 
 TENANT, COLLECTION = "bench", "synthetic"
 INSERT_BATCH = 10_000
+MIN_INDEXED_ROWS = 1024  # Milvus leaves smaller segments unindexed (indexCoord.segment.minSegmentNumRowsToEnableIndex)
 SEGMENT_ROWS = 100_000
 K = 10
 
@@ -84,29 +83,9 @@ def exact_top_k(base: np.ndarray, queries: np.ndarray, k: int, block: int = 200_
     return best_index
 
 
-@contextlib.contextmanager
-def milvus_server(root: Path) -> Iterator[tuple[str, ManagedProcess]]:
-    """A Milvus Lite server of its own (the stack's, started the same way)."""
-    if root.exists():
-        shutil.rmtree(root)
-    port = free_port()
-    binary = shutil.which("milvus-lite", path=str(Path(sys.executable).parent)) or "milvus-lite"
-    process = ManagedProcess("milvus", [binary, "server", "--data-dir", str(root / "data"), "--host", "127.0.0.1",
-                                        "--port", str(port)], dict(os.environ), root / "milvus.log")
-    process.start()
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if not process.alive:
-                raise RuntimeError(f"milvus-lite exited:\n{process.log_tail()}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"milvus-lite did not listen:\n{process.log_tail()}")
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}", process
-    finally:
-        process.stop()
+def milvus_server(root: Path) -> contextlib.AbstractContextManager[tuple[str, ManagedProcess]]:
+    """A Milvus server of its own (the stack's, started the same way)."""
+    return running_milvus(root)
 
 
 def _rss_mib(process: ManagedProcess) -> float:
@@ -130,6 +109,24 @@ def _insert(store: VectorStore, name: str, data: np.ndarray, start: int, stop: i
             store.flush(name)
 
 
+def indexable_rows(start: int, stop: int) -> int:
+    """Rows that ``_insert(start, stop)`` puts in segments big enough for Milvus to index."""
+    sizes = [min(stop, s + SEGMENT_ROWS) - s for s in range(start, stop, SEGMENT_ROWS)]
+    return sum(n for n in sizes if n >= MIN_INDEXED_ROWS)
+
+
+def wait_indexed(store: VectorStore, name: str, rows: int, timeout_s: float = 3600.0) -> None:
+    """Until the HNSW index covers ``rows`` rows (searching earlier would time a brute-force scan)."""
+    deadline = time.monotonic() + timeout_s
+    info: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        info = store.client.describe_index(name, "vector")
+        if int(info.get("indexed_rows", 0)) >= rows and not int(info.get("pending_index_rows", 0)):
+            return
+        time.sleep(1)
+    raise TimeoutError(f"index not built after {timeout_s:.0f}s: {info}")
+
+
 def run(sizes: Sequence[int], dims: int, root: Path, seed: int, latency_queries: int,
         recall_queries: int, max_latency_s: float) -> list[QueryPoint]:
     """Grow one collection through ``sizes`` and measure queries at each size."""
@@ -144,13 +141,15 @@ def run(sizes: Sequence[int], dims: int, root: Path, seed: int, latency_queries:
         name = store.ensure_collection(items_pb2.ModelRef(name=f"bench_d{dims}", version="1"), dims,
                                        make_live=False)
         store.client.release_collection(name)
-        written = 0
+        written = indexable = 0
         for size in sizes:
             started = time.perf_counter()
             _insert(store, name, data, written, size)
+            indexable += indexable_rows(written, size)
             insert_s = time.perf_counter() - started
             written = size
             started = time.perf_counter()
+            wait_indexed(store, name, indexable)
             store.client.load_collection(name)
             build_s = time.perf_counter() - started
             store.search(name, queries[:2], K + 1, expr)  # warm-up
@@ -158,14 +157,16 @@ def run(sizes: Sequence[int], dims: int, root: Path, seed: int, latency_queries:
             budget = time.perf_counter() + max_latency_s
             for vector in queries[:latency_queries]:
                 began = time.perf_counter()
-                store.search(name, [vector], K + 1, expr, MATCH_FIELDS)  # k+1 and fields: as Match does
+                # k+1, fields and consistency: as Match sends them
+                store.search(name, [vector], K + 1, expr, MATCH_FIELDS, consistency=MATCH_CONSISTENCY)
                 latencies.append(time.perf_counter() - began)
                 if time.perf_counter() > budget and len(latencies) >= 20:
                     break
             began = time.perf_counter()
             found = []
             for start in range(0, recall_queries, 100):
-                hits = store.search(name, queries[start:min(recall_queries, start + 100)], K, expr)
+                hits = store.search(name, queries[start:min(recall_queries, start + 100)], K, expr,
+                                    consistency=MATCH_CONSISTENCY)
                 found += [[int(h.fields["item_id"]) for h in row] for row in hits]
             batch_s = time.perf_counter() - began
             truth = exact_top_k(data[:size], queries[:recall_queries], K)

@@ -173,8 +173,9 @@ def _pipeline_md(speed: dict[str, Any]) -> list[str]:
 
 def _queries_md(points: list[dict[str, Any]], config: dict[str, Any]) -> list[str]:
     lines = ["### Match queries at scale", "",
-             f"Synthetic clustered unit vectors ({config['dims']} dims) in a Milvus Lite server through "
-             "twinstream's VectorStore (HNSW M=16, efConstruction=200, ef=64, the Match scope filter, k+1=11); "
+             f"Synthetic clustered unit vectors ({config['dims']} dims) in a Milvus 2.3 server through "
+             "twinstream's VectorStore (HNSW M=16, efConstruction=200, ef=64, the Match scope filter, k+1=11, "
+             "Bounded); "
              "recall@10 against exact numpy search.", ""]
     lines += _table(["vectors", "insert s", "index build s", "queries", "QPS", "p50 ms", "p99 ms",
                      "QPS, 100/request", "recall@10", "Milvus RSS MiB"],

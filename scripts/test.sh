@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what is missing (scripts/setup.sh), then runs the whole test suite: unit tests, the
-# real local stack (tansu, Milvus Lite, Triton, the four services, Prometheus), crash/rebalance
+# real local stack (tansu on SeaweedFS, a Milvus server, Triton, the four services, Prometheus), crash/rebalance
 # recovery, Helm and Prometheus config checks, and the learning tests. Extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,5 @@
-"""Shared fixtures: the base model bundle and a real local stack (broker, Milvus Lite server,
-Triton, the four services, Prometheus). Helpers live in stack_helpers.py."""
+"""Shared fixtures: the base model bundle and a real local stack (tansu on SeaweedFS, a Milvus
+server, Triton, the four services, Prometheus). Helpers live in stack_helpers.py."""
 
 from __future__ import annotations
 

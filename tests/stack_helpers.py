@@ -18,7 +18,11 @@ BASE_BUNDLE = REPO_ROOT / "var" / "models" / "twinstream_text" / "1"
 
 
 def start_stack(bundle: Path, name: str, **overrides: object) -> LocalStack:
-    settings: dict[str, object] = {"bundles": [bundle], **overrides}
+    """A stack of the default shape (tansu on S3, Milvus server); STACK_BROKER_STORAGE=memory and
+    STACK_MILVUS=lite run the same tests on the small-footprint options."""
+    settings: dict[str, object] = {"bundles": [bundle],
+                                   "broker_storage": os.environ.get("STACK_BROKER_STORAGE", "s3"),
+                                   "milvus": os.environ.get("STACK_MILVUS", "server"), **overrides}
     config = StackConfig(root=REPO_ROOT / "var" / "test-stacks" / name, **settings)  # type: ignore[arg-type]
     return LocalStack(config).start()
 

@@ -121,7 +121,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
     from twinstream.devstack import LocalStack, StackConfig
 
     prepare_bundles(args.bundle, DEFAULT_BUNDLE)
-    stack = LocalStack(StackConfig(bundles=args.bundle, fixed_ports=True))
+    stack = LocalStack(StackConfig(bundles=args.bundle, fixed_ports=True,
+                                   broker_storage=args.broker_storage, milvus=args.milvus))
     stack.start()
     print(f"stack up: ingestion {stack.grpc_target('ingestion')}, matching "
           f"{stack.grpc_target('matching')}, Kafka {stack.kafka_bootstrap}, Milvus "
@@ -300,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     stack = commands.add_parser("stack", help="run the local stack (`stack up`)")
     stack.add_argument("action", choices=["up"])
     stack.add_argument("--bundle", type=Path, action="append", default=None)
+    stack.add_argument("--broker-storage", choices=["s3", "memory"], default="s3",
+                       help="s3: tansu on SeaweedFS, survives restarts (default); memory: faster, volatile")
+    stack.add_argument("--milvus", choices=["server", "lite"], default="server",
+                       help="server: Milvus 2.3 standalone with HNSW (default); lite: Milvus Lite, exact scans")
     stack.set_defaults(run=cmd_stack)
     status = commands.add_parser("status", help="one screen: rates, lag, decisions, DLQ, health")
     status.add_argument("--prometheus", default="http://127.0.0.1:9090")

@@ -138,8 +138,8 @@ def run(items: int, seed: int, kafka_share: float, bundle: Path, keep: bool, out
         from twinstream.learn.base import build_base_bundle
 
         build_base_bundle(bundle)
-    print("starting the stack: tansu broker, Milvus Lite, Triton, 4 services, Prometheus...",
-          flush=True)
+    print("starting the stack: tansu broker on SeaweedFS, Milvus server, Triton, 4 services, "
+          "Prometheus...", flush=True)
     stack = LocalStack(StackConfig(bundles=[bundle], fixed_ports=keep))
     stack.start()
     if stack.dashboard_url:

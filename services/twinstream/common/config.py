@@ -55,8 +55,10 @@ class Settings:
     milvus_uri: str = "var/milvus.db"
     milvus_token: str = ""
     milvus_collection_prefix: str = "twinstream"
-    # Flush Milvus after this many upserted rows (0 = leave it to the server).
-    milvus_flush_rows: int = 2000
+    # Flush Milvus after this many upserted rows: only Milvus Lite needs it (it searches unflushed
+    # rows slowly; the local stack sets 2000 for it). 0 leaves sealing to a Milvus server, where
+    # frequent flushes would only make small segments.
+    milvus_flush_rows: int = 0
     triton_url: str = "127.0.0.1:8001"
     # "triton" (default) or "inprocess": run the bundle's TorchScript encoder in this process.
     encoder_backend: str = "triton"

@@ -16,7 +16,7 @@ from twinstream.common.commands import store_commands
 from twinstream.common.config import Settings
 from twinstream.common.encoding import ContentError, ItemEncoder
 from twinstream.common.kafka import Outgoing
-from twinstream.common.vectorstore import VectorStore, decode_decision, quote, row_key
+from twinstream.common.vectorstore import MATCH_CONSISTENCY, VectorStore, decode_decision, quote, row_key
 from twinstream.matching.requests import (
     BadRequest,
     OverLimit,
@@ -152,6 +152,7 @@ class Matching(matching_pb2_grpc.MatchingServicer):
             hits = self.store.search(
                 live, [vector], limit=k + 1, expr=expr, fields=_RESULT_FIELDS,
                 min_score=request.min_score or None, offset=offset,
+                consistency=MATCH_CONSISTENCY,
             )[0]
         except Exception:
             # Before the model's first item is indexed its collection does not exist: nothing
