@@ -173,19 +173,21 @@ def write_repository(bundles: list[Path], repo_dir: Path, gpu: bool = False, ins
 
 
 def _place_encoder(bundle: Path, version_dir: Path, runtime: str, manifest: dict[str, object]) -> None:
-    """The one encoder file ``runtime`` loads. Bundles written before the ONNX export get it here
-    (half a minute on 2 busy cores), once: a refresh keeps an export newer than its encoder.pt."""
-    source = bundle / "encoder.pt"
-    target = version_dir / ("encoder.pt" if runtime == "torchscript" else "encoder.onnx")
+    """Copy the one encoder file ``runtime`` loads. A bundle written before the ONNX export gets
+    its ``encoder.onnx`` here, once (half a minute on 2 busy cores), beside its ``encoder.pt``
+    (in the repository instead when the bundle folder is read-only)."""
+    name = "encoder.pt" if runtime == "torchscript" else "encoder.onnx"
     (version_dir / ("encoder.onnx" if runtime == "torchscript" else "encoder.pt")).unlink(missing_ok=True)
-    if runtime == "torchscript":
-        shutil.copyfile(source, target)
-    elif (bundle / "encoder.onnx").is_file():
-        shutil.copyfile(bundle / "encoder.onnx", target)
-    elif not (target.is_file() and target.stat().st_mtime >= source.stat().st_mtime):
+    source = bundle / name
+    if not source.is_file() and runtime != "torchscript":
         from twinstream.learn.bundle import export_onnx
 
-        export_onnx(source, target, manifest)
+        try:
+            export_onnx(bundle / "encoder.pt", source, manifest)
+        except OSError:
+            export_onnx(bundle / "encoder.pt", version_dir / name, manifest)
+            return
+    shutil.copyfile(source, version_dir / name)
 
 
 class TritonServer:
