@@ -36,7 +36,6 @@ class Encoder(Protocol):
         """Return (embeddings [B, dim], ood_scores [B]) for one batch of model inputs."""
 
 
-
 class TritonEncoder:
     """Calls the bundle's model on a Triton server over gRPC."""
 
