@@ -28,14 +28,15 @@ class Sizes:
     latency_queries: int = 200      # single-vector searches per size (time-capped)
     recall_queries: int = 500
     max_latency_s: float = 45.0     # cap on the single-query loop per size
-    encoder_seconds: float = 3.0    # per batch size in the bare-encoder sweep
+    encoder_seconds: float = 3.0    # per batch size in the bare-encoder sweep, per turn in the runtime rounds
+    runtime_rounds: int = 5         # interleaved rounds of today's encoder vs OpenVINO
 
     @classmethod
     def quick(cls) -> Sizes:
         """Seconds, not minutes: checks the harness works, says nothing about speed."""
         return cls(items=120, text_items=40, image_items=24, unseen_items=40, vectors=(2_000, 5_000), dims=16,
                    freshness_probes=3, match_queries=10, latency_queries=20, recall_queries=40,
-                   max_latency_s=3.0, encoder_seconds=0.2)
+                   max_latency_s=3.0, encoder_seconds=0.2, runtime_rounds=1)
 
     def scaled(self, items: int) -> Sizes:
         """``--items N``: the records stream is N; text and image streams scale with it."""

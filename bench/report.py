@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,26 @@ def _unseen_md(unseen: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _runtimes_md(runtimes: dict[str, Any] | None) -> list[str]:
+    if not runtimes or not runtimes.get("runs"):
+        return []
+    runs, ratios = runtimes["runs"], runtimes["ratios"]
+    lines = ["### Encoder runtime", "",
+             f"The bare encoder in this process, 64-item batches of the stream, preprocessing included; the "
+             f"configurations take turns in {len(runs[0]['items_per_s'])} rounds. Ratios are against today's "
+             f"({runs[0]['name']}) in the same round: median [min-max].", ""]
+    rows = []
+    for run in runs:
+        ratio = ratios.get(run["name"])
+        rows.append([run["name"], _num(statistics.median(run["items_per_s"]), 1),
+                     _num(statistics.median(run["items_per_cpu_s"]), 1),
+                     f"{_num(ratio['median'])} [{_num(ratio['min'])}-{_num(ratio['max'])}]" if ratio else "1",
+                     f"{_num(ratio['cpu_median'])} [{_num(ratio['cpu_min'])}-{_num(ratio['cpu_max'])}]"
+                     if ratio else "1"])
+    return lines + _table(["encoder", "items/s (median)", "items per CPU-s", "x today, wall", "x today, per CPU-s"],
+                          rows)
+
+
 def _pipeline_md(speed: dict[str, Any]) -> list[str]:
     pipeline, encoder = speed["pipeline"], speed["encoder"]
     best = encoder["best"]
@@ -141,6 +162,7 @@ def _pipeline_md(speed: dict[str, Any]) -> list[str]:
               "stack idle afterwards):", ""]
     lines += _table(["batch", "items/s"], [[str(p["batch"]), _num(p["items_per_s"], 1)] for p in encoder["batches"]]
                     + [[f"{encoder['after']['batch']} (after)", _num(encoder["after"]["items_per_s"], 1)]])
+    lines += _runtimes_md(speed.get("runtimes"))
     fresh = speed["freshness"]
     lines += ["### Freshness (ingest → searchable)", "",
               "One record at a time: unary gRPC Ingest, then Match by its id (itself included) every 5 ms "

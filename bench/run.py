@@ -27,6 +27,7 @@ from typing import Any
 from bench import config, datasets, quality, queries, report, speed, unseen
 from bench.methods import Stream
 from bench.metrics import percentiles
+from twinstream.common.encoder_runtime import default_parallelism
 from twinstream.devstack import REPO_ROOT, LocalStack, StackConfig
 from twinstream.v1 import decisions_pb2, items_pb2
 
@@ -93,7 +94,12 @@ def run_pipeline(bundle: Path, stream: Stream, sizes: config.Sizes, seed: int, e
                  running: LocalStack | None = None) -> speed.PipelineResult:
     """The stack section: bare encoder, a stream through the stack, freshness, Match, memory.
     Starts a stack of its own with ``bundle`` unless given a ``running`` one (serving ``bundle``)."""
-    encoder = encoders.get(bundle)
+    served_root = REPO_ROOT / "var" / "bench-runtime"
+    log.info("encoder runtimes: today's TorchScript vs OpenVINO, %d interleaved rounds", sizes.runtime_rounds)
+    runtimes = speed.runtime_comparison(bundle, served_root, stream.contents, stream.modality,
+                                        sizes.runtime_rounds, sizes.encoder_seconds)
+    # The efficiency baseline runs what Triton runs: the same runtime, precision and threads.
+    encoder = speed.served_encoder(bundle, served_root, threads=default_parallelism(speed.cpu_count())[1])
     batches = speed.default_batch_sizes(sizes.items < 500)
     log.info("bare encoder sweep (batches %s)", batches)
     before = speed.encoder_sweep(encoder, stream.contents, stream.modality, batches, sizes.encoder_seconds)
@@ -121,7 +127,7 @@ def run_pipeline(bundle: Path, stream: Stream, sizes: config.Sizes, seed: int, e
     finally:
         if running is None:
             stack.stop()
-    return speed.PipelineResult(str(bundle), run, before, after, fresh, matching, memory, cpu_s)
+    return speed.PipelineResult(str(bundle), run, before, after, fresh, matching, memory, cpu_s, runtimes=runtimes)
 
 
 def _pipeline_json(result: speed.PipelineResult) -> dict[str, Any]:
@@ -145,6 +151,7 @@ def _pipeline_json(result: speed.PipelineResult) -> dict[str, Any]:
         "matching": asdict(result.matching),
         "memory_mib": result.memory_mib,
         "cpu_seconds_during_stream": result.cpu_s,
+        "runtimes": {"runs": [asdict(r) for r in result.runtimes], "ratios": speed.runtime_ratios(result.runtimes)},
     }
 
 

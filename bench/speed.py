@@ -1,7 +1,9 @@
 """Speed through the running stack, each figure next to its baseline from the same run.
 
-* the bare encoder: the bundle's TorchScript module called in this process, preprocessing
-  included, at several batch sizes (the best is the pipeline's ceiling);
+* the bare encoder: the bundle's encoder called in this process with the runtime, precision and
+  threads Triton serves it with, preprocessing included, at several batch sizes (the best is the
+  pipeline's ceiling);
+* encoder runtimes: today's TorchScript (2 threads) against OpenVINO, interleaved rounds;
 * the pipeline: items/s from the first gRPC ingest to the last decision on ``items.decisions``;
 * freshness: ingest one item over gRPC, poll Matching until a Match finds it;
 * the Match API over gRPC, next to the bare Milvus search it wraps;
@@ -23,7 +25,9 @@ import numpy as np
 from bench.methods import Stream
 from bench.metrics import percentiles
 from twinstream.client import TwinstreamClient
-from twinstream.common.encoding import ItemEncoder
+from twinstream.common.bundle import ModelBundle
+from twinstream.common.encoder_runtime import SUB_BATCH, load_runtime
+from twinstream.common.encoding import InProcessEncoder, ItemEncoder
 from twinstream.common.kafka import TopicReader
 from twinstream.common.vectorstore import VectorStore, row_key, scope_filter
 from twinstream.devstack import LocalStack
@@ -53,6 +57,88 @@ def encoder_sweep(encoder: ItemEncoder, contents: Sequence[bytes], modality: int
             position, done = position + batch, done + batch
         points.append(EncoderPoint(batch, done / (time.perf_counter() - started)))
     return points
+
+
+# -- encoder runtimes ------------------------------------------------------------------------------
+TODAY = "torchscript f32, 2 threads, one 64-row batch (before issue 13)"
+
+
+def served_folder(bundle_dir: Path, root: Path) -> Path:
+    """The version folder of a Triton repository written for ``bundle_dir`` under ``root``: the
+    very files (encoder.onnx, encoder_runtime.py) Triton serves, for in-process baselines."""
+    from twinstream.learn.triton_repo import write_repository
+
+    write_repository([bundle_dir], root)
+    bundle = ModelBundle.load(bundle_dir)
+    return root / bundle.name / bundle.version
+
+
+def served_encoder(bundle_dir: Path, root: Path, threads: int = 1) -> ItemEncoder:
+    """The bundle's encoder in this process with the runtime and precision Triton serves it with."""
+    bundle = ModelBundle.load(bundle_dir)
+    runtime = load_runtime(served_folder(bundle_dir, root), "openvino", "auto", threads, SUB_BATCH, bundle.inputs)
+    return ItemEncoder(bundle, InProcessEncoder(bundle, runtime))
+
+
+@dataclass
+class RuntimeRun:
+    """One encoder configuration over the repeated rounds."""
+
+    name: str
+    runtime: str
+    precision: str
+    threads: int
+    items_per_s: list[float] = field(default_factory=list)       # wall clock, one per round
+    items_per_cpu_s: list[float] = field(default_factory=list)   # items per CPU-second of this process
+
+
+def runtime_comparison(bundle_dir: Path, root: Path, contents: Sequence[bytes], modality: int, rounds: int,
+                       seconds: float) -> list[RuntimeRun]:
+    """Items/s of today's encoder (TorchScript, 2 intra-op threads, one 64-row batch) against
+    OpenVINO (the precision Triton picks, length buckets) with 1 and 2 threads, preprocessing
+    included, on the same 64-item batches; the configurations take turns in every round (the
+    order rotating) so load from elsewhere falls on all of them alike."""
+    import torch
+
+    bundle = ModelBundle.load(bundle_dir)
+    folder = served_folder(bundle_dir, root)
+    today = ItemEncoder(bundle, InProcessEncoder(bundle))
+    entries: list[tuple[RuntimeRun, ItemEncoder, int]] = [(RuntimeRun(TODAY, "torchscript", "f32", 2), today, 2)]
+    for threads in (1, 2):
+        runtime = load_runtime(folder, "openvino", "auto", threads, SUB_BATCH, bundle.inputs)
+        name = f"openvino {runtime.precision}, {threads} thread{'s' if threads > 1 else ''}, buckets of {SUB_BATCH}"
+        entries.append((RuntimeRun(name, "openvino", runtime.precision, threads),
+                        ItemEncoder(bundle, InProcessEncoder(bundle, runtime)), threads))
+    batch = 64
+    prepared = [today.model_input(modality, c) for c in contents]
+    for encoder in {id(e): e for _, e, _ in entries}.values():
+        encoder.encode(prepared[:batch])  # warm-up: compile, allocate
+    for round_ in range(rounds):
+        for k in range(len(entries)):
+            run, encoder, threads = entries[(round_ + k) % len(entries)]
+            torch.set_num_threads(threads)
+            done, position = 0, 0
+            wall, cpu = time.perf_counter(), time.process_time()
+            while done < 2 * batch or time.perf_counter() - wall < seconds:
+                chunk = [contents[(position + j) % len(contents)] for j in range(batch)]
+                encoder.encode([encoder.model_input(modality, c) for c in chunk])
+                position, done = position + batch, done + batch
+            run.items_per_s.append(done / (time.perf_counter() - wall))
+            run.items_per_cpu_s.append(done / max(1e-9, time.process_time() - cpu))
+    torch.set_num_threads(2)
+    return [run for run, _, _ in entries]
+
+
+def runtime_ratios(runs: list[RuntimeRun]) -> dict[str, dict[str, float]]:
+    """Per configuration: items/s over today's, round by round (median, min, max), wall and CPU."""
+    today = runs[0]
+    out = {}
+    for run in runs[1:]:
+        wall = [a / b for a, b in zip(run.items_per_s, today.items_per_s, strict=True)]
+        cpu = [a / b for a, b in zip(run.items_per_cpu_s, today.items_per_cpu_s, strict=True)]
+        out[run.name] = {"median": float(np.median(wall)), "min": min(wall), "max": max(wall),
+                         "cpu_median": float(np.median(cpu)), "cpu_min": min(cpu), "cpu_max": max(cpu)}
+    return out
 
 
 # -- the pipeline --------------------------------------------------------------------------------
@@ -261,6 +347,7 @@ class PipelineResult:
     matching: MatchingLatency
     memory_mib: dict[str, float]
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per process tree during the stream
+    runtimes: list[RuntimeRun] = field(default_factory=list)  # today's encoder vs OpenVINO, interleaved
     notes: list[str] = field(default_factory=list)
 
     @property

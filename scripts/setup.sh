@@ -32,15 +32,18 @@ if ! stamp_ok .venv/.twinstream-stamp "$main_key"; then
   echo "$main_key" > .venv/.twinstream-stamp
 fi
 
-triton_key="nvidia-pytriton==0.7.0 numpy<2 $TORCH_SPEC"
+# openvino runs the encoder inside Triton's python backend; its wheel accepts numpy 1.16-2.5,
+# so it installs next to numpy<2 (keep the pin equal to pyproject.toml's).
+OPENVINO_SPEC="openvino==2026.4.1"
+triton_key="nvidia-pytriton==0.7.0 numpy<2 $TORCH_SPEC $OPENVINO_SPEC"
 if ! stamp_ok .venv-triton/.twinstream-stamp "$triton_key"; then
   log "creating .venv-triton (Triton Inference Server 2.51, python backend, CPU)"
   [ -x .venv-triton/bin/python ] || "$PY" -m venv .venv-triton
   # shellcheck disable=SC2086
   .venv-triton/bin/python -m pip install -q $TORCH_SPEC 2>&1 | grep -v '^WARNING: Location' || true
-  .venv-triton/bin/python -m pip install -q "nvidia-pytriton==0.7.0" "numpy<2" 2>&1 \
+  .venv-triton/bin/python -m pip install -q "nvidia-pytriton==0.7.0" "numpy<2" "$OPENVINO_SPEC" 2>&1 \
     | grep -v '^WARNING: Location' || true
-  .venv-triton/bin/python -c "import torch, numpy, pytriton" \
+  .venv-triton/bin/python -c "import torch, numpy, pytriton, openvino; assert numpy.__version__ < '2'" \
     || { log "the .venv-triton install failed"; exit 1; }
   echo "$triton_key" > .venv-triton/.twinstream-stamp
 fi

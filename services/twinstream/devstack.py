@@ -307,6 +307,7 @@ class StackConfig:
     embedding_bundles: list[Path] | None = None
     partitions: int = 4
     encoder_backend: str = "triton"     # or "inprocess" (explicit fallback)
+    triton_runtime: str = "openvino"    # or "torchscript" (fallback): what Triton runs the encoder with
     prometheus: bool = True
     alertmanager: bool = True           # needs prometheus
     # Tests only: every alert's `for:` in this stack's copy of the rules (e.g. "5s"), so an alert
@@ -464,7 +465,7 @@ class LocalStack:
         from twinstream.learn.triton_repo import TritonServer, write_repository
 
         repo = self.root / "triton-repository"
-        write_repository(list(self.config.bundles), repo)
+        write_repository(list(self.config.bundles), repo, runtime=self.config.triton_runtime)
         server = TritonServer(repo, log_path=self.root / "logs" / "triton.log")
         server.start()
         self.triton = server

@@ -1,4 +1,5 @@
-"""The real Triton server serves a bundle exactly as the in-process TorchScript module computes it."""
+"""The real Triton server serves a bundle as the in-process fp32 TorchScript module computes it,
+with every runtime it can serve (OpenVINO f32 and bf16, TorchScript)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,30 @@ import numpy as np
 import pytest
 import torch
 
+from twinstream.common.bundle import ModelBundle
+from twinstream.common.encoding import InProcessEncoder, ItemEncoder, TritonEncoder
+from twinstream.demo import febrl_items
 from twinstream.learn.encoders import load_tokenizer
 from twinstream.learn.triton_repo import TritonServer, write_repository
+from twinstream.v1 import items_pb2
 
 TOLERANCE = 1e-4  # absolute, on embeddings and OOD scores (float32, same weights, other process)
+AGREEMENT = 0.9999  # least mean cosine of a served embedding with fp32 torch's (issue 13)
+OOD_TOLERANCE = 0.005  # most an OOD score may move (bf16 measured <= 0.005 on 1000 FEBRL records)
+
+
+def _cpu_has_bf16() -> bool:
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+SERVED = [
+    pytest.param("openvino", "f32", id="openvino-f32"),
+    pytest.param("openvino", "bf16", id="openvino-bf16", marks=pytest.mark.skipif(
+        not _cpu_has_bf16(), reason="this CPU has no BF16 (OpenVINO would run f32): bf16 is checked where it has")),
+    pytest.param("torchscript", "f32", id="torchscript-f32"),
+]
 
 TEXTS = [
     "given name: ada | surname: lovelace | suburb: marylebone",
@@ -38,15 +59,71 @@ def _in_process(bundle: Path, ids: np.ndarray, mask: np.ndarray) -> tuple[np.nda
 
 
 def test_repository_layout(base_bundle: Path, tmp_path: Path) -> None:
-    write_repository([base_bundle], tmp_path / "repo")
+    write_repository([base_bundle], tmp_path / "repo", instances=2, threads=1)
+    write_repository([base_bundle], tmp_path / "ts-repo", runtime="torchscript")
     write_repository([base_bundle], tmp_path / "gpu-repo", gpu=True)
     config = (tmp_path / "repo" / "twinstream_text" / "config.pbtxt").read_text()
-    assert 'backend: "python"' in config and "KIND_CPU" in config and "dynamic_batching" in config
+    assert 'backend: "python"' in config and "KIND_CPU count: 2" in config and "dynamic_batching" in config
     assert 'name: "embedding"' in config and "dims: [ 384 ]" in config
-    assert {p.name for p in (tmp_path / "repo" / "twinstream_text" / "1").iterdir()} == {"model.py", "encoder.pt"}
+    assert 'key: "runtime" value: { string_value: "openvino" }' in config
+    assert 'key: "precision" value: { string_value: "auto" }' in config
+    assert 'key: "threads" value: { string_value: "1" }' in config
+    assert ({p.name for p in (tmp_path / "repo" / "twinstream_text" / "1").iterdir()}
+            == {"model.py", "encoder_runtime.py", "encoder.onnx"})
+    assert ({p.name for p in (tmp_path / "ts-repo" / "twinstream_text" / "1").iterdir()}
+            == {"model.py", "encoder_runtime.py", "encoder.pt"})
     gpu_config = (tmp_path / "gpu-repo" / "twinstream_text" / "config.pbtxt").read_text()
     assert 'platform: "pytorch_libtorch"' in gpu_config and "KIND_GPU" in gpu_config
-    assert (tmp_path / "gpu-repo" / "twinstream_text" / "1" / "model.pt").is_file()
+    assert "parameters" not in gpu_config
+    assert {p.name for p in (tmp_path / "gpu-repo" / "twinstream_text" / "1").iterdir()} == {"model.pt"}
+
+
+def test_an_unknown_runtime_is_refused(base_bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown encoder runtime"):
+        write_repository([base_bundle], tmp_path / "repo", runtime="onnxruntime-int8")
+
+
+def test_the_bundle_ships_its_onnx_export_and_runtime(base_bundle: Path) -> None:
+    manifest = json.loads((base_bundle / "manifest.json").read_text())
+    assert manifest["runtime"]["name"] == "openvino" and manifest["runtime"]["precision"] == "auto"
+    assert (base_bundle / manifest["runtime"]["file"]).is_file()
+    assert manifest["runtime"]["fallback"]["name"] == "torchscript"
+
+
+def _duplicate_calls(vectors: np.ndarray, threshold: float) -> list[int | None]:
+    """What the indexer decides per item in arrival order: its best earlier item, if a duplicate."""
+    scores = vectors @ vectors.T
+    calls: list[int | None] = [None]
+    for i in range(1, len(vectors)):
+        best = int(np.argmax(scores[i, :i]))
+        calls.append(best if scores[i, best] >= threshold else None)
+    return calls
+
+
+@pytest.mark.parametrize(("runtime", "precision"), SERVED)
+def test_served_embeddings_agree_with_fp32_torch(base_bundle: Path, tmp_path: Path, runtime: str,
+                                                 precision: str) -> None:
+    bundle = ModelBundle.load(base_bundle)
+    reference = ItemEncoder(bundle, InProcessEncoder(bundle))
+    records = [json.dumps(fields).encode() for _, fields in febrl_items(300, seed=13)]
+    prepared = [reference.model_input(items_pb2.RECORD, r) for r in records]
+    expected = reference.encode(prepared)
+    repo = tmp_path / "repo"
+    write_repository([base_bundle], repo, runtime=runtime, precision=precision)
+    with TritonServer(repo, log_path=tmp_path / "triton.log") as server:
+        served_encoder = TritonEncoder(bundle, server.grpc_url)
+        served = ItemEncoder(bundle, served_encoder).encode(prepared)  # several requests in flight
+        metrics = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    info = [line for line in metrics.splitlines() if line.startswith("twinstream_encoder_runtime_info{")]
+    assert info and all(f'precision="{precision}"' in line and f'runtime="{runtime}"' in line for line in info)
+    cosine = (served.vectors * expected.vectors).sum(axis=1)
+    assert cosine.mean() >= AGREEMENT, (cosine.mean(), cosine.min())
+    record = bundle.for_modality(items_pb2.RECORD)
+    assert (_duplicate_calls(served.vectors, record.duplicate_threshold)
+            == _duplicate_calls(expected.vectors, record.duplicate_threshold))
+    assert np.abs(served.ood_scores - expected.ood_scores).max() <= OOD_TOLERANCE
+    np.testing.assert_array_equal(served.ood_scores > record.ood_threshold,
+                                  expected.ood_scores > record.ood_threshold)
 
 
 def test_triton_matches_torchscript(base_bundle: Path, tmp_path: Path) -> None:
@@ -91,7 +168,7 @@ def test_triton_matches_torchscript(base_bundle: Path, tmp_path: Path) -> None:
 def test_failed_start_reports_the_log(base_bundle: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     write_repository([base_bundle], repo)
-    (repo / "twinstream_text" / "1" / "encoder.pt").write_bytes(b"not a torchscript file")
+    (repo / "twinstream_text" / "1" / "encoder.onnx").write_bytes(b"not an onnx file")
     server = TritonServer(repo, log_path=tmp_path / "triton.log", ready_timeout_s=120)
     with pytest.raises((RuntimeError, TimeoutError)) as failure, server:
         pass

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import math
+import queue
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from twinstream.common.bundle import ModelBundle
+from twinstream.common.encoder_runtime import Runtime, TorchScriptRuntime
 from twinstream.common.errors import TransientError
 from twinstream.common.metrics import ENCODER_SECONDS
 from twinstream.v1 import items_pb2
@@ -101,6 +103,9 @@ class TritonEncoder:
     """Calls the bundle's model on a Triton server over gRPC."""
 
     backend = "triton"
+    # Rows per request: a poll goes out as several requests in flight, which Triton merges up to
+    # the model's max batch; each is padded only to its own longest row.
+    request_size = 16
 
     def __init__(self, bundle: ModelBundle, url: str, timeout_s: float = 60.0) -> None:
         import tritonclient.grpc as triton_grpc
@@ -133,27 +138,58 @@ class TritonEncoder:
                 )
             time.sleep(0.5)
 
-    def encode(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        grpc = self._grpc
+    def _tensors(self, inputs: dict[str, np.ndarray]) -> list[Any]:
         tensors = []
         for name, array in inputs.items():
             dtype = "INT64" if array.dtype == np.int64 else "FP32"
-            tensor = grpc.InferInput(name, list(array.shape), dtype)
+            tensor = self._grpc.InferInput(name, list(array.shape), dtype)
             tensor.set_data_from_numpy(array)
             tensors.append(tensor)
+        return tensors
+
+    def encode(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         try:
             result = self.client.infer(
                 self.bundle.name,
-                tensors,
+                self._tensors(inputs),
                 model_version=self.bundle.version,
-                outputs=[grpc.InferRequestedOutput("embedding"),
-                         grpc.InferRequestedOutput("ood_score")],
+                outputs=self._outputs(),
                 client_timeout=self.timeout_s,
             )
         except Exception as exc:
             if triton_transient(exc):
                 raise TransientError(f"Triton unavailable: {exc}") from exc
             raise
+        return self._unpack(result)
+
+    def encode_many(self, batches: Sequence[dict[str, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Send every batch at once (Triton's dynamic batcher merges them into full executions
+        while the next ones travel) and wait for all; the first failure is raised as ``infer``
+        would raise it, after every answer is in."""
+        answers: queue.Queue[tuple[int, Any, Any]] = queue.Queue()
+        for index, inputs in enumerate(batches):
+            self.client.async_infer(
+                self.bundle.name, self._tensors(inputs),
+                callback=lambda result, error, index=index: answers.put((index, result, error)),
+                model_version=self.bundle.version, outputs=self._outputs(), client_timeout=self.timeout_s)
+        results: dict[int, Any] = {}
+        failure: Exception | None = None
+        for _ in batches:
+            # client_timeout bounds each answer; this guards a callback that never comes.
+            index, result, error = answers.get(timeout=self.timeout_s + 30)
+            if error is not None:
+                failure = failure or error
+            results[index] = result
+        if failure is not None:
+            if triton_transient(failure):
+                raise TransientError(f"Triton unavailable: {failure}") from failure
+            raise failure
+        return [self._unpack(results[i]) for i in range(len(batches))]
+
+    def _outputs(self) -> list[Any]:
+        return [self._grpc.InferRequestedOutput("embedding"), self._grpc.InferRequestedOutput("ood_score")]
+
+    def _unpack(self, result: Any) -> tuple[np.ndarray, np.ndarray]:
         embedding = result.as_numpy("embedding")
         ood = result.as_numpy("ood_score")
         if embedding is None or ood is None:
@@ -179,23 +215,20 @@ _TRITON_TRANSIENT = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
 
 
 class InProcessEncoder:
-    """Runs the bundle's TorchScript encoder in this process (explicit fallback only)."""
+    """Runs the bundle's encoder in this process (explicit fallback, and the bench's baseline).
+    By default today's TorchScript module as it is (no bucketing, torch's threads); the bench
+    passes the runtime Triton serves (``encoder_runtime.load_runtime``) to compare like with like."""
 
     backend = "inprocess"
 
-    def __init__(self, bundle: ModelBundle) -> None:
-        import torch
-
-        self._torch = torch
+    def __init__(self, bundle: ModelBundle, runtime: Runtime | None = None) -> None:
         self.bundle = bundle
-        self.module = torch.jit.load(str(bundle.path / "encoder.pt"), map_location="cpu").eval()
+        self.runtime = runtime or TorchScriptRuntime(bundle.path / "encoder.pt", threads=0, sub_batch=0,
+                                                     input_names=bundle.inputs)
 
     def encode(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        torch = self._torch
-        with torch.inference_mode():
-            args = [torch.from_numpy(inputs[name]) for name in self.bundle.inputs]
-            embedding, ood = self.module(*args)
-        return embedding.numpy().astype(np.float32), ood.reshape(-1).numpy().astype(np.float32)
+        embedding, ood = self.runtime(inputs)
+        return embedding.astype(np.float32), ood.reshape(-1).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -247,12 +280,22 @@ class ItemEncoder:
         if not prepared:
             return Embedded(np.zeros((0, self.bundle.dim), np.float32), np.zeros(0, np.float32))
         vectors, oods = [], []
+        encode_many = getattr(self.encoder, "encode_many", None)
         step = max(1, self.bundle.max_batch_size)
-        for start in range(0, len(prepared), step):
-            chunk = prepared[start:start + step]
+        if encode_many is not None:
+            step = min(step, max(1, int(getattr(self.encoder, "request_size", step))))
+        batches = [self._tensors(prepared[start:start + step]) for start in range(0, len(prepared), step)]
+        if encode_many is not None:
             started = time.perf_counter()
-            embedding, ood = self.encoder.encode(self._tensors(chunk))
+            answers = encode_many(batches)
             ENCODER_SECONDS.labels(self.backend).observe(time.perf_counter() - started)
+        else:
+            answers = []
+            for batch in batches:
+                started = time.perf_counter()
+                answers.append(self.encoder.encode(batch))
+                ENCODER_SECONDS.labels(self.backend).observe(time.perf_counter() - started)
+        for embedding, ood in answers:
             vectors.append(embedding)
             oods.append(ood)
         return Embedded(np.concatenate(vectors), np.concatenate(oods))

@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import json
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,11 +121,43 @@ def write_bundle(out_dir: Path, calibrated: Calibrated, modality: Modality, vers
         shutil.copyfile(tokenizer_file, out_dir / "tokenizer.json")
     manifest: dict[str, object] = {"name": modality.bundle_name, "version": version,
                                    **modality.manifest_fields(), "max_batch_size": 64,
-                                   **calibrated.fitted, **(extra or {})}
+                                   "runtime": ENCODER_RUNTIME, **calibrated.fitted, **(extra or {})}
     manifest["preprocessing_digest"] = preprocessing_digest(manifest, tokenizer_file)
+    export_onnx(out_dir / "encoder.pt", out_dir / "encoder.onnx", manifest)
     manifest["created_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+# What a bundle is served with (docs/model-bundle.md): OpenVINO on encoder.onnx, bf16 where the
+# serving CPU computes it natively and f32 otherwise (chosen when Triton loads the model).
+ENCODER_RUNTIME: dict[str, object] = {"name": "openvino", "file": "encoder.onnx", "precision": "auto",
+                                      "opset": 17, "fallback": {"name": "torchscript", "file": "encoder.pt",
+                                                                "precision": "f32"}}
+
+
+def export_onnx(encoder_pt: Path, target: Path, manifest: dict[str, Any]) -> Path:
+    """Export a bundle's TorchScript encoder to ONNX (opset 17, dynamic batch and sequence axes)
+    for OpenVINO; it computes what the TorchScript module does to ~1e-6."""
+    module = torch.jit.load(str(encoder_pt), map_location="cpu").eval()
+    names = list(manifest.get("inputs", ["input_ids", "attention_mask"]))
+    if names == ["pixels"]:
+        size = int(manifest["image_size"])
+        example: tuple[torch.Tensor, ...] = (torch.zeros(2, 3, size, size),)
+        axes: dict[str, dict[int, str]] = {"pixels": {0: "batch"}}
+    else:
+        example = tuple(torch.ones(2, 8, dtype=torch.int64) for _ in names)
+        axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    axes.update({"embedding": {0: "batch"}, "ood_score": {0: "batch"}})
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    # The traced module holds inference-mode constants: export under inference mode too.
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about the shapes declared dynamic above
+        torch.onnx.export(module, example, str(partial), dynamo=False, opset_version=17,
+                          input_names=names, output_names=["embedding", "ood_score"], dynamic_axes=axes)
+    partial.replace(target)
+    return target
 
 
 def load_bundle_module(bundle_dir: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
