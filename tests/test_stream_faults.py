@@ -253,3 +253,18 @@ def test_a_broker_restart_is_recovered_without_an_operator(faults: LocalStack, t
     assert health(faults, "ingestion") == health_pb2.HealthCheckResponse.SERVING
     for service in ("embedding", "indexing"):
         faults.wait_serving(service, timeout_s=60)
+
+
+def test_the_supervisor_revives_a_crashed_triton_and_items_are_decided(
+        faults: LocalStack, tenant: str) -> None:
+    """Case 13: the dev stack restarts a crashed Triton by itself (``stack up`` and ``demo
+    --keep`` run ``supervise``; one revival round here), and items sent during the crash are
+    decided once it is back."""
+    assert faults.crashed() == []
+    faults.crash("triton")
+    assert faults.crashed() == ["triton"]
+    with TwinstreamClient(faults.grpc_target("ingestion"), retry_budget_s=0) as client:
+        client.ingest(text("crashed", "sent while Triton was down", tenant))
+    assert faults.revive_crashed() == ["triton"]
+    assert faults.crashed() == []
+    read_decisions(faults, ["crashed"], tenant, timeout_s=120)

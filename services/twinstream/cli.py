@@ -18,6 +18,7 @@ import argparse
 import importlib
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -129,12 +130,14 @@ def cmd_stack(args: argparse.Namespace) -> int:
           f"{stack.milvus_uri}, Triton {stack.triton_url}, Prometheus {stack.prometheus_url}")
     if stack.dashboard_url:
         print(f"dashboard: {stack.dashboard_url}   alerts: {stack.alertmanager_url}")
+    print("crashed pieces are restarted (a supervisor, as the kubelet is in a cluster)", flush=True)
+    stopping = threading.Event()
     try:
-        while True:
-            time.sleep(3600)
+        stack.supervise(stopping)
     except KeyboardInterrupt:
         pass
     finally:
+        stopping.set()
         stack.stop()
     return 0
 

@@ -155,8 +155,7 @@ def run(items: int, seed: int, kafka_share: float, bundle: Path, keep: bool, out
               f"alerts {stack.alertmanager_url}, `twinstream status` for a terminal summary",
               flush=True)
         with contextlib.suppress(KeyboardInterrupt):
-            while True:
-                time.sleep(3600)
+            stack.supervise(threading.Event())
         return report
     finally:
         stack.stop()

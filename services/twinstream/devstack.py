@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -558,6 +559,37 @@ class LocalStack:
             starters[name]()
         else:
             self.start_service(name)
+
+    def crashed(self) -> list[str]:
+        """The pieces that have exited (not the frozen ones: a stopped process is alive)."""
+        dead = [name for name, process in self.processes.items() if not process.alive]
+        triton = self.triton.process if self.triton is not None else None
+        if triton is not None and triton.poll() is not None:
+            dead.append("triton")
+        return dead
+
+    def revive_crashed(self) -> list[str]:
+        """Restart every piece that has exited, on its ports and data (what a process supervisor,
+        or the kubelet in a cluster, does); returns their names. Infrastructure comes back first,
+        so services reconnect to it rather than exit again."""
+        order = {"storage": 0, "broker": 1, "milvus": 2, "triton": 3}
+        dead = sorted(self.crashed(), key=lambda name: order.get(name, 9))
+        for name in dead:
+            log.warning("restarting a crashed piece of the stack", extra={"piece": name})
+            if name in ("prometheus", "alertmanager"):
+                getattr(self, f"_start_{name}")()
+            else:
+                self.restart(name)
+        return dead
+
+    def supervise(self, stopping: threading.Event, interval_s: float = 2.0) -> None:
+        """Revive crashed pieces until ``stopping`` is set (``twinstream stack up``, demo --keep).
+        The tests leave this off: they crash pieces on purpose and restart them themselves."""
+        while not stopping.wait(interval_s):
+            try:
+                self.revive_crashed()
+            except Exception:  # a piece that cannot start now is tried again next round
+                log.warning("could not restart a crashed piece; trying again", exc_info=True)
 
     def freeze(self, name: str) -> None:
         """SIGSTOP: the process stops answering and heartbeating, as on a long GC pause."""
