@@ -20,6 +20,7 @@ labels to pick a threshold.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -98,32 +99,40 @@ class Bundles:
         return {items_pb2.RECORD: self.records, items_pb2.TEXT: self.text}.get(modality, self.images)
 
 
-def measure(unseen: UnseenSet, bundles: Bundles, encoders: Encoders, retsim_python: Path | None) -> DatasetResult:
-    """Every applicable method on one set's stream."""
+def set_texts(unseen: UnseenSet) -> list[str] | None:
+    """What the text methods see: a record's values joined, a text as it is; None for images."""
+    stream = unseen.stream
+    if stream.modality == items_pb2.RECORD:
+        return [record_text(c) for c in stream.contents]
+    if stream.modality == items_pb2.TEXT:
+        return [c.decode() for c in stream.contents]
+    return None
+
+
+def measure(unseen: UnseenSet, bundles: Bundles, encoders: Encoders,
+            retsim_vectors: np.ndarray | str) -> DatasetResult:
+    """Every applicable method on one set's stream (``retsim_vectors``: the set's RETSim
+    embeddings, or why there are none)."""
     started = time.perf_counter()
     stream = unseen.stream
     result = DatasetResult(unseen.name, unseen.source, len(stream), unseen.entities, 0)
-    texts: list[str] | None = None
     if stream.modality == items_pb2.RECORD:
         try:
             result.rows.append(row("recordlinkage: SNI + ECM, all columns (unsupervised)", "baseline",
                                    "ECM match", pair_links(stream, ecm_all_columns(record_frame(stream)))))
         except (ValueError, ZeroDivisionError, np.linalg.LinAlgError) as exc:
             result.notes.append(f"recordlinkage ECM failed on this set: {exc}")
-        texts = [record_text(c) for c in stream.contents]
-    elif stream.modality == items_pb2.TEXT:
-        texts = [c.decode() for c in stream.contents]
+    texts = set_texts(unseen)
     if texts is not None:
         links = minhash_links(texts, stream.entities, MinHashConfig())
         result.rows.append(row("MinHash LSH (datasketch)", "baseline", f"Jaccard >= {MINHASH_JACCARD}",
                                at_threshold(links, MINHASH_JACCARD), MINHASH_JACCARD))
-        try:
-            vectors = retsim.embed(texts, retsim.interpreter(retsim_python))
+        if isinstance(retsim_vectors, str):
+            result.notes.append(f"RETSim left out: {retsim_vectors}")
+        else:
             result.rows.append(row("RETSim (unisim 1.0.1)", "baseline", f"cosine >= {RETSIM_THRESHOLD} (default)",
-                                   at_threshold(dense_links(vectors, stream.entities), RETSIM_THRESHOLD),
+                                   at_threshold(dense_links(retsim_vectors, stream.entities), RETSIM_THRESHOLD),
                                    RETSIM_THRESHOLD))
-        except retsim.RetsimUnavailable as exc:
-            result.notes.append(f"RETSim left out: {exc}")
     else:
         result.rows.append(row("pHash (imagehash, 64 bit)", "baseline", f"Hamming <= {PHASH_HAMMING}",
                                phash_links(stream), 1 - 2 * PHASH_HAMMING / 64))
@@ -133,12 +142,25 @@ def measure(unseen: UnseenSet, bundles: Bundles, encoders: Encoders, retsim_pyth
     return result
 
 
+def retsim_all(sets: Sequence[UnseenSet], retsim_python: Path | None) -> list[np.ndarray | str]:
+    """RETSim embeddings of every set's texts, in one run of its interpreter (it loads slowly)."""
+    texts = [set_texts(s) or [] for s in sets]
+    if not any(texts):
+        return ["no text"] * len(sets)
+    try:
+        vectors = retsim.embed([t for ts in texts for t in ts], retsim.interpreter(retsim_python))
+    except retsim.RetsimUnavailable as exc:
+        return [str(exc)] * len(sets)
+    bounds = np.cumsum([0, *(len(t) for t in texts)])
+    return [vectors[a:b] for a, b in itertools.pairwise(bounds)]
+
+
 def run(names: Sequence[str], limit: int, seed: int, bundles: Bundles, encoders: Encoders,
         retsim_python: Path | None) -> list[tuple[UnseenSet, DatasetResult]]:
-    out = []
+    sets = []
     for name in names:
         log.info("unseen set %s", name)
-        unseen = load(name, limit, seed)
-        out.append((unseen, measure(unseen, bundles, encoders, retsim_python)))
-    return out
-
+        sets.append(load(name, limit, seed))
+    embedded = retsim_all(sets, retsim_python)
+    return [(unseen, measure(unseen, bundles, encoders, vectors)) for unseen, vectors in zip(sets, embedded,
+                                                                                             strict=True)]

@@ -6,6 +6,8 @@
   twinstream match ...                 top-k similar items for an item id, text or file
   twinstream train|evaluate|temperature-study ...   the learning side (see docs/learn.md)
   twinstream base-bundle --out DIR     build the untrained MiniLM bundle
+  twinstream adapt --tenant T --collection C   fine-tune a new model version on that collection's
+                                       own items, no labels (docs/learn.md)
   twinstream reembed --bundle DIR      fill a new model version's collection from items.accepted
   twinstream promote --model M --version V   switch the live alias to that version
 """
@@ -112,6 +114,59 @@ def cmd_stack(args: argparse.Namespace) -> int:
     return 0
 
 
+def accepted_items(tenant: str, collection: str, timeout_s: float) -> tuple[list[tuple[str, bytes]], bool]:
+    """The collection's items retained on items.accepted, from the beginning to the end offsets
+    as of now (the latest version of each item id); and whether the read got to those ends."""
+    from twinstream.common.config import Settings
+    from twinstream.common.kafka import TopicReader
+
+    settings = Settings.from_env("cli")
+    reader = TopicReader(settings, settings.topics.accepted)
+    try:
+        ends = reader.consumer.end_offsets(reader.partitions)
+
+        def caught_up(_: object) -> bool:
+            return all(reader.consumer.position(tp) >= end for tp, end in ends.items())
+
+        records = reader.read_until(caught_up, timeout_s) if any(ends.values()) else []
+        complete = caught_up(None)
+    finally:
+        reader.close()
+    latest: dict[str, tuple[str, bytes]] = {}
+    for record in records:
+        accepted = items_pb2.AcceptedItem.FromString(record.value)  # written by ingestion, never raw input
+        item = accepted.item
+        if item.tenant == tenant and item.collection == collection:
+            latest[item.item_id] = (items_pb2.Modality.Name(item.modality).lower(), item.content)
+    return list(latest.values()), complete
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    """Adapt on a JSONL file of the collection's items, or on what items.accepted retains of it."""
+    from twinstream.learn.adapt import read_jsonl
+    from twinstream.learn.cli import run_adapt
+
+    if args.items is not None:
+        return run_adapt(args, read_jsonl(args.items), str(args.items))
+    items, complete = accepted_items(args.tenant, args.collection, args.read_timeout)
+    if not complete:
+        print(f"adapt: items.accepted was not read to its end in {args.read_timeout:.0f}s; "
+              f"adapting on the {len(items)} items read", file=sys.stderr)
+    return run_adapt(args, items, "items.accepted")
+
+
+def adapt_main(argv: list[str]) -> int:
+    """``twinstream adapt``: its parser is built only when asked for (it imports the learning side)."""
+    from twinstream.learn.cli import adapt_options
+
+    parser = argparse.ArgumentParser(prog="twinstream adapt", description=cmd_adapt.__doc__)
+    adapt_options(parser)
+    parser.add_argument("--items", type=Path, default=None,
+                        help="JSONL of the items (as for `ingest`); default: read them off items.accepted")
+    parser.add_argument("--read-timeout", type=float, default=120.0, help="seconds to read items.accepted")
+    return cmd_adapt(parser.parse_args(argv))
+
+
 def cmd_reembed(args: argparse.Namespace) -> int:
     """An embedding instance for the new bundle, in its own consumer group from the earliest
     offset, so the whole retained items.accepted log is embedded beside the live version."""
@@ -158,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         return _delegate(delegated[argv[0]], argv[1:])
     if argv and argv[0] in learning:
         return _delegate("twinstream.learn.cli", argv)
+    if argv and argv[0] == "adapt":
+        return adapt_main(argv[1:])
     from twinstream.demo import DEFAULT_BUNDLE
 
     parser = argparse.ArgumentParser(prog="twinstream", description=__doc__,
@@ -189,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     stack.add_argument("action", choices=["up"])
     stack.add_argument("--bundle", type=Path, action="append", default=None)
     stack.set_defaults(run=cmd_stack)
+    commands.add_parser("adapt", help="fine-tune a new model version on a collection's own items "
+                                      "(see `twinstream adapt --help`)")
     reembed = commands.add_parser("reembed", help="embed the retained stream with a new model version")
     reembed.add_argument("--bundle", type=Path, required=True)
     reembed.set_defaults(run=cmd_reembed)
