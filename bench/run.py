@@ -28,6 +28,7 @@ from bench import config, datasets, quality, queries, report, speed, unseen
 from bench.methods import Stream
 from bench.metrics import percentiles
 from twinstream.devstack import REPO_ROOT, LocalStack, StackConfig
+from twinstream.learn.adapt import AdaptConfig
 from twinstream.v1 import decisions_pb2, items_pb2
 
 SECTIONS = ("pipeline", "records", "text", "images", "unseen", "queries")
@@ -57,6 +58,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--unseen-sets", nargs="+", choices=list(unseen.DEFAULT_SETS),
                         default=list(unseen.DEFAULT_SETS),
                         help="the unseen-data sets to measure (default all)")
+    parser.add_argument("--unseen-adapt", action="store_true",
+                        help="also run `twinstream adapt` on each unseen record/text set's own items and "
+                             "measure the adapted bundle (minutes per set)")
+    parser.add_argument("--adapt-tuning", choices=["head", "finetune"], default="head",
+                        help="adapt's text tuning for --unseen-adapt")
+    parser.add_argument("--adapt-epochs", type=int, default=3)
     parser.add_argument("--retsim-python", type=Path, help="an interpreter with unisim installed "
                                                            "(default var/retsim-venv/bin/python)")
     return parser.parse_args(argv)
@@ -231,8 +238,10 @@ def main(argv: list[str] | None = None, stack: LocalStack | None = None) -> int:
             records=base + ([("twinstream trained (record bundle)", bundles.record)] if bundles.record else []),
             text=base + ([("twinstream trained (text bundle)", bundles.text)] if bundles.text else []),
             images=[("twinstream trained (image bundle)", bundles.image)] if bundles.image else [])
+        adapt_config = AdaptConfig(epochs=args.adapt_epochs, text_tuning=args.adapt_tuning, seed=args.seed)
+        adapt_dir = REPO_ROOT / "var" / "bench-adapt" if args.unseen_adapt else None
         for unseen_set, result in unseen.run(args.unseen_sets, sizes.unseen_items, args.seed, chosen, encoders,
-                                             args.retsim_python):
+                                             args.retsim_python, adapt_dir, adapt_config):
             if unseen_set.stream.modality == items_pb2.IMAGE and not bundles.image:
                 result.notes.append("no image bundle given or found: twinstream is not measured on images")
             data["unseen"][unseen_set.name] = {**_rows_json(result), "domain": unseen_set.domain,

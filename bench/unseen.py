@@ -34,9 +34,10 @@ import pandas as pd
 from bench import quality, retsim
 from bench.methods import MinHashConfig, Stream, dense_links, minhash_links
 from bench.metrics import Link, at_threshold
-from bench.quality import DatasetResult, Encoders, row
+from bench.quality import DatasetResult, Encoders, Row, row
 from bench.records import PairScores, pair_links
 from bench.unseen_data import UnseenSet, load
+from twinstream.learn.adapt import AdaptConfig
 from twinstream.v1 import items_pb2
 
 log = logging.getLogger(__name__)
@@ -155,12 +156,39 @@ def retsim_all(sets: Sequence[UnseenSet], retsim_python: Path | None) -> list[np
     return [vectors[a:b] for a, b in itertools.pairwise(bounds)]
 
 
+def adapted_row(unseen: UnseenSet, encoders: Encoders, out_dir: Path, config: AdaptConfig) -> list[Row]:
+    """``twinstream adapt`` on the set's own items (no labels), then that bundle replayed on the
+    same stream like any other: what a user gets after one adapt + reembed + promote."""
+    from twinstream.learn.adapt import adapt
+
+    kind = "record" if unseen.stream.modality == items_pb2.RECORD else "text"
+    bundle = out_dir / unseen.name / "twinstream_text" / "2"
+    started = time.perf_counter()
+    manifest = adapt([(kind, c) for c in unseen.stream.contents], bundle, "2", config,
+                     {"what": f"unseen set {unseen.name}"}, progress=False)
+    seconds = time.perf_counter() - started
+    rows = quality.twinstream_rows(f"twinstream adapted on the set's own items ({seconds:.0f} s, "
+                                   f"{config.text_tuning}, {config.epochs} epochs)", encoders.get(bundle),
+                                   unseen.stream, None)
+    log.info("adapted %s in %.0f s: %s", unseen.name, seconds, manifest["thresholds"])
+    return rows
+
+
 def run(names: Sequence[str], limit: int, seed: int, bundles: Bundles, encoders: Encoders,
-        retsim_python: Path | None) -> list[tuple[UnseenSet, DatasetResult]]:
+        retsim_python: Path | None, adapt_dir: Path | None = None,
+        adapt_config: AdaptConfig | None = None) -> list[tuple[UnseenSet, DatasetResult]]:
+    """Every set measured; with ``adapt_dir``, also adapted on each record and text set."""
     sets = []
     for name in names:
         log.info("unseen set %s", name)
         sets.append(load(name, limit, seed))
     embedded = retsim_all(sets, retsim_python)
-    return [(unseen, measure(unseen, bundles, encoders, vectors)) for unseen, vectors in zip(sets, embedded,
-                                                                                             strict=True)]
+    out = []
+    for unseen, vectors in zip(sets, embedded, strict=True):
+        result = measure(unseen, bundles, encoders, vectors)
+        if adapt_dir is not None and unseen.stream.modality != items_pb2.IMAGE:
+            started = time.perf_counter()
+            result.rows += adapted_row(unseen, encoders, adapt_dir, adapt_config or AdaptConfig(seed=seed))
+            result.seconds = round(result.seconds + time.perf_counter() - started, 1)
+        out.append((unseen, result))
+    return out
