@@ -58,6 +58,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--unseen-sets", nargs="+", choices=list(unseen.DEFAULT_SETS),
                         default=list(unseen.DEFAULT_SETS),
                         help="the unseen-data sets to measure (default all)")
+    parser.add_argument("--unseen-items", type=int, help="items per unseen set (default 400, --quick 40)")
     parser.add_argument("--unseen-adapt", action="store_true",
                         help="also run `twinstream adapt` on each unseen record/text set's own items and "
                              "measure the adapted bundle (minutes per set)")
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None, stack: LocalStack | None = None) -> int:
         sizes = sizes.scaled(args.items)
     from dataclasses import replace
 
-    sizes = replace(sizes, dims=args.dims or sizes.dims, vectors=tuple(args.vectors or sizes.vectors))
+    sizes = replace(sizes, dims=args.dims or sizes.dims, vectors=tuple(args.vectors or sizes.vectors),
+                    unseen_items=args.unseen_items or sizes.unseen_items)
     started = time.perf_counter()
     notes: list[str] = []
     bundles = resolve_bundles(args, notes)
@@ -238,7 +240,8 @@ def main(argv: list[str] | None = None, stack: LocalStack | None = None) -> int:
             records=base + ([("twinstream trained (record bundle)", bundles.record)] if bundles.record else []),
             text=base + ([("twinstream trained (text bundle)", bundles.text)] if bundles.text else []),
             images=[("twinstream trained (image bundle)", bundles.image)] if bundles.image else [])
-        adapt_config = AdaptConfig(epochs=args.adapt_epochs, text_tuning=args.adapt_tuning, seed=args.seed)
+        adapt_config = AdaptConfig(epochs=args.adapt_epochs, text_tuning=args.adapt_tuning, seed=args.seed,
+                                   copies=2, calibration_views=100)
         adapt_dir = REPO_ROOT / "var" / "bench-adapt" if args.unseen_adapt else None
         for unseen_set, result in unseen.run(args.unseen_sets, sizes.unseen_items, args.seed, chosen, encoders,
                                              args.retsim_python, adapt_dir, adapt_config):

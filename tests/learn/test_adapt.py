@@ -95,3 +95,9 @@ def test_adapt_writes_a_new_version_the_services_load(tmp_path: Path, capsys: py
     printed = json.loads(capsys.readouterr().out)
     assert printed["next"] == [f"twinstream reembed --bundle {out}",
                                "twinstream promote --model twinstream_text --version 2"]
+
+
+def test_the_calibration_stream_leaves_out_the_collections_own_duplicates() -> None:
+    views = ["name: allianz se | city: munich", "name: allianz se | city: muenchen", "name: airbus se | city: leiden",
+             "name: adidas ag | city: herzogenaurach"]
+    assert adapt.distinct([0, 1, 2, 3], views) == [0, 2, 3]

@@ -223,6 +223,23 @@ class AdaptConfig:
     calibration_views: int = 300  # views of the other kind, for its thresholds and OOD reference
 
 
+def _trigrams(text: str) -> set[str]:
+    norm = " ".join(re.findall(r"\w+", text.lower()))
+    return {norm[i:i + 3] for i in range(max(1, len(norm) - 2))}
+
+
+def distinct(ids: list[int], views: list[str], max_jaccard: float = 0.5) -> list[int]:
+    """``ids`` without the items that look like a duplicate of an earlier one (character-trigram
+    Jaccard >= ``max_jaccard``): the collection's own duplicates are unlabelled, and the held-out
+    stream's thresholds must only see the corruptions as duplicates."""
+    kept: list[tuple[int, set[str]]] = []
+    for i in ids:
+        grams = _trigrams(views[i])
+        if all(len(grams & other) < max_jaccard * len(grams | other) for _, other in kept):
+            kept.append((i, grams))
+    return [i for i, _ in kept]
+
+
 def build_splits(items: CollectionItems, config: AdaptConfig) -> tuple[Splits[Any], list[str], list[str]]:
     """Training views (each item and ``copies`` corruptions), a validation stream (held-out items
     with 0-3 corruptions each), and the OOD reference / held-out in-distribution views."""
@@ -234,6 +251,7 @@ def build_splits(items: CollectionItems, config: AdaptConfig) -> tuple[Splits[An
     order = order[:config.max_items]
     n_val = min(config.val_items, len(order) // 4)
     val_ids, train_ids = order[:n_val], order[n_val:]
+    val_ids = distinct(val_ids, items.views)  # a real duplicate there would count as a false positive
     train: ViewSet[Any] = ViewSet()
     for i in train_ids:
         train.add(items.views[i], f"item-{i}")
