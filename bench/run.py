@@ -29,6 +29,7 @@ from bench.methods import Stream
 from bench.metrics import percentiles
 from twinstream.common.encoder_runtime import default_parallelism
 from twinstream.devstack import REPO_ROOT, LocalStack, StackConfig
+from twinstream.learn.adapt import AdaptConfig
 from twinstream.v1 import decisions_pb2, items_pb2
 
 SECTIONS = ("pipeline", "records", "text", "images", "unseen", "queries")
@@ -58,6 +59,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--unseen-sets", nargs="+", choices=list(unseen.DEFAULT_SETS),
                         default=list(unseen.DEFAULT_SETS),
                         help="the unseen-data sets to measure (default all)")
+    parser.add_argument("--unseen-items", type=int, help="items per unseen set (default 400, --quick 40)")
+    parser.add_argument("--unseen-adapt", action="store_true",
+                        help="also run `twinstream adapt` on each unseen record/text set's own items and "
+                             "measure the adapted bundle (minutes per set)")
+    parser.add_argument("--adapt-tuning", choices=["head", "finetune"], default="head",
+                        help="adapt's text tuning for --unseen-adapt")
+    parser.add_argument("--adapt-epochs", type=int, default=3)
     parser.add_argument("--retsim-python", type=Path, help="an interpreter with unisim installed "
                                                            "(default var/retsim-venv/bin/python)")
     return parser.parse_args(argv)
@@ -167,7 +175,8 @@ def main(argv: list[str] | None = None, stack: LocalStack | None = None) -> int:
         sizes = sizes.scaled(args.items)
     from dataclasses import replace
 
-    sizes = replace(sizes, dims=args.dims or sizes.dims, vectors=tuple(args.vectors or sizes.vectors))
+    sizes = replace(sizes, dims=args.dims or sizes.dims, vectors=tuple(args.vectors or sizes.vectors),
+                    unseen_items=args.unseen_items or sizes.unseen_items)
     started = time.perf_counter()
     notes: list[str] = []
     bundles = resolve_bundles(args, notes)
@@ -239,8 +248,11 @@ def main(argv: list[str] | None = None, stack: LocalStack | None = None) -> int:
             records=base + ([("twinstream trained (record bundle)", bundles.record)] if bundles.record else []),
             text=base + ([("twinstream trained (text bundle)", bundles.text)] if bundles.text else []),
             images=[("twinstream trained (image bundle)", bundles.image)] if bundles.image else [])
+        adapt_config = AdaptConfig(epochs=args.adapt_epochs, text_tuning=args.adapt_tuning, seed=args.seed,
+                                   copies=2, calibration_views=100)
+        adapt_dir = REPO_ROOT / "var" / "bench-adapt" if args.unseen_adapt else None
         for unseen_set, result in unseen.run(args.unseen_sets, sizes.unseen_items, args.seed, chosen, encoders,
-                                             args.retsim_python):
+                                             args.retsim_python, adapt_dir, adapt_config):
             if unseen_set.stream.modality == items_pb2.IMAGE and not bundles.image:
                 result.notes.append("no image bundle given or found: twinstream is not measured on images")
             data["unseen"][unseen_set.name] = {**_rows_json(result), "domain": unseen_set.domain,

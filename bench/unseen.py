@@ -20,6 +20,7 @@ labels to pick a threshold.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -33,9 +34,10 @@ import pandas as pd
 from bench import quality, retsim
 from bench.methods import MinHashConfig, Stream, dense_links, minhash_links
 from bench.metrics import Link, at_threshold
-from bench.quality import DatasetResult, Encoders, row
+from bench.quality import DatasetResult, Encoders, Row, row
 from bench.records import PairScores, pair_links
 from bench.unseen_data import UnseenSet, load
+from twinstream.learn.adapt import AdaptConfig
 from twinstream.v1 import items_pb2
 
 log = logging.getLogger(__name__)
@@ -98,32 +100,40 @@ class Bundles:
         return {items_pb2.RECORD: self.records, items_pb2.TEXT: self.text}.get(modality, self.images)
 
 
-def measure(unseen: UnseenSet, bundles: Bundles, encoders: Encoders, retsim_python: Path | None) -> DatasetResult:
-    """Every applicable method on one set's stream."""
+def set_texts(unseen: UnseenSet) -> list[str] | None:
+    """What the text methods see: a record's values joined, a text as it is; None for images."""
+    stream = unseen.stream
+    if stream.modality == items_pb2.RECORD:
+        return [record_text(c) for c in stream.contents]
+    if stream.modality == items_pb2.TEXT:
+        return [c.decode() for c in stream.contents]
+    return None
+
+
+def measure(unseen: UnseenSet, bundles: Bundles, encoders: Encoders,
+            retsim_vectors: np.ndarray | str) -> DatasetResult:
+    """Every applicable method on one set's stream (``retsim_vectors``: the set's RETSim
+    embeddings, or why there are none)."""
     started = time.perf_counter()
     stream = unseen.stream
     result = DatasetResult(unseen.name, unseen.source, len(stream), unseen.entities, 0)
-    texts: list[str] | None = None
     if stream.modality == items_pb2.RECORD:
         try:
             result.rows.append(row("recordlinkage: SNI + ECM, all columns (unsupervised)", "baseline",
                                    "ECM match", pair_links(stream, ecm_all_columns(record_frame(stream)))))
         except (ValueError, ZeroDivisionError, np.linalg.LinAlgError) as exc:
             result.notes.append(f"recordlinkage ECM failed on this set: {exc}")
-        texts = [record_text(c) for c in stream.contents]
-    elif stream.modality == items_pb2.TEXT:
-        texts = [c.decode() for c in stream.contents]
+    texts = set_texts(unseen)
     if texts is not None:
         links = minhash_links(texts, stream.entities, MinHashConfig())
         result.rows.append(row("MinHash LSH (datasketch)", "baseline", f"Jaccard >= {MINHASH_JACCARD}",
                                at_threshold(links, MINHASH_JACCARD), MINHASH_JACCARD))
-        try:
-            vectors = retsim.embed(texts, retsim.interpreter(retsim_python))
+        if isinstance(retsim_vectors, str):
+            result.notes.append(f"RETSim left out: {retsim_vectors}")
+        else:
             result.rows.append(row("RETSim (unisim 1.0.1)", "baseline", f"cosine >= {RETSIM_THRESHOLD} (default)",
-                                   at_threshold(dense_links(vectors, stream.entities), RETSIM_THRESHOLD),
+                                   at_threshold(dense_links(retsim_vectors, stream.entities), RETSIM_THRESHOLD),
                                    RETSIM_THRESHOLD))
-        except retsim.RetsimUnavailable as exc:
-            result.notes.append(f"RETSim left out: {exc}")
     else:
         result.rows.append(row("pHash (imagehash, 64 bit)", "baseline", f"Hamming <= {PHASH_HAMMING}",
                                phash_links(stream), 1 - 2 * PHASH_HAMMING / 64))
@@ -133,12 +143,52 @@ def measure(unseen: UnseenSet, bundles: Bundles, encoders: Encoders, retsim_pyth
     return result
 
 
+def retsim_all(sets: Sequence[UnseenSet], retsim_python: Path | None) -> list[np.ndarray | str]:
+    """RETSim embeddings of every set's texts, in one run of its interpreter (it loads slowly)."""
+    texts = [set_texts(s) or [] for s in sets]
+    if not any(texts):
+        return ["no text"] * len(sets)
+    try:
+        vectors = retsim.embed([t for ts in texts for t in ts], retsim.interpreter(retsim_python))
+    except retsim.RetsimUnavailable as exc:
+        return [str(exc)] * len(sets)
+    bounds = np.cumsum([0, *(len(t) for t in texts)])
+    return [vectors[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def adapted_row(unseen: UnseenSet, encoders: Encoders, out_dir: Path, config: AdaptConfig) -> list[Row]:
+    """``twinstream adapt`` on the set's own items (no labels), then that bundle replayed on the
+    same stream like any other: what a user gets after one adapt + reembed + promote."""
+    from twinstream.learn.adapt import adapt
+
+    kind = "record" if unseen.stream.modality == items_pb2.RECORD else "text"
+    bundle = out_dir / unseen.name / "twinstream_text" / "2"
+    started = time.perf_counter()
+    manifest = adapt([(kind, c) for c in unseen.stream.contents], bundle, "2", config,
+                     {"what": f"unseen set {unseen.name}"}, progress=False)
+    seconds = time.perf_counter() - started
+    rows = quality.twinstream_rows(f"twinstream adapted on the set's own items ({seconds:.0f} s, "
+                                   f"{config.text_tuning}, {config.epochs} epochs)", encoders.get(bundle),
+                                   unseen.stream, None)
+    log.info("adapted %s in %.0f s: %s", unseen.name, seconds, manifest["thresholds"])
+    return rows
+
+
 def run(names: Sequence[str], limit: int, seed: int, bundles: Bundles, encoders: Encoders,
-        retsim_python: Path | None) -> list[tuple[UnseenSet, DatasetResult]]:
-    out = []
+        retsim_python: Path | None, adapt_dir: Path | None = None,
+        adapt_config: AdaptConfig | None = None) -> list[tuple[UnseenSet, DatasetResult]]:
+    """Every set measured; with ``adapt_dir``, also adapted on each record and text set."""
+    sets = []
     for name in names:
         log.info("unseen set %s", name)
-        unseen = load(name, limit, seed)
-        out.append((unseen, measure(unseen, bundles, encoders, retsim_python)))
+        sets.append(load(name, limit, seed))
+    embedded = retsim_all(sets, retsim_python)
+    out = []
+    for unseen, vectors in zip(sets, embedded, strict=True):
+        result = measure(unseen, bundles, encoders, vectors)
+        if adapt_dir is not None and unseen.stream.modality != items_pb2.IMAGE:
+            started = time.perf_counter()
+            result.rows += adapted_row(unseen, encoders, adapt_dir, adapt_config or AdaptConfig(seed=seed))
+            result.seconds = round(result.seconds + time.perf_counter() - started, 1)
+        out.append((unseen, result))
     return out
-

@@ -8,6 +8,8 @@
   twinstream match ...                 top-k similar items for an item id, text or file
   twinstream train|evaluate|temperature-study ...   the learning side (see docs/learn.md)
   twinstream base-bundle --out DIR     build the untrained MiniLM bundle
+  twinstream adapt --tenant T --collection C   fine-tune a new model version on that collection's
+                                       own items, no labels (docs/learn.md)
   twinstream reembed --bundle DIR      fill a new model version's collection from items.accepted
   twinstream promote --model M --version V   switch the live alias to that version
 """
@@ -158,6 +160,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(render(status), end="")
     healthy = all(h == "SERVING" for h in status.health.values()) and all(status.up.values())
     return 0 if healthy else 1
+
+
 def describe(decision: decisions_pb2.Decision) -> str:
     """One line per decision: what it is, what it duplicates, its cluster and its neighbours."""
     kind = decisions_pb2.DecisionKind.Name(decision.kind)
@@ -180,7 +184,6 @@ def read_decisions(bootstrap: str, tenant: str, collection: str, kinds: Sequence
 
     settings = Settings.from_env("cli", kafka_bootstrap=bootstrap)
     reader = TopicReader(settings, settings.topics.decisions)
-    consumer = reader.consumer
     wanted = {decisions_pb2.DecisionKind.Value(k) for k in kinds}
     seen: set[bytes] = set()
     deadline = time.monotonic() + timeout_s
@@ -197,9 +200,7 @@ def read_decisions(bootstrap: str, tenant: str, collection: str, kinds: Sequence
                     yield decision
             if follow:
                 continue
-            # tansu's ListOffsets(LATEST) is wrong; the high watermark of a fetch is right.
-            ends = {tp: consumer.highwater(tp) for tp in reader.partitions}
-            if all(end is not None and consumer.position(tp) >= end for tp, end in ends.items()):
+            if reader.at_end():
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"could not read {settings.topics.decisions} to its end in "
@@ -226,6 +227,54 @@ def cmd_decisions(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"{count} decisions", file=sys.stderr)
     return 0
+
+
+def accepted_items(tenant: str, collection: str, timeout_s: float) -> tuple[list[tuple[str, bytes]], bool]:
+    """The collection's items retained on items.accepted, from the beginning to the high
+    watermarks as of the read (the latest version of each item id); and whether the read got to those ends."""
+    from twinstream.common.config import Settings
+    from twinstream.common.kafka import TopicReader
+
+    settings = Settings.from_env("cli")
+    reader = TopicReader(settings, settings.topics.accepted)
+    try:
+        records = reader.read_until(lambda _: reader.at_end(), timeout_s)
+        complete = reader.at_end()
+    finally:
+        reader.close()
+    latest: dict[str, tuple[str, bytes]] = {}
+    for record in records:
+        accepted = items_pb2.AcceptedItem.FromString(record.value)  # written by ingestion, never raw input
+        item = accepted.item
+        if item.tenant == tenant and item.collection == collection:
+            latest[item.item_id] = (items_pb2.Modality.Name(item.modality).lower(), item.content)
+    return list(latest.values()), complete
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    """Adapt on a JSONL file of the collection's items, or on what items.accepted retains of it."""
+    from twinstream.learn.adapt import read_jsonl
+    from twinstream.learn.cli import run_adapt
+
+    if args.items is not None:
+        return run_adapt(args, read_jsonl(args.items), str(args.items))
+    items, complete = accepted_items(args.tenant, args.collection, args.read_timeout)
+    if not complete:
+        print(f"adapt: items.accepted was not read to its end in {args.read_timeout:.0f}s; "
+              f"adapting on the {len(items)} items read", file=sys.stderr)
+    return run_adapt(args, items, "items.accepted")
+
+
+def adapt_main(argv: list[str]) -> int:
+    """``twinstream adapt``: its parser is built only when asked for (it imports the learning side)."""
+    from twinstream.learn.cli import adapt_options
+
+    parser = argparse.ArgumentParser(prog="twinstream adapt", description=cmd_adapt.__doc__)
+    adapt_options(parser)
+    parser.add_argument("--items", type=Path, default=None,
+                        help="JSONL of the items (as for `ingest`); default: read them off items.accepted")
+    parser.add_argument("--read-timeout", type=float, default=120.0, help="seconds to read items.accepted")
+    return cmd_adapt(parser.parse_args(argv))
 
 
 def cmd_reembed(args: argparse.Namespace) -> int:
@@ -274,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         return _delegate(delegated[argv[0]], argv[1:])
     if argv and argv[0] in learning:
         return _delegate("twinstream.learn.cli", argv)
+    if argv and argv[0] == "adapt":
+        return adapt_main(argv[1:])
     from twinstream.demo import DEFAULT_BUNDLE
 
     parser = argparse.ArgumentParser(prog="twinstream", description=__doc__,
@@ -325,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     decisions.add_argument("--json", action="store_true", help="one JSON object per line")
     decisions.add_argument("--kafka", default="127.0.0.1:9092", help="broker bootstrap address")
     decisions.set_defaults(run=cmd_decisions)
+    commands.add_parser("adapt", help="fine-tune a new model version on a collection's own items "
+                                      "(see `twinstream adapt --help`)")
     reembed = commands.add_parser("reembed", help="embed the retained stream with a new model version")
     reembed.add_argument("--bundle", type=Path, required=True)
     reembed.set_defaults(run=cmd_reembed)

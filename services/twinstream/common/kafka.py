@@ -538,6 +538,15 @@ class TopicReader:
         polled = self.consumer.poll(timeout_ms=timeout_ms)
         return [r for batch in polled.values() for r in batch]
 
+    def at_end(self) -> bool:
+        """Whether every partition is read up to its high watermark as of the last fetch (tansu's
+        ListOffsets(LATEST), which ``end_offsets()`` asks, is wrong; a fetch's watermark is right)."""
+        for tp in self.partitions:
+            end = self.consumer.highwater(tp)
+            if end is None or self.consumer.position(tp) < end:
+                return False
+        return True
+
     def read_until(self, done: Callable[[list[ConsumerRecord]], bool],
                    timeout_s: float) -> list[ConsumerRecord]:
         """Collect records until ``done(all_so_far)`` or the timeout."""

@@ -1,4 +1,4 @@
-"""``python -m twinstream.learn {train,evaluate,temperature-study,loss-study,base} ...``
+"""``python -m twinstream.learn {train,evaluate,temperature-study,loss-study,adapt,base} ...``
 
 ``main(argv)`` also accepts the train options alone (``twinstream train --modality ...``).
 """
@@ -14,7 +14,7 @@ from twinstream.learn.modalities import IMAGE_BUNDLE, TEXT_BUNDLE, DataSizes, Mo
 
 # Per-modality defaults, chosen by measurement (docs/learn.md): minutes on two CPU cores.
 DEFAULT_EPOCHS = {"record": 2, "text": 2, "image": 10}
-COMMANDS = ("train", "evaluate", "temperature-study", "loss-study", "base")
+COMMANDS = ("train", "evaluate", "temperature-study", "loss-study", "adapt", "base")
 
 
 def _sizes(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +106,65 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def adapt_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``adapt`` (also used by ``twinstream adapt``, which can read the items off
+    the stream instead of a file)."""
+    from twinstream.learn.adapt import AdaptConfig
+
+    defaults = AdaptConfig()
+    parser.add_argument("--tenant", required=True)
+    parser.add_argument("--collection", default="default")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"bundle folder (default var/models/{TEXT_BUNDLE}/<next version>)")
+    parser.add_argument("--models", type=Path, default=Path("var/models"),
+                        help="where the next version is counted from when --out is not given")
+    parser.add_argument("--version", default=None, help="bundle version (default: the out folder's name)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--copies", type=int, default=defaults.copies, help="corrupted views per item")
+    parser.add_argument("--max-items", type=int, default=defaults.max_items)
+    parser.add_argument("--text-tuning", choices=["finetune", "head"], default=defaults.text_tuning,
+                        help="finetune: MiniLM's top layers; head: frozen MiniLM + residual head (fastest)")
+    parser.add_argument("--calibration-views", type=int, default=defaults.calibration_views,
+                        help="views of the other kind the bundle serves, to keep its thresholds")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_adapt(args: argparse.Namespace, items: list[tuple[str, bytes]], source: str) -> int:
+    """Adapt on ``items`` (kind, content) and print where the bundle went and what comes next."""
+    from twinstream.learn.adapt import AdaptConfig, AdaptError, adapt, next_version
+
+    out = args.out or args.models / TEXT_BUNDLE / next_version(args.models)
+    version = args.version or (out.name if out.name.isdigit() else next_version(args.models))
+    config = AdaptConfig(epochs=args.epochs, copies=args.copies, max_items=args.max_items,
+                         text_tuning=args.text_tuning, seed=args.seed, device=args.device,
+                         calibration_views=args.calibration_views)
+    what = f"tenant {args.tenant} collection {args.collection}"
+    try:
+        manifest = adapt(items, out, version, config, {"tenant": args.tenant, "collection": args.collection,
+                                                       "what": what, "source": source},
+                         progress=not args.no_progress)
+    except AdaptError as exc:
+        print(f"adapt: {exc}", file=sys.stderr)
+        return 2
+    training = manifest["training"]
+    assert isinstance(training, dict)
+    print(json.dumps({"bundle": str(out), "name": manifest["name"], "version": manifest["version"],
+                      "items": training["adapted"]["items"], "kind": training["adapted"]["kind"],
+                      "thresholds": manifest["thresholds"], "seconds": training["seconds"],
+                      "next": [f"twinstream reembed --bundle {out}",
+                               f"twinstream promote --model {manifest['name']} --version {manifest['version']}"]},
+                     indent=2))
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from twinstream.learn.adapt import read_jsonl
+
+    return run_adapt(args, read_jsonl(args.items), str(args.items))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m twinstream.learn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     losses.add_argument("--losses", nargs="+", default=["contrastive", "triplet", "infonce"])
     losses.add_argument("--out", type=Path, required=True)
     losses.set_defaults(run=cmd_study)
+    adapt = commands.add_parser("adapt", help="self-supervised fine-tuning on one collection's own items")
+    adapt_options(adapt)
+    adapt.add_argument("--items", type=Path, required=True,
+                       help="JSONL of the collection's items ({\"record\": {...}} or {\"text\": ...} per line)")
+    adapt.set_defaults(run=cmd_adapt)
     commands.add_parser("base", help="build the untrained base bundle: base --out DIR [--seed N]")
     return parser
 
