@@ -248,6 +248,8 @@ class VectorStore:
             return
         if not self.has_signals(collection):
             rows = [{k: v for k, v in row.items() if k != SIGNALS} for row in rows]
+        else:  # Milvus before 2.5 ignores nullable: a row without signals gets the empty object
+            rows = [{SIGNALS: {}, **row} if row.get(SIGNALS) is None else row for row in rows]
         try:
             self.client.upsert(collection, list(rows))
         except MilvusException as exc:

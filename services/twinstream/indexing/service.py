@@ -317,7 +317,7 @@ class Indexer:
 def _stored_signals(row: dict[str, Any]) -> dict[str, object] | None:
     """A stored item's signals (``None``: an image, or stored before signals existed)."""
     signals = row.get(SIGNALS)
-    return signals if isinstance(signals, dict) else None
+    return signals if isinstance(signals, dict) and signals else None
 
 
 def _refused(stored: str) -> bool:
@@ -350,7 +350,7 @@ def _row(pk: str, item: items_pb2.EmbeddedItem, decision: decisions_pb2.Decision
         "metadata": dict(it.metadata),
         "decision": encode_decision(decision),
         "deleted_ms": 0,
-        SIGNALS: signals,
+        SIGNALS: signals or {},  # never null: Milvus before 2.5 ignores nullable and rejects it
         "vector": list(item.vector),
     }
 
