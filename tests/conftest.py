@@ -35,3 +35,11 @@ def stack(base_bundle: Path) -> Iterator[LocalStack]:
 @pytest.fixture
 def tenant() -> str:
     return "t" + uuid.uuid4().hex[:10]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the Helm tests first. helm-python-sdk loads a Go runtime into this process, and loading
+    it after OpenVINO's thread pool has run here (the bench's in-process encoder in
+    tests/test_bench.py) kills the interpreter with SIGSEGV; loaded first, both work (reproduced
+    both ways on 2026-11-29). The sort is stable: every other test keeps its order."""
+    items.sort(key=lambda item: item.path.name != "test_helm.py")
