@@ -18,6 +18,7 @@ import pytest
 from twinstream.common.bundle import ModelBundle
 from twinstream.common.config import Settings
 from twinstream.common.encoding import InProcessEncoder, ItemEncoder, TritonEncoder
+from twinstream.common.kafka import Outgoing
 from twinstream.common.runtime import _MetricsInterceptor
 from twinstream.common.vectorstore import VectorStore
 from twinstream.devstack import ManagedProcess, free_port
@@ -57,6 +58,12 @@ def serve(matching: Matching) -> tuple[grpc.Server, matching_pb2_grpc.MatchingSt
     return server, matching_pb2_grpc.MatchingStub(channel), channel
 
 
+def matching(uri: str, encoders: list[ItemEncoder], published: list[Outgoing] | None = None) -> Matching:
+    """Matching on ``uri``; the store commands it would publish (Deletes) land in ``published``."""
+    return Matching(Settings(service="matching"), VectorStore(uri), encoders,
+                    (published if published is not None else []).extend)
+
+
 def query(**fields: object) -> matching_pb2.MatchRequest:
     return matching_pb2.MatchRequest(tenant="acme", **fields)  # type: ignore[arg-type]
 
@@ -64,8 +71,9 @@ def query(**fields: object) -> matching_pb2.MatchRequest:
 def test_before_anything_is_indexed_a_match_is_empty_and_an_item_not_found(
         milvus: tuple[ManagedProcess, str], base_bundle: Path) -> None:
     bundle = ModelBundle.load(base_bundle)
-    server, stub, channel = serve(Matching(Settings(service="matching"), VectorStore(milvus[1]),
-                                           [ItemEncoder(bundle, InProcessEncoder(bundle))]))
+    published: list[Outgoing] = []
+    server, stub, channel = serve(matching(milvus[1], [ItemEncoder(bundle, InProcessEncoder(bundle))],
+                                           published))
     try:
         content = matching_pb2.QueryContent(modality=items_pb2.TEXT, content=b"hello")
         assert list(stub.Match(query(content=content), timeout=60).results) == []
@@ -78,6 +86,7 @@ def test_before_anything_is_indexed_a_match_is_empty_and_an_item_not_found(
                 call()
             assert caught.value.code() == grpc.StatusCode.NOT_FOUND
         assert stub.Delete(matching_pb2.DeleteRequest(tenant="acme", item_ids=["a"]), timeout=30).deleted == 0
+        assert published == [], "nothing to delete: no store command is published"
         bad = matching_pb2.QueryContent(modality=items_pb2.RECORD, content=b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}")
         with pytest.raises(grpc.RpcError) as caught:
             stub.Match(query(content=bad), timeout=60)
@@ -90,7 +99,7 @@ def test_before_anything_is_indexed_a_match_is_empty_and_an_item_not_found(
 def test_triton_down_is_unavailable(milvus: tuple[ManagedProcess, str], base_bundle: Path) -> None:
     bundle = ModelBundle.load(base_bundle)
     dead = ItemEncoder(bundle, TritonEncoder(bundle, f"127.0.0.1:{free_port()}", timeout_s=5))
-    server, stub, channel = serve(Matching(Settings(service="matching"), VectorStore(milvus[1]), [dead]))
+    server, stub, channel = serve(matching(milvus[1], [dead]))
     try:
         content = matching_pb2.QueryContent(modality=items_pb2.TEXT, content=b"hello")
         with pytest.raises(grpc.RpcError) as caught:
@@ -103,8 +112,7 @@ def test_triton_down_is_unavailable(milvus: tuple[ManagedProcess, str], base_bun
 
 def test_milvus_down_is_unavailable(milvus: tuple[ManagedProcess, str], base_bundle: Path) -> None:
     bundle = ModelBundle.load(base_bundle)
-    server, stub, channel = serve(Matching(Settings(service="matching"), VectorStore(milvus[1]),
-                                           [ItemEncoder(bundle, InProcessEncoder(bundle))]))
+    server, stub, channel = serve(matching(milvus[1], [ItemEncoder(bundle, InProcessEncoder(bundle))]))
     try:
         milvus[0].kill()
         vector = matching_pb2.QueryVector(values=[1.0] + [0.0] * (bundle.dim - 1))
