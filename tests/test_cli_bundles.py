@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from twinstream.cli import main, prepare_bundles
+from twinstream.cli import main
+from twinstream.devstack import prepare_bundles
 
 
 def fake_build(built: list[Path]) -> Callable[[Path], None]:

@@ -22,7 +22,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from twinstream.v1 import decisions_pb2, items_pb2, matching_pb2
@@ -99,29 +99,9 @@ def cmd_match(args: argparse.Namespace) -> int:
     return 0
 
 
-def prepare_bundles(paths: Sequence[Path], default: Path,
-                    build: Callable[[Path], object] | None = None) -> None:
-    """Make sure every bundle the stack serves exists. The default base bundle is built on first
-    use (about a minute, from installed packages only); any other missing bundle stops with the
-    command that makes one."""
-    for path in paths:
-        if (path / "manifest.json").is_file():
-            continue
-        if path.resolve() != default.resolve():
-            raise SystemExit(f"no model bundle at {path} (no manifest.json): build one with "
-                             f"`twinstream base-bundle --out {path}` or train one (docs/learn.md)")
-        print(f"building the base MiniLM bundle at {path} (first run only, about a minute)...",
-              flush=True)
-        if build is None:
-            from twinstream.learn.base import build_base_bundle
-
-            build = build_base_bundle
-        build(path)
-
-
 def cmd_stack(args: argparse.Namespace) -> int:
     from twinstream.demo import DEFAULT_BUNDLE
-    from twinstream.devstack import LocalStack, StackConfig
+    from twinstream.devstack import LocalStack, StackConfig, prepare_bundles
 
     prepare_bundles(args.bundle, DEFAULT_BUNDLE)
     stack = LocalStack(StackConfig(bundles=args.bundle, fixed_ports=True,

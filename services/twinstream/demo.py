@@ -24,7 +24,7 @@ import numpy as np
 
 from twinstream.client import TwinstreamClient, record_item
 from twinstream.common.kafka import TopicReader, make_producer
-from twinstream.devstack import REPO_ROOT, LocalStack, StackConfig
+from twinstream.devstack import REPO_ROOT, LocalStack, StackConfig, prepare_bundles
 from twinstream.v1 import decisions_pb2
 
 TENANT = "demo"
@@ -133,11 +133,7 @@ def run(items: int, seed: int, kafka_share: float, bundle: Path, keep: bool, out
         rate: float = 0.0, stall_timeout_s: float = 120.0) -> Report:
     """Stream, report (printed and written to ``out``), then with ``keep`` wait for Ctrl-C."""
     records = febrl_items(items, seed)
-    if not (bundle / "manifest.json").exists():
-        print(f"building the base MiniLM bundle at {bundle} (first run only)...", flush=True)
-        from twinstream.learn.base import build_base_bundle
-
-        build_base_bundle(bundle)
+    prepare_bundles([bundle], default=bundle)  # the demo builds the base bundle wherever it is asked to
     print("starting the stack: tansu broker on SeaweedFS, Milvus server, Triton, 4 services, "
           "Prometheus...", flush=True)
     stack = LocalStack(StackConfig(bundles=[bundle], fixed_ports=keep))

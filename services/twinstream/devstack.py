@@ -24,7 +24,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -64,6 +64,27 @@ def tansu_binary() -> Path:
 # outlives a crashed test run. (A preexec_fn would run Python between fork and exec, which can
 # deadlock in a multi-threaded launcher.)
 _DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "TERM"] if shutil.which("setpriv") else []
+
+
+def prepare_bundles(paths: Sequence[Path], default: Path,
+                    build: Callable[[Path], object] | None = None) -> None:
+    """Make sure every bundle the stack serves exists. The default base bundle is built on first
+    use (about a minute, from installed packages only); any other missing bundle stops with the
+    command that makes one."""
+    for path in paths:
+        if (path / "manifest.json").is_file():
+            continue
+        if path.resolve() != default.resolve():
+            raise SystemExit(f"no model bundle at {path} (no manifest.json): build one with "
+                             f"`twinstream base-bundle --out {path}` or train one (docs/learn.md)")
+        print(f"building the base MiniLM bundle at {path} (first run only, about a minute)...",
+              flush=True)
+        if build is None:
+            from twinstream.learn.base import build_base_bundle
+
+            build = build_base_bundle
+        build(path)
+
 
 
 @dataclass
