@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 from bench.metrics import Link
-from twinstream.common.bundle import ModelBundle
 from twinstream.common.encoding import ItemEncoder, make_encoder
 from twinstream.indexing.calibration import CollectionState
 from twinstream.indexing.decide import (
@@ -30,6 +29,7 @@ from twinstream.indexing.decide import (
     observation,
 )
 from twinstream.ingestion.validation import Limits, validate
+from twinstream.model.bundle import ModelBundle
 from twinstream.v1 import decisions_pb2, items_pb2
 
 _TENANT = "bench"

@@ -27,9 +27,9 @@ from typing import Any
 from bench import config, datasets, quality, queries, report, speed, unseen
 from bench.methods import Stream
 from bench.metrics import percentiles
-from twinstream.common.encoder_runtime import default_parallelism
 from twinstream.devstack import REPO_ROOT, LocalStack, StackConfig
 from twinstream.learn.adapt import AdaptConfig
+from twinstream.model.encoder_runtime import default_parallelism
 from twinstream.v1 import decisions_pb2, items_pb2
 
 SECTIONS = ("pipeline", "records", "text", "images", "unseen", "queries")

@@ -25,12 +25,12 @@ import numpy as np
 from bench.methods import Stream
 from bench.metrics import percentiles
 from twinstream.client import TwinstreamClient
-from twinstream.common.bundle import ModelBundle
-from twinstream.common.encoder_runtime import SUB_BATCH, load_runtime
 from twinstream.common.encoding import InProcessEncoder, ItemEncoder
 from twinstream.common.kafka import TopicReader
 from twinstream.common.vectorstore import VectorStore, row_key, scope_filter
 from twinstream.devstack import LocalStack
+from twinstream.model.bundle import ModelBundle
+from twinstream.model.encoder_runtime import SUB_BATCH, load_runtime
 from twinstream.v1 import decisions_pb2, matching_pb2
 
 COLLECTION = "bench"
@@ -66,7 +66,7 @@ TODAY = "torchscript f32, 2 threads, one 64-row batch (before issue 13)"
 def served_folder(bundle_dir: Path, root: Path) -> Path:
     """The version folder of a Triton repository written for ``bundle_dir`` under ``root``: the
     very files (encoder.onnx, encoder_runtime.py) Triton serves, for in-process baselines."""
-    from twinstream.learn.triton_repo import write_repository
+    from twinstream.model.triton_repo import write_repository
 
     write_repository([bundle_dir], root)
     bundle = ModelBundle.load(bundle_dir)

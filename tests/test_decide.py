@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from twinstream.common.bundle import ModelBundle
 from twinstream.indexing.decide import Candidate, decide, linked_clusters
+from twinstream.model.bundle import ModelBundle
 from twinstream.v1 import decisions_pb2, items_pb2
 
 BUNDLE = ModelBundle(

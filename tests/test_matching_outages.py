@@ -15,7 +15,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from twinstream.common.bundle import ModelBundle
 from twinstream.common.config import Settings
 from twinstream.common.encoding import InProcessEncoder, ItemEncoder, TritonEncoder
 from twinstream.common.kafka import Outgoing
@@ -23,6 +22,7 @@ from twinstream.common.runtime import _MetricsInterceptor
 from twinstream.common.vectorstore import VectorStore
 from twinstream.devstack import ManagedProcess, free_port
 from twinstream.matching.service import Matching
+from twinstream.model.bundle import ModelBundle
 from twinstream.v1 import items_pb2, matching_pb2, matching_pb2_grpc
 
 pytestmark = pytest.mark.stack

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 from kafka.consumer.fetcher import ConsumerRecord
 
-from twinstream.common.bundle import ModelBundle
 from twinstream.common.commands import is_command, scope_key
 from twinstream.common.config import Settings
 from twinstream.common.encoding import ItemEncoder
@@ -29,6 +28,7 @@ from twinstream.devstack import REPO_ROOT
 from twinstream.indexing.reaper import Reaper
 from twinstream.indexing.service import Indexer
 from twinstream.matching.service import Matching
+from twinstream.model.bundle import ModelBundle
 from twinstream.v1 import decisions_pb2, items_pb2, matching_pb2
 
 DIM = 4

@@ -262,7 +262,7 @@ def cmd_reembed(args: argparse.Namespace) -> int:
     offset, so the whole retained items.accepted log is embedded beside the live version."""
     import os
 
-    from twinstream.common.bundle import ModelBundle
+    from twinstream.model.bundle import ModelBundle
     from twinstream.embedding.__main__ import main as embedding_main
 
     bundle = ModelBundle.load(args.bundle)

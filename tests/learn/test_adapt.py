@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from twinstream.common.bundle import ModelBundle
 from twinstream.learn import adapt
 from twinstream.learn.cli import main
+from twinstream.model.bundle import ModelBundle
 from twinstream.v1 import items_pb2
 
 RECORD = {"name": "Allianz SE", "street": "Koniginstrasse 28", "city": "Munich", "founded": "1890-02-05",

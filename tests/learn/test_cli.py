@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from twinstream.common.bundle import ModelBundle
 from twinstream.learn.cli import main
+from twinstream.model.bundle import ModelBundle
 from twinstream.v1 import items_pb2
 
 TINY_FLAGS = ["--train-entities", "48", "--eval-views", "160", "--reference-views", "80", "--ood-views", "40"]

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from twinstream.common.bundle import ModelBundle
 from twinstream.common.encoding import InProcessEncoder, ItemEncoder, TritonEncoder
 from twinstream.demo import febrl_items
 from twinstream.learn.encoders import load_tokenizer
-from twinstream.learn.triton_repo import TritonServer, write_repository
+from twinstream.model.bundle import ModelBundle
+from twinstream.model.triton_repo import TritonServer, write_repository
 from twinstream.v1 import items_pb2
 
 TOLERANCE = 1e-4  # absolute, on embeddings and OOD scores (float32, same weights, other process)

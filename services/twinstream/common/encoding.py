@@ -17,10 +17,10 @@ from typing import Any, Protocol
 import numpy as np
 from tokenizers import Tokenizer
 
-from twinstream.common.bundle import ModelBundle
-from twinstream.common.encoder_runtime import Runtime, TorchScriptRuntime
 from twinstream.common.errors import TransientError
 from twinstream.common.metrics import ENCODER_SECONDS
+from twinstream.model.bundle import ModelBundle
+from twinstream.model.encoder_runtime import Runtime, TorchScriptRuntime
 from twinstream.v1 import items_pb2
 
 

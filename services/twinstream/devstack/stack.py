@@ -37,10 +37,10 @@ from twinstream.common.config import Settings
 from twinstream.dashboard import CONSOLE_PATH, CONSOLES
 
 if TYPE_CHECKING:
-    from twinstream.learn.triton_repo import TritonServer
+    from twinstream.model.triton_repo import TritonServer
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 SERVICES = ("ingestion", "embedding", "indexing", "matching")
 DEFAULT_METRICS_PORTS = {"ingestion": 9101, "embedding": 9102, "indexing": 9103, "matching": 9104}
 
@@ -484,7 +484,7 @@ class LocalStack:
     def _start_triton(self) -> None:
         if self.config.encoder_backend != "triton":
             return
-        from twinstream.learn.triton_repo import TritonServer, write_repository
+        from twinstream.model.triton_repo import TritonServer, write_repository
 
         repo = self.root / "triton-repository"
         write_repository(list(self.config.bundles), repo, runtime=self.config.triton_runtime)

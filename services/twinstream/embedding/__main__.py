@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from twinstream.common.bundle import load_bundles
+from twinstream.model.bundle import load_bundles
 from twinstream.common.config import Settings
 from twinstream.common.encoding import TritonEncoder, make_encoder
 from twinstream.common.kafka import ConsumeLoop

@@ -8,7 +8,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from twinstream.common.bundle import ModelBundle
+from twinstream.model.bundle import ModelBundle
 from twinstream.indexing.calibration import Calibration, FieldModel, Observation, compare, text_signals
 from twinstream.v1 import decisions_pb2, items_pb2
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from kafka.consumer.fetcher import ConsumerRecord
 
-from twinstream.common.bundle import ModelBundle
+from twinstream.model.bundle import ModelBundle
 from twinstream.common.commands import is_command
 from twinstream.common.config import Settings
 from twinstream.common.kafka import BatchResult, Outgoing, Rejected, parse_record

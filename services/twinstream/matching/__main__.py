@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from twinstream.common.bundle import load_bundles
+from twinstream.model.bundle import load_bundles
 from twinstream.common.config import Settings
 from twinstream.common.encoding import make_encoder
 from twinstream.common.kafka import make_producer, publish

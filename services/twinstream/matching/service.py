@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 
 from twinstream.common import status
-from twinstream.common.bundle import ModelBundle
+from twinstream.model.bundle import ModelBundle
 from twinstream.common.commands import store_commands
 from twinstream.common.config import Settings
 from twinstream.common.encoding import ContentError, ItemEncoder

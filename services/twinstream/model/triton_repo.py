@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from twinstream.common import encoder_runtime
-from twinstream.common.encoder_runtime import RUNTIMES, SUB_BATCH, default_parallelism
 from twinstream.common.names import NAME_RULE, is_name
 from twinstream.devstack import REPO_ROOT, free_port
+from twinstream.model import encoder_runtime
+from twinstream.model.encoder_runtime import RUNTIMES, SUB_BATCH, default_parallelism
 
-MODEL_PY = '''"""Triton python backend: serves a twinstream encoder (written by twinstream.learn.triton_repo).
+MODEL_PY = '''"""Triton python backend: serves a twinstream encoder (written by twinstream.model.triton_repo).
 
 The runtime (OpenVINO on encoder.onnx, or TorchScript on encoder.pt), precision, threads and
 length-bucket size come from this model's config parameters; encoder_runtime.py, copied next to
@@ -125,7 +125,7 @@ def _config(manifest: dict[str, object], gpu: bool, instances: int,
                 '# give ood_score `reshape: { shape: [ ] }`, and use instance_group kind KIND_GPU.')
     # One preferred size, the full batch: concurrent requests from the embedding service wait up
     # to 2 ms to be merged instead of leaving alone at a quarter batch.
-    return f"""# Written by twinstream.learn.triton_repo from the model bundle manifest.
+    return f"""# Written by twinstream.model.triton_repo from the model bundle manifest.
 {note}
 name: "{name}"
 {backend}

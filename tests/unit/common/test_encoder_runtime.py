@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from twinstream.common.encoder_runtime import buckets, default_parallelism, resolve_precision, run_bucketed
+from twinstream.model.encoder_runtime import buckets, default_parallelism, resolve_precision, run_bucketed
 
 
 def _mask(lengths: list[int], width: int) -> np.ndarray:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from twinstream.learn.triton_repo import write_repository
+from twinstream.model.triton_repo import write_repository
 
 
 def bundle_with(tmp_path: Path, name: str, version: str) -> Path:
