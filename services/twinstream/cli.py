@@ -262,8 +262,8 @@ def cmd_reembed(args: argparse.Namespace) -> int:
     offset, so the whole retained items.accepted log is embedded beside the live version."""
     import os
 
-    from twinstream.model.bundle import ModelBundle
     from twinstream.embedding.__main__ import main as embedding_main
+    from twinstream.model.bundle import ModelBundle
 
     bundle = ModelBundle.load(args.bundle)
     os.environ["TWINSTREAM_MODEL_DIR"] = str(args.bundle)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import threading
 
-from twinstream.model.bundle import load_bundles
 from twinstream.common.config import Settings
 from twinstream.common.encoding import TritonEncoder, make_encoder
 from twinstream.common.kafka import ConsumeLoop
 from twinstream.common.runtime import ServiceRuntime
 from twinstream.embedding.service import Embedder
+from twinstream.model.bundle import load_bundles
 
 
 def main() -> None:

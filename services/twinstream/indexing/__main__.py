@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import threading
 
-from twinstream.model.bundle import load_bundles
 from twinstream.common.config import Settings
 from twinstream.common.kafka import ConsumeLoop, make_producer, publish
 from twinstream.common.runtime import ServiceRuntime
 from twinstream.common.vectorstore import VectorStore
 from twinstream.indexing.reaper import Reaper
 from twinstream.indexing.service import Indexer
+from twinstream.model.bundle import load_bundles
 
 
 def main() -> None:

@@ -8,8 +8,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from twinstream.model.bundle import ModelBundle
 from twinstream.indexing.calibration import Calibration, FieldModel, Observation, compare, text_signals
+from twinstream.model.bundle import ModelBundle
 from twinstream.v1 import decisions_pb2, items_pb2
 
 DUPLICATE_KINDS = (decisions_pb2.EXACT_DUPLICATE, decisions_pb2.NEAR_DUPLICATE)

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 from kafka.consumer.fetcher import ConsumerRecord
 
-from twinstream.model.bundle import ModelBundle
 from twinstream.common.commands import is_command
 from twinstream.common.config import Settings
 from twinstream.common.kafka import BatchResult, Outgoing, Rejected, parse_record
@@ -44,6 +43,7 @@ from twinstream.indexing.decide import (
     linked_clusters,
     observation,
 )
+from twinstream.model.bundle import ModelBundle
 from twinstream.v1 import decisions_pb2, items_pb2
 
 log = logging.getLogger(__name__)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from twinstream.model.bundle import load_bundles
 from twinstream.common.config import Settings
 from twinstream.common.encoding import make_encoder
 from twinstream.common.kafka import make_producer, publish
 from twinstream.common.runtime import ServiceRuntime
 from twinstream.common.vectorstore import VectorStore
 from twinstream.matching.service import Matching
+from twinstream.model.bundle import load_bundles
 from twinstream.v1 import matching_pb2, matching_pb2_grpc
 
 

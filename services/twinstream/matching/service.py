@@ -11,7 +11,6 @@ import grpc
 import numpy as np
 
 from twinstream.common import status
-from twinstream.model.bundle import ModelBundle
 from twinstream.common.commands import store_commands
 from twinstream.common.config import Settings
 from twinstream.common.encoding import ContentError, ItemEncoder
@@ -28,6 +27,7 @@ from twinstream.matching.requests import (
     page_offset,
     time_filter,
 )
+from twinstream.model.bundle import ModelBundle
 from twinstream.v1 import items_pb2, matching_pb2, matching_pb2_grpc
 
 log = logging.getLogger(__name__)
