@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from twinstream.learn.images import preprocess_image
+from twinstream.model.images import preprocess_image
 
 
 def _encoded(image: Image.Image, fmt: str) -> bytes:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from twinstream.learn.records import serialize_record
+from twinstream.model.records import serialize_record
 
 FIELDS = ["given_name", "surname", "postcode"]
 

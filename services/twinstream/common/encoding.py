@@ -259,7 +259,7 @@ class ItemEncoder:
                 f"{items_pb2.Modality.Name(modality)}",  # type: ignore[arg-type]
             )
         if modality == items_pb2.IMAGE:
-            from twinstream.learn.images import preprocess_image
+            from twinstream.model.images import preprocess_image
 
             try:
                 return preprocess_image(content, self.bundle.image_size)
@@ -270,7 +270,7 @@ class ItemEncoder:
         except UnicodeDecodeError as exc:
             raise ContentError("invalid_utf8", f"content is not valid UTF-8: {exc}") from exc
         if modality == items_pb2.RECORD:
-            from twinstream.learn.records import serialize_record
+            from twinstream.model.records import serialize_record
 
             return serialize_record(load_record(text), list(self.bundle.record_fields))
         return text

@@ -31,7 +31,7 @@ from twinstream.learn import sources
 from twinstream.learn.augment import _typo, perturb_text
 from twinstream.learn.data import Splits, ViewSet
 from twinstream.learn.modalities import TEXT_BUNDLE, DataSizes, ModelOptions, RecordModality, TextFamily, TextModality
-from twinstream.learn.records import serialize_record
+from twinstream.model.records import serialize_record
 
 KINDS = ("record", "text")
 ABBREVIATIONS = {

@@ -29,8 +29,8 @@ from twinstream.learn.encoders import (
     load_tokenizer,
     minilm_path,
 )
-from twinstream.learn.images import to_tensor
-from twinstream.learn.records import serialize_record
+from twinstream.model.images import to_tensor
+from twinstream.model.records import serialize_record
 
 TEXT_BUNDLE = "twinstream_text"
 IMAGE_BUNDLE = "twinstream_image"

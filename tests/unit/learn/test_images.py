@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 
-from twinstream.learn.images import load_image, preprocess_image
+from twinstream.model.images import load_image, preprocess_image
 
 
 def png_declaring(width: int, height: int) -> bytes:
