@@ -15,7 +15,7 @@ BUNDLE = ModelBundle(
     path=Path("."), name="m", version="1", modalities=("text",), dim=3,
     inputs=("input_ids", "attention_mask"), max_length=16, image_size=0, record_fields=(),
     duplicate_threshold=0.9, match_threshold=0.7, ood_threshold=0.5, platt_a=20.0, platt_b=-17.0,
-    preprocessing_digest="d", max_batch_size=8, manifest={},
+    preprocessing_digest="d", max_batch_size=8,
 )
 
 

@@ -38,7 +38,6 @@ BUNDLE = ModelBundle(
     modalities=("text",), dim=DIM, inputs=("input_ids", "attention_mask"), max_length=16,
     image_size=0, record_fields=(), duplicate_threshold=0.85, match_threshold=0.7,
     ood_threshold=0.5, platt_a=20.0, platt_b=-17.0, preprocessing_digest="d", max_batch_size=8,
-    manifest={},
 )
 MODEL = items_pb2.ModelRef(name="unit", version="1")
 

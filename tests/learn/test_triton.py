@@ -14,9 +14,10 @@ import torch
 
 from twinstream.common.encoding import InProcessEncoder, ItemEncoder, TritonEncoder
 from twinstream.demo import febrl_items
+from twinstream.devstack import TritonServer
 from twinstream.learn.encoders import load_tokenizer
 from twinstream.model.bundle import ModelBundle
-from twinstream.model.triton_repo import TritonServer, write_repository
+from twinstream.model.triton_repo import write_repository
 from twinstream.v1 import items_pb2
 
 TOLERANCE = 1e-4  # absolute, on embeddings and OOD scores (float32, same weights, other process)
@@ -154,7 +155,7 @@ def test_triton_matches_torchscript(base_bundle: Path, tmp_path: Path) -> None:
         metrics = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
         assert "nv_inference_request_success" in metrics
         process = server.process
-    assert process is not None and process.poll() is not None  # stopped on exit
+    assert process is not None and not process.alive  # stopped on exit
     for tag, (a, m) in enumerate([(ids, mask), (short_ids, short_mask)]):
         expected_embedding, expected_ood = _in_process(base_bundle, a, m)
         embedding = results[tag].as_numpy("embedding")

@@ -21,6 +21,8 @@ from twinstream.common.errors import TransientError
 from twinstream.common.metrics import ENCODER_SECONDS
 from twinstream.model.bundle import ModelBundle
 from twinstream.model.encoder_runtime import Runtime, TorchScriptRuntime
+from twinstream.model.images import preprocess_image
+from twinstream.model.records import serialize_record
 from twinstream.v1 import items_pb2
 
 
@@ -259,8 +261,6 @@ class ItemEncoder:
                 f"{items_pb2.Modality.Name(modality)}",  # type: ignore[arg-type]
             )
         if modality == items_pb2.IMAGE:
-            from twinstream.model.images import preprocess_image
-
             try:
                 return preprocess_image(content, self.bundle.image_size)
             except ValueError as exc:
@@ -270,8 +270,6 @@ class ItemEncoder:
         except UnicodeDecodeError as exc:
             raise ContentError("invalid_utf8", f"content is not valid UTF-8: {exc}") from exc
         if modality == items_pb2.RECORD:
-            from twinstream.model.records import serialize_record
-
             return serialize_record(load_record(text), list(self.bundle.record_fields))
         return text
 

@@ -18,6 +18,7 @@ from twinstream.devstack.stack import (
     running_stack,
     tansu_binary,
 )
+from twinstream.devstack.triton import TritonServer
 
 __all__ = [
     "DEFAULT_METRICS_PORTS",
@@ -28,6 +29,7 @@ __all__ = [
     "MilvusServer",
     "SeaweedS3",
     "StackConfig",
+    "TritonServer",
     "free_port",
     "free_port_pair",
     "milvus_distribution",

@@ -11,7 +11,6 @@ restart pieces of it). Every process logs to ``<root>/logs/<name>.log``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -35,9 +34,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from twinstream.common.config import Settings
 from twinstream.dashboard import CONSOLE_PATH, CONSOLES
+from twinstream.model.bundle import Manifest
 
 if TYPE_CHECKING:
-    from twinstream.model.triton_repo import TritonServer
+    from twinstream.devstack.triton import TritonServer
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -484,7 +484,8 @@ class LocalStack:
     def _start_triton(self) -> None:
         if self.config.encoder_backend != "triton":
             return
-        from twinstream.model.triton_repo import TritonServer, write_repository
+        from twinstream.devstack.triton import TritonServer
+        from twinstream.model.triton_repo import write_repository
 
         repo = self.root / "triton-repository"
         write_repository(list(self.config.bundles), repo, runtime=self.config.triton_runtime)
@@ -527,8 +528,8 @@ class LocalStack:
     def start_reembed(self, bundle: Path) -> str:
         """Run a re-embed job for ``bundle``: an embedding instance in a consumer group of its
         own that reads items.accepted from the beginning (see ``twinstream reembed``)."""
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        name = f"reembed-{manifest['name']}-v{manifest['version']}"
+        manifest = Manifest.read(bundle)
+        name = f"reembed-{manifest.name}-v{manifest.version}"
         self.grpc_ports[name], self.metrics_ports[name] = free_port(), free_port()
         env = self.service_env("embedding")
         env.update({"TWINSTREAM_GRPC_PORT": str(self.grpc_ports[name]),
@@ -562,10 +563,8 @@ class LocalStack:
     def crash(self, name: str) -> None:
         """SIGKILL one piece: a service, "broker", "storage" (SeaweedFS), "milvus" or "triton"."""
         if name == "triton":
-            if self.triton is not None and self.triton.process is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.triton.process.pid, signal.SIGKILL)
-                self.triton.process.wait(10)
+            if self.triton is not None:
+                self.triton.kill()
             return
         self.processes[name].kill()
 
@@ -584,8 +583,7 @@ class LocalStack:
     def crashed(self) -> list[str]:
         """The pieces that have exited (not the frozen ones: a stopped process is alive)."""
         dead = [name for name, process in self.processes.items() if not process.alive]
-        triton = self.triton.process if self.triton is not None else None
-        if triton is not None and triton.poll() is not None:
+        if self.triton is not None and self.triton.process is not None and not self.triton.alive:
             dead.append("triton")
         return dead
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import shutil
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,8 @@ from twinstream.learn.calibration import ValidationStream, calibrate
 from twinstream.learn.data import ViewSet
 from twinstream.learn.encoders import EmbeddingModel, ood_from_prototypes, spherical_kmeans
 from twinstream.learn.modalities import DataSizes, Modality
+from twinstream.model.bundle import Manifest, preprocessing_digest
+from twinstream.model.onnx_export import export_onnx
 
 
 def _over_batches(call: Callable[..., Any], modality: Modality, views: list[Any], device: torch.device,
@@ -97,13 +97,6 @@ def calibrate_model(model: EmbeddingModel, modality: Modality, val: ViewSet[Any]
     return Calibrated(modality.export_module(model, centroids).eval(), fitted)
 
 
-def preprocessing_digest(manifest: dict[str, object], tokenizer_file: Path | None) -> str:
-    digest = hashlib.sha256(tokenizer_file.read_bytes() if tokenizer_file else b"")
-    settings = {key: manifest.get(key) for key in ("max_length", "image_size", "record_fields")}
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    return digest.hexdigest()
-
-
 def write_bundle(out_dir: Path, calibrated: Calibrated, modality: Modality, version: str,
                  extra: dict[str, object] | None = None) -> dict[str, object]:
     """Trace the export module to encoder.pt and write tokenizer.json and manifest.json."""
@@ -119,14 +112,15 @@ def write_bundle(out_dir: Path, calibrated: Calibrated, modality: Modality, vers
     tokenizer_file = modality.tokenizer_file
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, out_dir / "tokenizer.json")
-    manifest: dict[str, object] = {"name": modality.bundle_name, "version": version,
-                                   **modality.manifest_fields(), "max_batch_size": 64,
-                                   "runtime": ENCODER_RUNTIME, **calibrated.fitted, **(extra or {})}
-    manifest["preprocessing_digest"] = preprocessing_digest(manifest, tokenizer_file)
+    fields: dict[str, object] = {"name": modality.bundle_name, "version": version,
+                                 **modality.manifest_fields(), "max_batch_size": 64,
+                                 "runtime": ENCODER_RUNTIME, **calibrated.fitted, **(extra or {})}
+    fields["preprocessing_digest"] = preprocessing_digest(fields, tokenizer_file)
+    fields["created_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    manifest = Manifest.from_dict(fields, str(out_dir))  # the schema check, before any export
     export_onnx(out_dir / "encoder.pt", out_dir / "encoder.onnx", manifest)
-    manifest["created_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    manifest.write(out_dir)
+    return manifest.to_dict()
 
 
 # What a bundle is served with (docs/model-bundle.md): OpenVINO on encoder.onnx, bf16 where the
@@ -134,30 +128,6 @@ def write_bundle(out_dir: Path, calibrated: Calibrated, modality: Modality, vers
 ENCODER_RUNTIME: dict[str, object] = {"name": "openvino", "file": "encoder.onnx", "precision": "auto",
                                       "opset": 17, "fallback": {"name": "torchscript", "file": "encoder.pt",
                                                                 "precision": "f32"}}
-
-
-def export_onnx(encoder_pt: Path, target: Path, manifest: dict[str, Any]) -> Path:
-    """Export a bundle's TorchScript encoder to ONNX (opset 17, dynamic batch and sequence axes)
-    for OpenVINO; it computes what the TorchScript module does to ~1e-6."""
-    module = torch.jit.load(str(encoder_pt), map_location="cpu").eval()
-    names = list(manifest.get("inputs", ["input_ids", "attention_mask"]))
-    if names == ["pixels"]:
-        size = int(manifest["image_size"])
-        example: tuple[torch.Tensor, ...] = (torch.zeros(2, 3, size, size),)
-        axes: dict[str, dict[int, str]] = {"pixels": {0: "batch"}}
-    else:
-        example = tuple(torch.ones(2, 8, dtype=torch.int64) for _ in names)
-        axes = {name: {0: "batch", 1: "sequence"} for name in names}
-    axes.update({"embedding": {0: "batch"}, "ood_score": {0: "batch"}})
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    # The traced module holds inference-mode constants: export under inference mode too.
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about the shapes declared dynamic above
-        torch.onnx.export(module, example, str(partial), dynamo=False, opset_version=17,
-                          input_names=names, output_names=["embedding", "ood_score"], dynamic_axes=axes)
-    partial.replace(target)
-    return target
 
 
 def load_bundle_module(bundle_dir: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:

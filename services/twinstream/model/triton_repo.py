@@ -1,4 +1,4 @@
-"""Triton model repositories from model bundles, and a real Triton server to serve them.
+"""Triton model repositories from model bundles (the dev stack's ``TritonServer`` serves them).
 
 On CPU (here) the only backend the pip-installed Triton ships is the python backend, so each
 version folder holds ``model.py`` and ``encoder_runtime.py``, which run the bundle's ONNX export
@@ -8,26 +8,19 @@ is served by the ``pytorch_libtorch`` backend (``gpu=True``).
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
-from types import TracebackType
 
-from twinstream.common.names import NAME_RULE, is_name
-from twinstream.devstack import REPO_ROOT, free_port
 from twinstream.model import encoder_runtime
+from twinstream.model.bundle import Manifest
 from twinstream.model.encoder_runtime import RUNTIMES, SUB_BATCH, default_parallelism
 
 MODEL_PY = '''"""Triton python backend: serves a twinstream encoder (written by twinstream.model.triton_repo).
 
 The runtime (OpenVINO on encoder.onnx, or TorchScript on encoder.pt), precision, threads and
 length-bucket size come from this model's config parameters; encoder_runtime.py, copied next to
-this file from twinstream.common, does the work, as it does in the in-process encoder.
+this file from twinstream.model, does the work, as it does in the in-process encoder.
 """
 import json
 import os
@@ -100,13 +93,12 @@ def _parameters(values: dict[str, str]) -> str:
     return "\n".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in values.items())
 
 
-def _config(manifest: dict[str, object], gpu: bool, instances: int,
+def _config(manifest: Manifest, gpu: bool, instances: int,
             parameters: dict[str, str] | None = None) -> str:
     """config.pbtxt for one bundle: python backend on CPU, or pytorch_libtorch on GPU."""
-    name, dim = manifest["name"], manifest["dim"]
-    max_batch = int(manifest.get("max_batch_size", 64))  # type: ignore[call-overload]
-    if "image" in manifest["modalities"]:  # type: ignore[operator]
-        size = manifest["image_size"]
+    name, dim, max_batch = manifest.name, manifest.dim, manifest.max_batch_size
+    if "image" in manifest.modalities:
+        size = manifest.image_size
         inputs = f'  {{ name: "pixels" data_type: TYPE_FP32 dims: [ 3, {size}, {size} ] }}'
     else:
         inputs = ('  { name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] },\n'
@@ -160,14 +152,10 @@ def write_repository(bundles: list[Path], repo_dir: Path, gpu: bool = False, ins
                   "sub_batch": str(SUB_BATCH)}
     repo_dir.mkdir(parents=True, exist_ok=True)
     for bundle in bundles:
-        manifest = json.loads((Path(bundle) / "manifest.json").read_text())
-        name, version = str(manifest["name"]), str(manifest["version"])
-        # Both become paths under repo_dir: "../../x" must not write outside it.
-        if not is_name(name):
-            raise ValueError(f"{bundle}: model name {name[:80]!r} must be {NAME_RULE}")
-        if not version.isascii() or not version.isdigit():
-            raise ValueError(f"{bundle}: model version {version[:80]!r} must be a positive integer "
-                             "(Triton's version folders are numbers)")
+        # Manifest.read checks name and version: both become paths under repo_dir ("../../x"
+        # must not write outside it).
+        manifest = Manifest.read(bundle)
+        name, version = manifest.name, manifest.version
         model_dir = repo_dir / name
         version_dir = model_dir / version
         version_dir.mkdir(parents=True, exist_ok=True)
@@ -180,7 +168,7 @@ def write_repository(bundles: list[Path], repo_dir: Path, gpu: bool = False, ins
         shutil.copyfile(encoder_runtime.__file__, version_dir / "encoder_runtime.py")
 
 
-def _place_encoder(bundle: Path, version_dir: Path, runtime: str, manifest: dict[str, object]) -> None:
+def _place_encoder(bundle: Path, version_dir: Path, runtime: str, manifest: Manifest) -> None:
     """Copy the one encoder file ``runtime`` loads. A bundle written before the ONNX export gets
     its ``encoder.onnx`` here, once (half a minute on 2 busy cores), beside its ``encoder.pt``
     (in the repository instead when the bundle folder is read-only)."""
@@ -188,7 +176,7 @@ def _place_encoder(bundle: Path, version_dir: Path, runtime: str, manifest: dict
     (version_dir / ("encoder.onnx" if runtime == "torchscript" else "encoder.pt")).unlink(missing_ok=True)
     source = bundle / name
     if not source.is_file() and runtime != "torchscript":
-        from twinstream.learn.bundle import export_onnx
+        from twinstream.model.onnx_export import export_onnx  # torch: only for such old bundles
 
         try:
             export_onnx(bundle / "encoder.pt", source, manifest)
@@ -196,115 +184,3 @@ def _place_encoder(bundle: Path, version_dir: Path, runtime: str, manifest: dict
             export_onnx(bundle / "encoder.pt", version_dir / name, manifest)
             return
     shutil.copyfile(source, version_dir / name)
-
-
-class TritonServer:
-    """Runs the real Triton Inference Server from ``.venv-triton`` on loopback."""
-
-    def __init__(self, repository: Path, log_path: Path | None = None, venv: Path | None = None,
-                 threads: int = 2, ready_timeout_s: float = 180.0, grpc_port: int | None = None,
-                 http_port: int | None = None, metrics_port: int | None = None) -> None:
-        """Ports left as None are picked free on 127.0.0.1; the venv defaults to
-        ``$TWINSTREAM_TRITON_VENV`` or ``<repo root>/.venv-triton``."""
-        self.repository = Path(repository)
-        self.venv = Path(venv or os.environ.get("TWINSTREAM_TRITON_VENV") or REPO_ROOT / ".venv-triton")
-        self.log_path = Path(log_path or self.repository.parent / "triton.log")
-        self.threads = threads
-        self.ready_timeout_s = ready_timeout_s
-        self.grpc_port = grpc_port or free_port()
-        self.http_port = http_port or free_port()
-        self.metrics_port = metrics_port or free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
-
-    def _site_packages(self) -> Path:
-        found = sorted((self.venv / "lib").glob("python3.*/site-packages"))
-        if not found:
-            raise FileNotFoundError(f"no Triton venv at {self.venv}: run scripts/setup.sh")
-        return found[0]
-
-    def _backend_dir(self, site: Path) -> Path:
-        """Assemble the python backend with the stub for this Python version."""
-        triton = site / "pytriton" / "tritonserver"
-        python_version = site.parent.name.removeprefix("python")
-        backends = self.repository.parent / f"{self.repository.name}-backends"
-        python_dir = backends / "python"
-        python_dir.mkdir(parents=True, exist_ok=True)
-        sources = [*sorted((triton / "backends" / "python").iterdir()),
-                   triton / "python_backend_stubs" / python_version / "triton_python_backend_stub"]
-        for source in sources:
-            link = python_dir / source.name
-            if not link.exists():
-                link.symlink_to(source)
-        return backends
-
-    def start(self) -> None:
-        site = self._site_packages()
-        binary = site / "pytriton" / "tritonserver" / "bin" / "tritonserver"
-        argv = [
-            str(binary), f"--model-repository={self.repository}",
-            f"--backend-directory={self._backend_dir(site)}",
-            "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
-            "--http-address=127.0.0.1", f"--http-port={self.http_port}",
-            "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
-            "--allow-gpu-metrics=false", "--log-verbose=0",
-        ]
-        env = {**os.environ, "PYTHONPATH": str(site), "TWINSTREAM_TRITON_SITE": str(site),
-               "OMP_NUM_THREADS": str(self.threads), "TWINSTREAM_TRITON_THREADS": str(self.threads)}
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
-        self.wait_ready()
-
-    def wait_ready(self) -> None:
-        import tritonclient.grpc as triton_grpc
-
-        client = triton_grpc.InferenceServerClient(self.grpc_url)
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited ({self.process.returncode}):\n{self.log_tail()}")
-            with contextlib.suppress(Exception):
-                if client.is_server_ready():
-                    return
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"Triton not ready after {self.ready_timeout_s:.0f}s:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-
-    def __enter__(self) -> TritonServer:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()

@@ -14,7 +14,8 @@ def bundle_with(tmp_path: Path, name: str, version: str) -> Path:
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "manifest.json").write_text(json.dumps({
-        "name": name, "version": version, "dim": 4, "modalities": ["text"], "max_batch_size": 8}))
+        "name": name, "version": version, "dim": 4, "modalities": ["text"], "max_batch_size": 8,
+        "thresholds": {"duplicate": 0.9, "match": 0.8}}))
     (bundle / "encoder.pt").write_bytes(b"weights")
     return bundle
 
