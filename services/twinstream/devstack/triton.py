@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from twinstream.devstack.stack import REPO_ROOT, ManagedProcess, free_port
+from twinstream.devstack.process import REPO_ROOT, ManagedProcess, free_port
 
 
 class TritonServer:
