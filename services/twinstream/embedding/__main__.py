@@ -8,6 +8,7 @@ from twinstream.common.config import Settings
 from twinstream.common.encoding import TritonEncoder, make_encoder
 from twinstream.common.kafka import ConsumeLoop
 from twinstream.common.runtime import ServiceRuntime
+from twinstream.common.usage import parse_service_args
 from twinstream.embedding.service import Embedder
 from twinstream.model.bundle import load_bundles
 
@@ -30,4 +31,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    parse_service_args("embedding", __doc__)
     main()

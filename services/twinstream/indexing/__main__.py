@@ -7,6 +7,7 @@ import threading
 from twinstream.common.config import Settings
 from twinstream.common.kafka import ConsumeLoop, make_producer, publish
 from twinstream.common.runtime import ServiceRuntime
+from twinstream.common.usage import parse_service_args
 from twinstream.common.vectorstore import VectorStore
 from twinstream.indexing.reaper import Reaper
 from twinstream.indexing.service import Indexer
@@ -34,4 +35,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    parse_service_args("indexing", __doc__)
     main()

@@ -7,6 +7,7 @@ import threading
 from twinstream.common.config import Settings
 from twinstream.common.kafka import ConsumeLoop, GroupLag, make_producer
 from twinstream.common.runtime import ServiceRuntime
+from twinstream.common.usage import parse_service_args
 from twinstream.ingestion.service import Backpressure, Ingestion
 from twinstream.ingestion.store import AcceptedIds
 from twinstream.v1 import ingestion_pb2, ingestion_pb2_grpc
@@ -51,4 +52,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    parse_service_args("ingestion", __doc__)
     main()

@@ -6,6 +6,7 @@ from twinstream.common.config import Settings
 from twinstream.common.encoding import make_encoder
 from twinstream.common.kafka import make_producer, publish
 from twinstream.common.runtime import ServiceRuntime
+from twinstream.common.usage import parse_service_args
 from twinstream.common.vectorstore import VectorStore
 from twinstream.matching.service import Matching
 from twinstream.model.bundle import load_bundles
@@ -28,4 +29,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    parse_service_args("matching", __doc__)
     main()
