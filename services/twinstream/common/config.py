@@ -324,9 +324,7 @@ class Settings(BaseModel):
                 where = name or ".".join(loc) or "settings"
                 section = data.get(loc[0]) if loc else None
                 value = section.get(loc[1]) if isinstance(section, dict) and len(loc) >= 2 else None
-                # The raw value helps unless it is a secret.
-                secret = isinstance(value, SecretStr) or name == "TWINSTREAM_MILVUS_TOKEN"
-                shown = f"={value!r}" if isinstance(value, str) and not secret else ""
+                shown = f"={value!r}" if isinstance(value, str) else ""
                 problems.append(f"{where}{shown}: {error['msg']}")
             raise SettingsError("; ".join(problems)) from None
 
@@ -418,17 +416,19 @@ def markdown() -> str:
         "with a message naming it (and the closest valid name); so does a value of the wrong type.",
         "Lists are comma-separated. In code each variable is `settings.<section>.<field>`.",
         "",
+        "To add one: a field `name: type = _env(\"NAME\", default, \"description\")` in its section",
+        "class (a new section: a `_Section` subclass and a field of `Settings`), then regenerate this file.",
+        "",
     ]
     for section, model in _sections():
         lines += [f"## `{section}`: {(model.__doc__ or '').strip()}", "",
                   "| Variable | Field | Type | Default | Description |",
                   "|---|---|---|---|---|"]
         for field, info in model.model_fields.items():
-            default = "host name" if info.default_factory else _render(info.default)
+            default = "" if info.default_factory else _render(info.default)
+            shown = f"`{default}`" if default else "(computed)" if info.default_factory else "(empty)"
             lines.append(f"| `{_env_name(info)}` | `{section}.{field}` | {_type_name(info.annotation)} "
-                         f"| `{default}` | {info.description} |" if default else
-                         f"| `{_env_name(info)}` | `{section}.{field}` | {_type_name(info.annotation)} "
-                         f"| (empty) | {info.description} |")
+                         f"| {shown} | {info.description} |")
         lines.append("")
     lines += ["## Not settings", "",
               "These `TWINSTREAM_*` variables belong to other programs and are not refused:", ""]
