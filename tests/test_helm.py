@@ -508,7 +508,7 @@ def test_topic_names_reach_every_service_the_keda_trigger_and_the_job() -> None:
     assert env_of(job)["TOPICS"] == "t.in,t.ok,t.vec,t.out,t.dead"
 
 
-@pytest.mark.parametrize("values", CI_VALUES + [PROD_VALUES], ids=lambda p: p.name)
+@pytest.mark.parametrize("values", [*CI_VALUES, PROD_VALUES], ids=lambda p: p.name)
 def test_every_twinstream_variable_the_chart_sets_is_a_setting(values: Path) -> None:
     """A service refuses an unknown TWINSTREAM_* variable at start: the chart must set none."""
     from twinstream.common.config import env_fields

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from twinstream.common.config import (NOT_SETTINGS, Settings, SettingsError, TtlRule, env_fields,
-                                      environment, markdown)
+from twinstream.common.config import NOT_SETTINGS, Settings, SettingsError, TtlRule, env_fields, environment, markdown
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -135,7 +134,7 @@ def test_every_field_has_one_variable_and_environment_round_trips() -> None:
 
 
 def test_environment_refuses_a_field_that_does_not_exist() -> None:
-    with pytest.raises(KeyError, match="kafka.bootstarp"):
+    with pytest.raises(KeyError, match=r"kafka\.bootstarp"):
         environment(kafka={"bootstarp": "a:1"})
 
 
