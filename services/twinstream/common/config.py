@@ -297,26 +297,23 @@ class Settings(BaseModel):
             sections.setdefault(section, {})[field] = raw
         if problems:
             raise SettingsError("; ".join(problems))
-        return cls._validated({"service": service, **sections}, {v: k for k, v in fields.items()})
+        return cls._validated({"service": service, **sections})
 
     def replace(self, **sections: Mapping[str, Any]) -> Settings:
         """A copy with some fields of some sections changed (and validated):
         ``settings.replace(kafka={"consumer_group": "g"})``."""
         data: dict[str, Any] = dict(self)
         for section, changes in sections.items():
-            if section == "service":
-                data["service"] = changes
-                continue
-            current = getattr(self, section)
-            data[section] = {**dict(current), **changes}
-        names = {v: k for k, v in env_fields().items()}
-        return self._validated(data, names)
+            data[section] = {**dict(getattr(self, section)), **changes}
+        return self._validated(data)
 
     @classmethod
-    def _validated(cls, data: dict[str, Any], names: Mapping[tuple[str, str], str]) -> Settings:
+    def _validated(cls, data: dict[str, Any]) -> Settings:
+        """``model_validate``, with each error named by its variable."""
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
+            names = {v: k for k, v in env_fields().items()}
             problems = []
             for error in exc.errors():
                 loc = tuple(str(part) for part in error["loc"])
