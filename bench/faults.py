@@ -205,7 +205,7 @@ def run_fault(stack: LocalStack, fault: str, records: Sequence[tuple[str, dict[s
         started = time.monotonic()
         _crash(stack, fault)
         # A frozen consumer must stay frozen past its session timeout so the group moves on.
-        hold_s = stack.settings().kafka_session_timeout_ms / 1000 + 3 if fault.startswith("sigstop") else 0.0
+        hold_s = stack.settings().kafka.session_timeout_ms / 1000 + 3 if fault.startswith("sigstop") else 0.0
         while True:
             elapsed = time.monotonic() - started
             if not result.health_saw_outage:

@@ -219,6 +219,9 @@ BAD_VALUES = {
     "typo in a service key": "services:\n  embedding:\n    replica: 3\n",
     "external triton without url": "triton:\n  enabled: false\n  url: ''\n",
     "bad log level": "config:\n  logLevel: verbose\n",
+    "topic of an unknown role": "topics:\n  names: {queue: items.queue}\n",
+    "topic name with a space": "topics:\n  names: {raw: items raw}\n",
+    "topic names as a list": "topics:\n  names: [items.raw, items.accepted]\n",
 }
 
 
@@ -487,6 +490,35 @@ def test_topics_job_creates_the_pipeline_topics(prod: list[Manifest]) -> None:
     topics = {t for _, _, t in SERVICES.values() if t}
     assert topics <= set(env["TOPICS"].split(","))
     assert find(render(), "Job") == []
+
+
+def test_topic_names_reach_every_service_the_keda_trigger_and_the_job() -> None:
+    names = {"raw": "t.in", "accepted": "t.ok", "embedded": "t.vec", "decisions": "t.out", "dlq": "t.dead"}
+    values = prod_values()
+    values["topics"]["names"] = names
+    manifests = render(values, api_versions=OPERATOR_APIS)
+    for name in SERVICES:
+        env = env_of(workload(manifests, name))
+        assert {k: v for k, v in env.items() if k.startswith("TWINSTREAM_TOPIC_")} == {
+            f"TWINSTREAM_TOPIC_{role.upper()}": topic for role, topic in names.items()}
+    scaled = {so["spec"]["scaleTargetRef"]["name"]: so for so in find(manifests, "ScaledObject")}
+    (trigger,) = scaled[workload(manifests, "embedding")["metadata"]["name"]]["spec"]["triggers"]
+    assert trigger["metadata"]["topic"] == "t.ok"
+    (job,) = find(manifests, "Job")
+    assert env_of(job)["TOPICS"] == "t.in,t.ok,t.vec,t.out,t.dead"
+
+
+@pytest.mark.parametrize("values", [*CI_VALUES, PROD_VALUES], ids=lambda p: p.name)
+def test_every_twinstream_variable_the_chart_sets_is_a_setting(values: Path) -> None:
+    """A service refuses an unknown TWINSTREAM_* variable at start: the chart must set none."""
+    from twinstream.common.config import env_fields
+
+    known = set(env_fields())
+    for _, spec in pod_specs(render(yaml.safe_load(values.read_text()), api_versions=OPERATOR_APIS)):
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
+            unknown = {e["name"] for e in c.get("env", [])
+                       if e["name"].startswith("TWINSTREAM_") and e["name"] not in known}
+            assert not unknown, f"{values.name}: {c['name']} gets {unknown}"
 
 
 # -- the helm CLI -----------------------------------------------------------------------------

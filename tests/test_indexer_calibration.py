@@ -73,7 +73,7 @@ def milvus_file(tmp_path: Path) -> str:
 
 
 def indexer_on(path: str) -> Indexer:
-    settings = Settings(service="indexing", milvus_uri=path, milvus_flush_rows=0)
+    settings = Settings(service="indexing", milvus={"uri": path, "flush_rows": 0})
     return Indexer(settings, VectorStore(path, index_type="FLAT"), [BUNDLE])
 
 

@@ -108,8 +108,9 @@ def store(tmp_path: Path) -> VectorStore:
 
 @pytest.fixture
 def settings() -> Settings:
-    return Settings(service="indexing", milvus_flush_rows=0, neighbours=5, delete_wait_s=0.0,
-                    collection_ttls="*/ephemeral=60", tombstone_retention_s=3600)
+    return Settings(service="indexing", milvus={"flush_rows": 0}, search={"neighbours": 5},
+                    retention={"delete_wait_s": 0.0, "collection_ttls": "*/ephemeral=60",
+                               "tombstone_retention_s": 3600})
 
 
 @pytest.fixture
@@ -165,7 +166,7 @@ def test_delete_waits_until_indexing_applied_it(settings: Settings, store: Vecto
         sent.extend(messages)
         indexer(records(messages))
 
-    waiting = Matching(Settings(delete_wait_s=5.0), store, [ItemEncoder(BUNDLE, NoEncoder())],
+    waiting = Matching(Settings(retention={"delete_wait_s": 5.0}), store, [ItemEncoder(BUNDLE, NoEncoder())],
                        apply_now)
     response = waiting.Delete(matching_pb2.DeleteRequest(tenant=TENANT, item_ids=["x", "nope"]),
                               context())
@@ -310,7 +311,7 @@ def test_scans_return_every_row_past_the_query_cap(store: VectorStore) -> None:
 
 
 def test_reads_load_a_collection_milvus_released(store: VectorStore) -> None:
-    indexer = Indexer(Settings(milvus_flush_rows=0), store, [BUNDLE])
+    indexer = Indexer(Settings(milvus={"flush_rows": 0}), store, [BUNDLE])
     indexer(records([embedded("a", 0, 1)]))
     name = store.collection_name(MODEL)
     for read in (lambda: store.get(name, [row_key(TENANT, "default", "a")]),

@@ -83,8 +83,8 @@ def test_poison_records_never_block_canaries_in_other_tenants(faults: LocalStack
     tenants: list[str] = []
     for i in range(40):
         other = f"{tenant}c{i}"
-        if partition_of(f"{other}/default", settings.partitions) not in {
-                partition_of(f"{t}/default", settings.partitions) for t in tenants}:
+        if partition_of(f"{other}/default", settings.topics.partitions) not in {
+                partition_of(f"{t}/default", settings.topics.partitions) for t in tenants}:
             tenants.append(other)
     tenants += [f"{tenant}x{i}" for i in range(8 - len(tenants))]
     producer = make_producer(settings)
@@ -123,7 +123,7 @@ def test_an_oversized_raw_record_is_dead_lettered_once_and_its_neighbours_once(
     settings = faults.settings()
     big = text("huge", "x" * (9 * 1024 * 1024), tenant).SerializeToString()
     neighbours = [text(f"n{i}", f"neighbour item number {i}", tenant) for i in range(6)]
-    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
+    producer = KafkaProducer(bootstrap_servers=list(settings.kafka.bootstrap),
                              max_request_size=16 * 1024 * 1024, enable_idempotence=False)
     key = f"{tenant}/default".encode()
     producer.send(settings.topics.raw, key=key, value=neighbours[0].SerializeToString())

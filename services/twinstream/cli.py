@@ -159,10 +159,10 @@ def read_decisions(bootstrap: str, tenant: str, collection: str, kinds: Sequence
     """The decisions of a tenant (and collection) on items.decisions, each item once (a repeat
     is a byte-identical copy). Without ``follow``, stops once it has read up to the end of
     every partition as it was when it started reading."""
-    from twinstream.common.config import Settings
+    from twinstream.common.config import load_settings
     from twinstream.common.kafka import TopicReader
 
-    settings = Settings.from_env("cli", kafka_bootstrap=bootstrap)
+    settings = load_settings("cli").replace(kafka={"bootstrap": bootstrap})
     reader = TopicReader(settings, settings.topics.decisions)
     wanted = {decisions_pb2.DecisionKind.Value(k) for k in kinds}
     seen: set[bytes] = set()
@@ -212,10 +212,10 @@ def cmd_decisions(args: argparse.Namespace) -> int:
 def accepted_items(tenant: str, collection: str, timeout_s: float) -> tuple[list[tuple[str, bytes]], bool]:
     """The collection's items retained on items.accepted, from the beginning to the high
     watermarks as of the read (the latest version of each item id); and whether the read got to those ends."""
-    from twinstream.common.config import Settings
+    from twinstream.common.config import load_settings
     from twinstream.common.kafka import TopicReader
 
-    settings = Settings.from_env("cli")
+    settings = load_settings("cli")
     reader = TopicReader(settings, settings.topics.accepted)
     try:
         records = reader.read_until(lambda _: reader.at_end(), timeout_s)
@@ -260,26 +260,26 @@ def adapt_main(argv: list[str]) -> int:
 def cmd_reembed(args: argparse.Namespace) -> int:
     """An embedding instance for the new bundle, in its own consumer group from the earliest
     offset, so the whole retained items.accepted log is embedded beside the live version."""
-    import os
-
+    from twinstream.common.config import load_settings
     from twinstream.embedding.__main__ import main as embedding_main
     from twinstream.model.bundle import ModelBundle
 
     bundle = ModelBundle.load(args.bundle)
-    os.environ["TWINSTREAM_MODEL_DIR"] = str(args.bundle)
-    os.environ["TWINSTREAM_CONSUMER_GROUP"] = f"twinstream-reembed-{bundle.name}-v{bundle.version}"
-    embedding_main()
+    settings = load_settings("embedding").replace(
+        encoder={"model_dirs": [args.bundle]},
+        kafka={"consumer_group": f"twinstream-reembed-{bundle.name}-v{bundle.version}"})
+    embedding_main(settings)
     return 0
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from twinstream.common.config import Settings
+    from twinstream.common.config import load_settings
     from twinstream.common.vectorstore import VectorStore
     from twinstream.v1 import items_pb2
 
-    settings = Settings.from_env("cli")
-    store = VectorStore(args.milvus_uri or settings.milvus_uri, settings.milvus_token,
-                        settings.milvus_collection_prefix)
+    settings = load_settings("cli")
+    store = VectorStore(args.milvus_uri or settings.milvus.uri,
+                        settings.milvus.token.get_secret_value(), settings.milvus.collection_prefix)
     target = store.collection_name(items_pb2.ModelRef(name=args.model, version=args.version))
     if not store.client.has_collection(target):
         print(f"no collection {target}: run `twinstream reembed` for that version first")

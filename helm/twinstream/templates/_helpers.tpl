@@ -62,14 +62,36 @@ app.kubernetes.io/part-of: twinstream
 {{- end }}
 
 {{/*
-What each service needs: the topic it consumes (KEDA scales on that group's lag) and which
-backends it talks to. These follow the service code (twinstream.<name>.__main__), not user choice.
+What each service needs: the role of the topic it consumes (a key of topics.names; KEDA scales on
+that group's lag) and which backends it talks to. These follow the service code
+(twinstream.<name>.__main__), not user choice.
 */}}
 {{- define "twinstream.traits" -}}
-ingestion: {consumes: items.raw, kafka: true, milvus: false, triton: false, models: false, data: true}
-embedding: {consumes: items.accepted, kafka: true, milvus: false, triton: true, models: true, data: false}
-indexing: {consumes: items.embedded, kafka: true, milvus: true, triton: false, models: true, data: false}
+ingestion: {consumes: raw, kafka: true, milvus: false, triton: false, models: false, data: true}
+embedding: {consumes: accepted, kafka: true, milvus: false, triton: true, models: true, data: false}
+indexing: {consumes: embedded, kafka: true, milvus: true, triton: false, models: true, data: false}
 matching: {consumes: "", kafka: false, produces: true, milvus: true, triton: true, models: true, data: false}
+{{- end }}
+
+{{/* The pipeline roles, in flow order: the keys of topics.names and of TWINSTREAM_TOPIC_<ROLE>. */}}
+{{- define "twinstream.topicRoles" -}}
+raw,accepted,embedded,decisions,dlq
+{{- end }}
+
+{{/* The topic names, comma-separated in flow order (the topics Job, NOTES.txt). */}}
+{{- define "twinstream.topicList" -}}
+{{- $names := list }}
+{{- range splitList "," (include "twinstream.topicRoles" .) }}
+{{- $names = append $names (required (printf "topics.names.%s is required" .) (index $.Values.topics.names .)) }}
+{{- end }}
+{{- join "," $names }}
+{{- end }}
+
+{{/* The services' topic variables: the one place topics.names reaches their settings. */}}
+{{- define "twinstream.topicEnv" -}}
+{{- range splitList "," (include "twinstream.topicRoles" .) }}
+- {name: TWINSTREAM_TOPIC_{{ upper . }}, value: {{ index $.Values.topics.names . | quote }}}
+{{- end }}
 {{- end }}
 
 {{/* A subchart's fullname, computed the way the milvus and bitnami charts do. (dict "root" $ "chart" "kafka") */}}

@@ -133,8 +133,8 @@ def make_producer(settings: Settings) -> KafkaProducer:
     connection keeps each partition's order through retries.
     """
     return KafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap.split(","),
-        client_id=f"{settings.service}-{settings.instance_id}",
+        bootstrap_servers=list(settings.kafka.bootstrap),
+        client_id=f"{settings.service}-{settings.server.instance_id}",
         acks="all",
         linger_ms=5,
         retries=10,
@@ -149,7 +149,7 @@ def ensure_topics(settings: Settings, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap.split(","))
+            admin = KafkaAdminClient(bootstrap_servers=list(settings.kafka.bootstrap))
             break
         except KafkaError:
             if time.monotonic() > deadline:
@@ -157,7 +157,7 @@ def ensure_topics(settings: Settings, timeout_s: float = 60.0) -> None:
             time.sleep(0.5)
     try:
         existing = set(admin.list_topics())
-        wanted = [NewTopic(t, settings.partitions, 1) for t in settings.topics.all() if t not in existing]
+        wanted = [NewTopic(t, settings.topics.partitions, 1) for t in settings.topics.all() if t not in existing]
         if wanted:
             with contextlib.suppress(TopicAlreadyExistsError):
                 admin.create_topics(wanted)
@@ -178,7 +178,7 @@ def dead_letter(settings: Settings, rejected: Rejected) -> Outgoing:
     detail = rejected.detail
     if len(detail) > MAX_DETAIL_CHARS:
         detail = detail[:MAX_DETAIL_CHARS] + f"... [{len(rejected.detail)} chars]"
-    limit = settings.dead_letter_max_bytes
+    limit = settings.loop.dead_letter_max_bytes
     if len(payload) > limit:
         detail += (f" [payload truncated: {len(payload)} bytes, sha256 "
                    f"{hashlib.sha256(payload).hexdigest()}; the first {limit} kept]")
@@ -243,16 +243,16 @@ class ConsumeLoop:
         self.producer = producer or make_producer(settings)
         self.consumer = consumer or KafkaConsumer(
             topic,
-            bootstrap_servers=settings.kafka_bootstrap.split(","),
+            bootstrap_servers=list(settings.kafka.bootstrap),
             group_id=settings.consumer_group,
-            client_id=f"{settings.service}-{settings.instance_id}",
+            client_id=f"{settings.service}-{settings.server.instance_id}",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            max_poll_records=settings.batch_size,
-            session_timeout_ms=settings.kafka_session_timeout_ms,
-            heartbeat_interval_ms=max(500, settings.kafka_session_timeout_ms // 3),
-            max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
-            request_timeout_ms=max(30_000, settings.kafka_session_timeout_ms + 5_000),
+            max_poll_records=settings.loop.batch_size,
+            session_timeout_ms=settings.kafka.session_timeout_ms,
+            heartbeat_interval_ms=max(500, settings.kafka.session_timeout_ms // 3),
+            max_poll_interval_ms=settings.kafka.max_poll_interval_ms,
+            request_timeout_ms=max(30_000, settings.kafka.session_timeout_ms + 5_000),
             fetch_max_wait_ms=50,
         )
         self._lag_checked = 0.0
@@ -313,7 +313,7 @@ class ConsumeLoop:
         """Wait for the first record, then gather up to batch_size within batch_wait_ms."""
         records: list[ConsumerRecord] = []
         deadline: float | None = None
-        while len(records) < self.settings.batch_size and not stopping.is_set():
+        while len(records) < self.settings.loop.batch_size and not stopping.is_set():
             if deadline is None:
                 left = 0.5
                 if self._resume_at:
@@ -321,14 +321,14 @@ class ConsumeLoop:
             else:
                 left = max(0.0, deadline - time.monotonic())
             polled = self.consumer.poll(
-                timeout_ms=int(left * 1000), max_records=self.settings.batch_size - len(records)
+                timeout_ms=int(left * 1000), max_records=self.settings.loop.batch_size - len(records)
             )
             for batch in polled.values():
                 records.extend(batch)
             if deadline is None:
                 if not records:
                     return records
-                deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
+                deadline = time.monotonic() + self.settings.loop.batch_wait_ms / 1000
             elif time.monotonic() >= deadline or not polled:
                 break
         return sorted(records, key=lambda r: (r.partition, r.offset))
@@ -399,7 +399,7 @@ class ConsumeLoop:
         service = self.settings.service
         ERRORS.labels(service, type(exc).__name__).inc()
         BATCH_RETRIES.labels(service, kind).inc()
-        self._backoff = min(max(0.2, self._backoff * 2), self.settings.loop_max_backoff_s)
+        self._backoff = min(max(0.2, self._backoff * 2), self.settings.loop.max_backoff_s)
         delay = self._backoff if retry_after_s is None else max(retry_after_s, 0.0)
         log.warning("batch failed; retrying it", exc_info=exc,
                     extra={"records": len(records), "kind": kind, "retry_in_s": delay})
@@ -426,7 +426,7 @@ class ConsumeLoop:
         """Publish the no-progress time and flip health when it crosses ``loop_stall_s``."""
         stalled_for = 0.0 if self._failing_since is None else time.monotonic() - self._failing_since
         SECONDS_WITHOUT_PROGRESS.labels(self.settings.service).set(stalled_for)
-        healthy = self._failing_since is None or stalled_for < self.settings.loop_stall_s
+        healthy = self._failing_since is None or stalled_for < self.settings.loop.stall_s
         if healthy != self._healthy:
             self._healthy = healthy
             log.log(logging.INFO if healthy else logging.ERROR,
@@ -486,8 +486,8 @@ class GroupLag:
                  consumer: KafkaConsumer | None = None) -> None:
         self.topic = topic
         self.consumer = consumer or KafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap.split(","),
-            group_id=group, client_id=f"{settings.service}-{settings.instance_id}-lag",
+            bootstrap_servers=list(settings.kafka.bootstrap),
+            group_id=group, client_id=f"{settings.service}-{settings.server.instance_id}-lag",
             enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=10,
             max_partition_fetch_bytes=1024,
         )
@@ -521,7 +521,7 @@ class TopicReader:
 
     def __init__(self, settings: Settings, topic: str) -> None:
         self.consumer = KafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap.split(","),
+            bootstrap_servers=list(settings.kafka.bootstrap),
             enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=100,
         )
         partitions = None

@@ -132,7 +132,7 @@ class ServiceRuntime:
 
     def __init__(self, settings: Settings, service_names: Iterable[str] = (),
                  registrations: Iterable[Registration] = (), max_workers: int = 16) -> None:
-        configure_logging(settings.service, settings.log_level)
+        configure_logging(settings.service, settings.server.log_level)
         self.settings = settings
         self.stopping = threading.Event()
         self.health = health.HealthServicer()
@@ -150,8 +150,8 @@ class ServiceRuntime:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(self.service_names, self.server)
-        self.grpc_port = self.server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
-        self.metrics_port = serve_metrics(settings.metrics_port, settings.grpc_host)
+        self.grpc_port = self.server.add_insecure_port(f"{settings.server.grpc_host}:{settings.server.grpc_port}")
+        self.metrics_port = serve_metrics(settings.server.metrics_port, settings.server.grpc_host)
 
     def start(self) -> None:
         """Start serving and install signal handlers (call from the main thread)."""

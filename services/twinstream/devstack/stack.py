@@ -31,7 +31,7 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from twinstream.common.config import Settings
+from twinstream.common.config import Settings, environment
 from twinstream.dashboard import CONSOLE_PATH, CONSOLES
 from twinstream.devstack.process import REPO_ROOT, ManagedProcess, free_port
 from twinstream.model.bundle import Manifest
@@ -321,10 +321,16 @@ class LocalStack:
         return f"http://127.0.0.1:{self.metrics_ports[service]}/metrics"
 
     def settings(self, service: str = "client") -> Settings:
-        return Settings.from_env(service, kafka_bootstrap=self.kafka_bootstrap,
-                                 milvus_uri=self.milvus_uri, triton_url=self.triton_url,
-                                 partitions=self.config.partitions,
-                                 model_dir=",".join(str(b) for b in self.config.bundles))
+        """What a client of this stack uses: this process's environment, with the stack's
+        addresses (the same values its services get, see ``service_env``)."""
+        return Settings.from_env(service).replace(**self._shared_settings())
+
+    def _shared_settings(self) -> dict[str, dict[str, Any]]:
+        """The settings every service of this stack shares, by section."""
+        return {"kafka": {"bootstrap": self.kafka_bootstrap},
+                "milvus": {"uri": self.milvus_uri},
+                "encoder": {"triton_url": self.triton_url, "model_dirs": self.config.bundles},
+                "topics": {"partitions": self.config.partitions}}
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> LocalStack:
@@ -429,32 +435,30 @@ class LocalStack:
         self.triton_url = server.grpc_url
 
     def service_env(self, service: str) -> dict[str, str]:
-        env = {
-            "TWINSTREAM_KAFKA_BOOTSTRAP": self.kafka_bootstrap,
-            "TWINSTREAM_MILVUS_URI": self.milvus_uri,
-            "TWINSTREAM_TRITON_URL": self.triton_url,
-            "TWINSTREAM_ENCODER_BACKEND": self.config.encoder_backend,
-            "TWINSTREAM_MODEL_DIR": ",".join(str(b) for b in self.config.bundles),
-            "TWINSTREAM_GRPC_PORT": str(self.grpc_ports[service]),
-            "TWINSTREAM_METRICS_PORT": str(self.metrics_ports[service]),
-            "TWINSTREAM_DATA_DIR": str(self.root / "data" / service),
-            "TWINSTREAM_PARTITIONS": str(self.config.partitions),
-            "TWINSTREAM_BATCH_SIZE": str(self.config.batch_size),
-            "TWINSTREAM_INSTANCE_ID": f"{service}-local",
-            # Flushing every N rows only helps Milvus Lite; a server seals segments itself.
-            "TWINSTREAM_MILVUS_FLUSH_ROWS": "0" if self.milvus_server is not None else "2000",
+        sections = self._shared_settings()
+        sections["server"] = {**self._ports(service), "instance_id": f"{service}-local",
+                              "data_dir": self.root / "data" / service}
+        # Flushing every N rows only helps Milvus Lite; a server seals segments itself.
+        sections["milvus"]["flush_rows"] = 0 if self.milvus_server is not None else 2000
+        sections["encoder"]["backend"] = self.config.encoder_backend
+        sections["loop"] = {"batch_size": self.config.batch_size}
+        env = environment(**sections)
+        env.update({
             "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false",
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
-        }
+        })
         env.update(self.config.extra_env)
         return env
+
+    def _ports(self, name: str) -> dict[str, int]:
+        return {"grpc_port": self.grpc_ports[name], "metrics_port": self.metrics_ports[name]}
 
     def start_service(self, service: str, wait: bool = True) -> None:
         env = self.service_env(service)
         if service == "embedding" and self.config.embedding_bundles is not None:
-            env["TWINSTREAM_MODEL_DIR"] = ",".join(str(b) for b in self.config.embedding_bundles)
+            env.update(environment(encoder={"model_dirs": self.config.embedding_bundles}))
         self._spawn(service, [sys.executable, "-m", f"twinstream.{service}"], env)
         if wait:
             self.wait_serving(service)
@@ -466,9 +470,7 @@ class LocalStack:
         name = f"reembed-{manifest.name}-v{manifest.version}"
         self.grpc_ports[name], self.metrics_ports[name] = free_port(), free_port()
         env = self.service_env("embedding")
-        env.update({"TWINSTREAM_GRPC_PORT": str(self.grpc_ports[name]),
-                    "TWINSTREAM_METRICS_PORT": str(self.metrics_ports[name]),
-                    "TWINSTREAM_INSTANCE_ID": name})
+        env.update(environment(server={**self._ports(name), "instance_id": name}))
         self._spawn(name, [sys.executable, "-m", "twinstream.cli", "reembed", "--bundle",
                            str(bundle)], env)
         self.wait_serving(name)
@@ -479,10 +481,8 @@ class LocalStack:
         name = f"{service}-{replica}"
         self.grpc_ports[name], self.metrics_ports[name] = free_port(), free_port()
         env = self.service_env(service)
-        env.update({"TWINSTREAM_GRPC_PORT": str(self.grpc_ports[name]),
-                    "TWINSTREAM_METRICS_PORT": str(self.metrics_ports[name]),
-                    "TWINSTREAM_INSTANCE_ID": name,
-                    "TWINSTREAM_DATA_DIR": str(self.root / "data" / name)})
+        env.update(environment(server={**self._ports(name), "instance_id": name,
+                                       "data_dir": self.root / "data" / name}))
         self._spawn(name, [sys.executable, "-m", f"twinstream.{service}"], env)
         self.wait_serving(name)
         return name

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from twinstream.common.config import Settings
+from twinstream.common.config import Settings, load_settings
 from twinstream.common.encoding import TritonEncoder, make_encoder
 from twinstream.common.kafka import ConsumeLoop
 from twinstream.common.runtime import ServiceRuntime
@@ -13,11 +13,12 @@ from twinstream.embedding.service import Embedder
 from twinstream.model.bundle import load_bundles
 
 
-def main() -> None:
-    settings = Settings.from_env("embedding")
+def main(settings: Settings | None = None) -> None:
+    """Run until SIGTERM; ``settings`` default to the environment's (read once, here)."""
+    settings = settings or load_settings("embedding")
     runtime = ServiceRuntime(settings)
-    encoders = [make_encoder(b, settings.encoder_backend, settings.triton_url)
-                for b in load_bundles(settings.model_dir)]
+    encoders = [make_encoder(b, settings.encoder.backend, settings.encoder.triton_url)
+                for b in load_bundles(settings.encoder.model_dirs)]
     for encoder in encoders:
         if isinstance(encoder.encoder, TritonEncoder):
             encoder.encoder.wait_ready()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from twinstream.common.config import Settings
+from twinstream.common.config import Settings, load_settings
 from twinstream.common.kafka import ConsumeLoop, make_producer, publish
 from twinstream.common.runtime import ServiceRuntime
 from twinstream.common.usage import parse_service_args
@@ -14,11 +14,13 @@ from twinstream.indexing.service import Indexer
 from twinstream.model.bundle import load_bundles
 
 
-def main() -> None:
-    settings = Settings.from_env("indexing")
+def main(settings: Settings | None = None) -> None:
+    """Run until SIGTERM; ``settings`` default to the environment's (read once, here)."""
+    settings = settings or load_settings("indexing")
     runtime = ServiceRuntime(settings)
-    store = VectorStore(settings.milvus_uri, settings.milvus_token, settings.milvus_collection_prefix)
-    indexer = Indexer(settings, store, load_bundles(settings.model_dir))
+    store = VectorStore(settings.milvus.uri, settings.milvus.token.get_secret_value(),
+                        settings.milvus.collection_prefix)
+    indexer = Indexer(settings, store, load_bundles(settings.encoder.model_dirs))
     loop = ConsumeLoop(settings, settings.topics.embedded, indexer,
                        on_health=runtime.health_hook("stream"))
 

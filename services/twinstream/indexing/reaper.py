@@ -35,14 +35,15 @@ def _scope(tenant: str, collection: str) -> str:
 def expiry_filters(settings: Settings, now_ms: int) -> list[tuple[str, int]]:
     """(expression, ingest cutoff) per TTL rule, excluding the scopes a more specific rule
     governs."""
-    rules = settings.ttl_rules()
+    rules = settings.retention.ttl_rules()
     filters = []
-    for position, (tenant, collection, seconds) in enumerate(rules):
-        cutoff = now_ms - seconds * 1000
+    for position, rule in enumerate(rules):
+        cutoff = now_ms - rule.seconds * 1000
         parts = [f"deleted_ms == 0 and ingest_ms < {cutoff}"]
-        if _scope(tenant, collection):
-            parts.append(_scope(tenant, collection))
-        parts += [f"not ({_scope(t, c)})" for t, c, _ in rules[:position] if _scope(t, c)]
+        if _scope(rule.tenant, rule.collection):
+            parts.append(_scope(rule.tenant, rule.collection))
+        parts += [f"not ({_scope(r.tenant, r.collection)})" for r in rules[:position]
+                  if _scope(r.tenant, r.collection)]
         filters.append((" and ".join(f"({p})" for p in parts), cutoff))
     return filters
 
@@ -61,7 +62,7 @@ class Reaper:
     def run_once(self, now_ms: int | None = None) -> tuple[int, int]:
         """Returns (rows asked to expire, tombstones asked to purge)."""
         now = int(time.time() * 1000) if now_ms is None else now_ms
-        retained = now - self.settings.tombstone_retention_s * 1000
+        retained = now - self.settings.retention.tombstone_retention_s * 1000
         actions = items_pb2.StoreCommand
         found: _Found = {}
         for collection in self.store.collections():
@@ -86,7 +87,7 @@ class Reaper:
         return expired, purged
 
     def run(self, stopping: threading.Event) -> None:
-        while not stopping.wait(self.settings.reaper_interval_s):
+        while not stopping.wait(self.settings.retention.reaper_interval_s):
             try:
                 self.run_once()
             except Exception:  # Milvus or the broker briefly unavailable: try again next round

@@ -124,7 +124,7 @@ class Indexer:
             it = item.accepted.item
             key = (collection, it.tenant, it.collection)
             if key not in groups:
-                ttl = self.settings.ttl_for(it.tenant, it.collection)
+                ttl = self.settings.retention.ttl_for(it.tenant, it.collection)
                 groups[key] = _Pending(collection, bundle, item.model, it.tenant,
                                        scope_filter(it.tenant, it.collection, ttl))
             groups[key].items.append((index, item))
@@ -201,7 +201,7 @@ class Indexer:
         # the stable sort only moves re-published items (older ingest times) to their place.
         todo.sort(key=lambda t: t[1].accepted.ingest_time_ms)
         vectors = np.array([list(t[1].vector) for t in todo], dtype=np.float32)
-        k = self.settings.neighbours
+        k = self.settings.search.neighbours
         stored_signals = [SIGNALS] if self.store.has_signals(group.collection) else []
         hits = self.store.search(
             group.collection, vectors, limit=k, expr=group.scope,
@@ -305,10 +305,10 @@ class Indexer:
 
     def _maybe_flush(self, collection: str, added: int) -> None:
         """Milvus Lite searches unflushed rows slowly; seal them every ``milvus_flush_rows``."""
-        if self.settings.milvus_flush_rows <= 0:
+        if self.settings.milvus.flush_rows <= 0:
             return
         count = self._rows_since_flush.get(collection, 0) + added
-        if count >= self.settings.milvus_flush_rows:
+        if count >= self.settings.milvus.flush_rows:
             self.store.flush(collection)
             count = 0
         self._rows_since_flush[collection] = count

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from twinstream.common.config import Settings
+from twinstream.common.config import Settings, load_settings
 from twinstream.common.kafka import ConsumeLoop, GroupLag, make_producer
 from twinstream.common.runtime import ServiceRuntime
 from twinstream.common.usage import parse_service_args
@@ -16,12 +16,13 @@ from twinstream.v1 import ingestion_pb2, ingestion_pb2_grpc
 EMBEDDING_GROUP = "twinstream-embedding"
 
 
-def main() -> None:
-    settings = Settings.from_env("ingestion")
+def main(settings: Settings | None = None) -> None:
+    """Run until SIGTERM; ``settings`` default to the environment's (read once, here)."""
+    settings = settings or load_settings("ingestion")
     producer = make_producer(settings)
-    ids = AcceptedIds(settings.data_path / "ingestion-accepted.sqlite")
+    ids = AcceptedIds(settings.server.data_dir / "ingestion-accepted.sqlite")
     lag = GroupLag(settings, settings.topics.accepted, EMBEDDING_GROUP)
-    backpressure = Backpressure(settings.ingest_max_lag, lag.measure)
+    backpressure = Backpressure(settings.limits.ingest_max_lag, lag.measure)
     service = Ingestion(settings, ids, producer, backpressure)
     runtime = ServiceRuntime(
         settings,
@@ -36,7 +37,7 @@ def main() -> None:
                             name="backpressure", daemon=True)
 
     def work(stopping: threading.Event) -> None:
-        if settings.ingest_max_lag > 0:
+        if settings.limits.ingest_max_lag > 0:
             gate.start()
         loop.run(stopping)
 

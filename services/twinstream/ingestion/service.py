@@ -98,8 +98,8 @@ class Ingestion(ingestion_pb2_grpc.IngestionServicer):
         self.settings = settings
         self.ids = ids
         self.producer = producer
-        self.limits = Limits(settings.max_item_bytes, settings.max_text_chars,
-                             settings.max_image_pixels)
+        self.limits = Limits(settings.limits.max_item_bytes, settings.limits.max_text_chars,
+                             settings.limits.max_image_pixels)
         self.backpressure = backpressure
         self.on_broker_health = on_broker_health
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from twinstream.common.config import Settings
+from twinstream.common.config import Settings, load_settings
 from twinstream.common.encoding import make_encoder
 from twinstream.common.kafka import make_producer, publish
 from twinstream.common.runtime import ServiceRuntime
@@ -13,11 +13,13 @@ from twinstream.model.bundle import load_bundles
 from twinstream.v1 import matching_pb2, matching_pb2_grpc
 
 
-def main() -> None:
-    settings = Settings.from_env("matching")
-    store = VectorStore(settings.milvus_uri, settings.milvus_token, settings.milvus_collection_prefix)
-    encoders = [make_encoder(b, settings.encoder_backend, settings.triton_url)
-                for b in load_bundles(settings.model_dir)]
+def main(settings: Settings | None = None) -> None:
+    """Run until SIGTERM; ``settings`` default to the environment's (read once, here)."""
+    settings = settings or load_settings("matching")
+    store = VectorStore(settings.milvus.uri, settings.milvus.token.get_secret_value(),
+                        settings.milvus.collection_prefix)
+    encoders = [make_encoder(b, settings.encoder.backend, settings.encoder.triton_url)
+                for b in load_bundles(settings.encoder.model_dirs)]
     producer = make_producer(settings)  # store commands (Delete) to indexing
     service = Matching(settings, store, encoders, lambda messages: publish(producer, messages))
     runtime = ServiceRuntime(

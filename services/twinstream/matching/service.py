@@ -82,7 +82,7 @@ class Matching(matching_pb2_grpc.MatchingServicer):
 
     def _visible(self, row: dict[str, Any], tenant: str, collection: str) -> bool:
         """Not deleted and, where the scope has a TTL, not expired."""
-        ttl = self.settings.ttl_for(tenant, collection)
+        ttl = self.settings.retention.ttl_for(tenant, collection)
         expired = ttl > 0 and int(row["ingest_ms"]) < time.time() * 1000 - ttl * 1000
         return not row["deleted_ms"] and not expired
 
@@ -114,8 +114,8 @@ class Matching(matching_pb2_grpc.MatchingServicer):
                     else f"unknown modality {content.modality}")
             if not content.content:
                 raise BadRequest("content is empty")
-            if len(content.content) > self.settings.max_item_bytes:
-                raise OverLimit(f"content exceeds {self.settings.max_item_bytes} bytes")
+            if len(content.content) > self.settings.limits.max_item_bytes:
+                raise OverLimit(f"content exceeds {self.settings.limits.max_item_bytes} bytes")
             try:
                 prepared = found.model_input(content.modality, content.content)
             except ContentError as exc:
@@ -130,13 +130,13 @@ class Matching(matching_pb2_grpc.MatchingServicer):
         k = request.k or DEFAULT_K
         if k < 0:
             raise BadRequest("k must be positive")
-        if k > self.settings.match_k_limit:
-            raise OverLimit(f"k={k} exceeds the limit of {self.settings.match_k_limit}")
+        if k > self.settings.limits.match_k_limit:
+            raise OverLimit(f"k={k} exceeds the limit of {self.settings.limits.match_k_limit}")
         if not 0.0 <= request.min_score <= 1.0:
             raise BadRequest("min_score must be within [0, 1]")
         offset = page_offset(request)
         expr = full_filter(request.tenant, collection,
-                           self.settings.ttl_for(request.tenant, collection),
+                           self.settings.retention.ttl_for(request.tenant, collection),
                            metadata_filter(request.filters),
                            time_filter(request.from_time_ms, request.to_time_ms))
         encoder, vector, self_id, modality = self._query_vector(request, collection)
@@ -244,7 +244,7 @@ class Matching(matching_pb2_grpc.MatchingServicer):
         self.send(list(store_commands(self.settings, items_pb2.StoreCommand.DELETE, request.tenant,
                                       collection, item_ids, int(time.time() * 1000),
                                       origin="matching.Delete")))
-        wait_s = self.settings.delete_wait_s
+        wait_s = self.settings.retention.delete_wait_s
         remaining = context.time_remaining()
         if remaining is not None:
             wait_s = min(wait_s, remaining - 0.05)
@@ -274,7 +274,7 @@ class Matching(matching_pb2_grpc.MatchingServicer):
         members = self.store.query(
             self._live(encoder.bundle),
             full_filter(request.tenant, collection,
-                        self.settings.ttl_for(request.tenant, collection),
+                        self.settings.retention.ttl_for(request.tenant, collection),
                         f"cluster_id == {quote(cluster_id)}"),
             ["item_id", "ingest_ms"],
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -233,6 +234,6 @@ class ModelBundle:
         return 1.0 / (1.0 + math.exp(-z)) if z > -50 else 0.0
 
 
-def load_bundles(spec: str) -> list[ModelBundle]:
-    """Load every bundle in a comma-separated list of folders."""
-    return [ModelBundle.load(part.strip()) for part in spec.split(",") if part.strip()]
+def load_bundles(folders: Iterable[str | Path]) -> list[ModelBundle]:
+    """Load the bundle in each folder (``settings.encoder.model_dirs``)."""
+    return [ModelBundle.load(folder) for folder in folders]

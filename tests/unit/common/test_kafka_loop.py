@@ -125,7 +125,7 @@ MakeLoop = Callable[..., tuple[ConsumeLoop, FakeConsumer, FakeProducer]]
 
 @pytest.fixture
 def settings() -> Settings:
-    return Settings(service="looptest", batch_size=8, loop_stall_s=3600)
+    return Settings(service="looptest", loop={"batch_size": 8, "stall_s": 3600})
 
 
 @pytest.fixture
@@ -133,7 +133,7 @@ def make_loop(settings: Settings) -> MakeLoop:
     def make(handler: Any, logs: dict[int, list[bytes]], **overrides: Any
              ) -> tuple[ConsumeLoop, FakeConsumer, FakeProducer]:
         consumer, producer = FakeConsumer(logs), FakeProducer()
-        loop = ConsumeLoop(Settings(**{**settings.__dict__, **overrides}), TOPIC, handler,
+        loop = ConsumeLoop(settings.replace(**overrides), TOPIC, handler,
                            producer=producer, consumer=consumer)
         return loop, consumer, producer
     return make
@@ -257,7 +257,7 @@ def test_a_stalled_loop_turns_unhealthy_and_recovers(make_loop: MakeLoop) -> Non
     health: list[bool] = []
     loop, _consumer, _producer = make_loop(
         echo_unless(lambda v: TransientError("Triton down") if state["down"] else None),
-        {0: [b"a"]}, loop_stall_s=0.0)
+        {0: [b"a"]}, loop={"stall_s": 0.0})
     loop.on_health = health.append
     drive(loop, 2)
     assert health == [False]
@@ -286,7 +286,7 @@ def test_a_dead_letter_of_a_huge_record_fits_the_producer_request_limit(settings
     letter_bytes = dead_letter(settings, Rejected(huge, "too_large", "over the limit")).value
     assert len(letter_bytes) < MAX_REQUEST_BYTES
     letter = items_pb2.DeadLetter.FromString(letter_bytes)
-    assert len(letter.payload) == settings.dead_letter_max_bytes
+    assert len(letter.payload) == settings.loop.dead_letter_max_bytes
     assert f"payload truncated: {9 * 1024 * 1024} bytes" in letter.detail
     small = dead_letter(settings, Rejected(record(0, 8, b"tiny"), "r", "d")).value
     assert items_pb2.DeadLetter.FromString(small).payload == b"tiny", "small payloads untouched"

@@ -55,9 +55,9 @@ class Served:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
-    settings = Settings(service="ingestion", ingest_max_lag=100)
+    settings = Settings(service="ingestion", limits={"ingest_max_lag": 100})
     producer = FakeProducer()
-    gate = Backpressure(settings.ingest_max_lag, lambda: None)
+    gate = Backpressure(settings.limits.ingest_max_lag, lambda: None)
     health: list[bool] = []
     ids = AcceptedIds(tmp_path / "ids.sqlite")
     service = Ingestion(settings, ids, producer, gate, health.append)
