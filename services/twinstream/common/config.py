@@ -82,6 +82,19 @@ class Settings:
     # How long Delete waits for indexing to apply it before answering pending=true.
     delete_wait_s: float = 10.0
     topics: Topics = field(default_factory=Topics)
+    # gRPC server lifecycle (common/runtime.py). Worker threads of the API server; an open
+    # stream holds one for its whole life.
+    grpc_max_workers: int = 16
+    # Calls in progress (running or queued for a worker) beyond which new calls are refused
+    # with RESOURCE_EXHAUSTED instead of queueing without bound; 0 = no limit.
+    grpc_max_concurrent_rpcs: int = 64
+    # gRPC health on its own server and thread pool, for the probes (0 = any free port).
+    health_port: int = 0
+    # On SIGTERM: health NOT_SERVING, wait drain_s (load balancers and readiness probes notice),
+    # then stop with grace_s for calls in flight. The chart sets both and derives the pod's
+    # terminationGracePeriodSeconds from them; locally nothing routes by health, so no drain.
+    shutdown_drain_s: float = 0.0
+    shutdown_grace_s: float = 5.0
 
     @classmethod
     def from_env(cls, service: str, **overrides: Any) -> Settings:

@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import threading
 
+from prometheus_client import REGISTRY
+
 from twinstream.common.bundle import load_bundles
 from twinstream.common.config import Settings
 from twinstream.common.encoding import TritonEncoder, make_encoder
 from twinstream.common.kafka import ConsumeLoop
+from twinstream.common.logs import configure_logging
+from twinstream.common.metrics import Metrics
 from twinstream.common.runtime import ServiceRuntime
 from twinstream.embedding.service import Embedder
 
 
 def main() -> None:
     settings = Settings.from_env("embedding")
-    runtime = ServiceRuntime(settings)
-    encoders = [make_encoder(b, settings.encoder_backend, settings.triton_url)
+    configure_logging(settings.service, settings.log_level)
+    metrics = Metrics.create(REGISTRY)
+    runtime = ServiceRuntime(settings, metrics)
+    encoders = [make_encoder(b, settings.encoder_backend, settings.triton_url, metrics)
                 for b in load_bundles(settings.model_dir)]
     for encoder in encoders:
         if isinstance(encoder.encoder, TritonEncoder):
             encoder.encoder.wait_ready()
     loop = ConsumeLoop(settings, settings.topics.accepted, Embedder(settings, encoders),
-                       on_health=runtime.health_hook("stream"))
+                       on_health=runtime.health_hook("stream"), metrics=metrics)
 
     def work(stopping: threading.Event) -> None:
         loop.run(stopping, on_ready=lambda: runtime.set_serving(True))

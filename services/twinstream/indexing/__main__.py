@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import threading
 
+from prometheus_client import REGISTRY
+
 from twinstream.common.bundle import load_bundles
 from twinstream.common.config import Settings
 from twinstream.common.kafka import ConsumeLoop, make_producer, publish
+from twinstream.common.logs import configure_logging
+from twinstream.common.metrics import Metrics
 from twinstream.common.runtime import ServiceRuntime
 from twinstream.common.vectorstore import VectorStore
 from twinstream.indexing.reaper import Reaper
@@ -15,11 +19,14 @@ from twinstream.indexing.service import Indexer
 
 def main() -> None:
     settings = Settings.from_env("indexing")
-    runtime = ServiceRuntime(settings)
-    store = VectorStore(settings.milvus_uri, settings.milvus_token, settings.milvus_collection_prefix)
-    indexer = Indexer(settings, store, load_bundles(settings.model_dir))
+    configure_logging(settings.service, settings.log_level)
+    metrics = Metrics.create(REGISTRY)
+    runtime = ServiceRuntime(settings, metrics)
+    store = VectorStore(settings.milvus_uri, settings.milvus_token, settings.milvus_collection_prefix,
+                        metrics=metrics)
+    indexer = Indexer(settings, store, load_bundles(settings.model_dir), metrics)
     loop = ConsumeLoop(settings, settings.topics.embedded, indexer,
-                       on_health=runtime.health_hook("stream"))
+                       on_health=runtime.health_hook("stream"), metrics=metrics)
 
     reaper_producer = make_producer(settings)
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from prometheus_client import REGISTRY
+
 from twinstream.common.bundle import load_bundles
 from twinstream.common.config import Settings
 from twinstream.common.encoding import make_encoder
 from twinstream.common.kafka import make_producer, publish
+from twinstream.common.logs import configure_logging
+from twinstream.common.metrics import Metrics
 from twinstream.common.runtime import ServiceRuntime
 from twinstream.common.vectorstore import VectorStore
 from twinstream.matching.service import Matching
@@ -14,13 +18,16 @@ from twinstream.v1 import matching_pb2, matching_pb2_grpc
 
 def main() -> None:
     settings = Settings.from_env("matching")
-    store = VectorStore(settings.milvus_uri, settings.milvus_token, settings.milvus_collection_prefix)
-    encoders = [make_encoder(b, settings.encoder_backend, settings.triton_url)
+    configure_logging(settings.service, settings.log_level)
+    metrics = Metrics.create(REGISTRY)
+    store = VectorStore(settings.milvus_uri, settings.milvus_token, settings.milvus_collection_prefix,
+                        metrics=metrics)
+    encoders = [make_encoder(b, settings.encoder_backend, settings.triton_url, metrics)
                 for b in load_bundles(settings.model_dir)]
     producer = make_producer(settings)  # store commands (Delete) to indexing
     service = Matching(settings, store, encoders, lambda messages: publish(producer, messages))
     runtime = ServiceRuntime(
-        settings,
+        settings, metrics,
         [matching_pb2.DESCRIPTOR.services_by_name["Matching"].full_name],
         [lambda server: matching_pb2_grpc.add_MatchingServicer_to_server(service, server)],
     )
