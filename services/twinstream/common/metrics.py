@@ -40,6 +40,7 @@ class Metrics:
     grpc_handling: Histogram
     milvus_search: Histogram
     encoder_batch: Histogram
+    registry: CollectorRegistry  # what they are registered on (tests read samples from it)
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> Metrics:
@@ -97,6 +98,7 @@ class Metrics:
             encoder_batch=Histogram(
                 "twinstream_encoder_batch_seconds", "Encoder call latency per batch", ["backend"],
                 buckets=_LATENCY_BUCKETS, registry=r),
+            registry=r,
         )
 
     @classmethod
