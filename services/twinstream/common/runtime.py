@@ -14,7 +14,6 @@ one of the API server's workers) can then never starve a liveness probe into a r
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import threading
@@ -79,51 +78,55 @@ class StatusInterceptor(grpc.ServerInterceptor):
         def decoded(request: Any) -> Any:
             return map(_decoded, request) if streaming_in else _decoded(request)
 
-        def record(context: grpc.ServicerContext, started: float, code: grpc.StatusCode) -> None:
+        def record(started: float, code: grpc.StatusCode) -> None:
             handled.labels(*labels, code.name).inc()
             handling.labels(*labels).observe(time.perf_counter() - started)
 
-        def fail(context: grpc.ServicerContext, exc: Exception) -> grpc.StatusCode:
-            """The call's final code. Aborts with the mapped status when the handler did not
-            choose one; re-raised by the caller (UNKNOWN) when nothing maps the error (a bug)."""
+        def fail(context: grpc.ServicerContext, exc: Exception, started: float) -> None:
+            """Count the call's final code, then abort with the mapped status unless the handler
+            chose one; returns (the caller re-raises: UNKNOWN) when nothing maps the error.
+            Counted before aborting: an abort can end the call for the client at once."""
             chosen = _code_of(context)
-            if chosen is not None:
-                return chosen  # the handler called context.abort itself
-            status = status_for(exc)
-            if status is None:
+            status = None if chosen is not None else status_for(exc)
+            if chosen is None and status is None:
                 log.error("unhandled error", exc_info=exc, extra={"method": labels[2]})
-                return grpc.StatusCode.UNKNOWN
-            with contextlib.suppress(Exception):  # abort raises to end the call; we re-raise below
+            record(started, chosen or (status[0] if status else grpc.StatusCode.UNKNOWN))
+            if status is not None:
                 context.abort(*status)
-            return status[0]
 
         if streaming_out:
             def streaming(request: Any, context: grpc.ServicerContext) -> Iterable[Any]:
-                started, code = time.perf_counter(), None
+                started = time.perf_counter()
                 try:
                     yield from inner(decoded(request), context)
                 except Exception as exc:
-                    code = fail(context, exc)
+                    fail(context, exc, started)
                     raise
-                finally:
-                    record(context, started, code or _code_of(context) or grpc.StatusCode.OK)
+                except GeneratorExit:  # the client went away mid-stream
+                    record(started, grpc.StatusCode.CANCELLED)
+                    raise
+                record(started, _code_of(context) or grpc.StatusCode.OK)
             return streaming
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            started, code = time.perf_counter(), None
+            started = time.perf_counter()
             try:
-                return inner(decoded(request), context)
+                response = inner(decoded(request), context)
             except Exception as exc:
-                code = fail(context, exc)
+                fail(context, exc, started)
                 raise
-            finally:
-                record(context, started, code or _code_of(context) or grpc.StatusCode.OK)
+            record(started, _code_of(context) or grpc.StatusCode.OK)
+            return response
         return unary
 
 
 def _code_of(context: grpc.ServicerContext) -> grpc.StatusCode | None:
-    """The code the handler set or aborted with (None if none; grpc_testing's context has none)."""
-    code = getattr(context, "code", lambda: None)()
+    """The code the handler set or aborted with; None if none (or the context cannot tell:
+    grpc_testing's context leaves ``code()`` unimplemented)."""
+    try:
+        code = getattr(context, "code", lambda: None)()  # not in grpc-stubs' ServicerContext
+    except NotImplementedError:
+        return None
     return code if isinstance(code, grpc.StatusCode) else None
 
 

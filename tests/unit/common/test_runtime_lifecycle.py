@@ -131,7 +131,7 @@ def test_health_answers_while_open_streams_hold_every_api_worker(
                                     response_deserializer=None)
         streams = [hold(b"x", timeout=60) for _ in range(4)]  # twice the worker pool
         for stream in streams[:2]:
-            assert next(stream) == b"open"
+            assert next(iter(stream)) == b"open"
         with pytest.raises(grpc.RpcError) as starved:
             check(runtime.grpc_port, timeout=1)  # the API port's health waits for a worker
         assert starved.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -150,7 +150,7 @@ def test_calls_beyond_maximum_concurrent_rpcs_are_refused(
                                     response_deserializer=None)
         streams = [hold(b"x", timeout=60) for _ in range(2)]
         for stream in streams:
-            assert next(stream) == b"open"
+            assert next(iter(stream)) == b"open"
         with pytest.raises(grpc.RpcError) as refused:
             call(channel, "Echo")
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
