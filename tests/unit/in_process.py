@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any, NamedTuple
+from typing import Any
 
 import grpc
 import grpc_testing
@@ -19,9 +19,14 @@ from twinstream.common.metrics import Metrics
 from twinstream.common.runtime import StatusInterceptor
 
 
-class _CallDetails(NamedTuple):
-    method: str
-    invocation_metadata: tuple[tuple[str, str], ...]
+class _CallDetails(grpc.HandlerCallDetails):
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata = ()
+
+
+def _returning(handler: grpc.RpcMethodHandler) -> Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler]:
+    return lambda _details: handler
 
 
 def _kind(method: Any) -> str:
@@ -36,8 +41,8 @@ def serve(servicer: object, service: ServiceDescriptor, metrics: Metrics) -> grp
     for method in service.methods:
         kind = _kind(method)
         handler = getattr(grpc, f"{kind}_rpc_method_handler")(getattr(servicer, method.name))
-        details = _CallDetails(f"/{service.full_name}/{method.name}", ())
-        intercepted = interceptor.intercept_service(lambda _details, h=handler: h, details)
+        intercepted = interceptor.intercept_service(
+            _returning(handler), _CallDetails(f"/{service.full_name}/{method.name}"))
         wrapped[method.name] = getattr(intercepted, kind)
     return grpc_testing.server_from_dictionary({service: SimpleNamespace(**wrapped)},
                                                grpc_testing.strict_real_time())

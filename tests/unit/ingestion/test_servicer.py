@@ -13,12 +13,12 @@ import pytest
 from kafka.errors import KafkaTimeoutError
 from prometheus_client import CollectorRegistry
 
-from tests.unit.in_process import serve, stream_in, unary
 from twinstream.common.config import Settings
 from twinstream.common.metrics import Metrics
 from twinstream.ingestion.service import Ingestion
 from twinstream.ingestion.store import AcceptedIds
 from twinstream.v1 import ingestion_pb2, items_pb2
+from unit.in_process import serve, stream_in, unary
 
 SERVICE = ingestion_pb2.DESCRIPTOR.services_by_name["Ingestion"]
 
