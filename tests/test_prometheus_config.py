@@ -162,16 +162,16 @@ def test_config_scrapes_the_services_and_triton() -> None:
 
 
 def test_metric_name_extraction() -> None:
-    expr = ('sum by (service, le) (rate(twinstream_batch_seconds_bucket{service=~"a|b"}[5m])) / 1e6'
+    expr = ('sum by (service, le) (rate(twinstream_stream_batch_seconds_bucket{service=~"a|b"}[5m])) / 1e6'
             ' / clamp_min(sum(rate(nv_inference_count[$__rate_interval])), 1e-9) > bool 0.5')
-    assert metric_names(expr) == {"twinstream_batch_seconds_bucket", "nv_inference_count"}
+    assert metric_names(expr) == {"twinstream_stream_batch_seconds_bucket", "nv_inference_count"}
 
 
 @pytest.mark.parametrize("source", ["dashboard", "rules"])
 def test_expressions_use_exported_metrics(source: str) -> None:
     known = exported_metrics() | TRITON_METRICS | recorded_metrics() | {"up"}
-    assert {"twinstream_items_processed_total", "twinstream_consumer_lag",
-            "twinstream_ingest_to_decision_seconds_bucket"} <= known
+    assert {"twinstream_items_processed_total", "twinstream_stream_consumer_lag_records",
+            "twinstream_indexing_ingest_to_decision_seconds_bucket"} <= known
     exprs = dashboard_exprs() if source == "dashboard" else alert_and_record_exprs()
     for expr in exprs:
         names = metric_names(expr)
@@ -182,9 +182,9 @@ def test_expressions_use_exported_metrics(source: str) -> None:
 def test_dashboard_covers_the_pipeline() -> None:
     used = set().union(*(metric_names(e) for e in dashboard_exprs()))
     assert {
-        "twinstream_items_processed_total", "twinstream_decisions_total", "twinstream_dead_letters_total",
-        "twinstream_consumer_lag", "twinstream_ingest_to_decision_seconds_bucket", "twinstream_errors_total",
-        "twinstream_grpc_requests_total", "twinstream_grpc_seconds_bucket", "twinstream_encoder_seconds_bucket",
+        "twinstream_items_processed_total", "twinstream_indexing_decisions_total", "twinstream_dead_letters_total",
+        "twinstream_stream_consumer_lag_records", "twinstream_indexing_ingest_to_decision_seconds_bucket", "twinstream_errors_total",
+        "twinstream_grpc_server_handled_total", "twinstream_grpc_server_handling_seconds_bucket", "twinstream_encoder_batch_seconds_bucket",
         "nv_inference_queue_duration_us", "nv_inference_count", "nv_inference_exec_count",
     } <= used
     quantiles = {m.group(1) for e in dashboard_exprs() if "ingest_to_decision" in e
