@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import yaml
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client import CollectorRegistry
 
-import twinstream.common.metrics as service_metrics
+from twinstream.common.metrics import Metrics
 from twinstream.devstack import DEFAULT_METRICS_PORTS, LocalStack, StackConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,15 +38,12 @@ def promtool(*args: str, cwd: Path = PROMETHEUS) -> subprocess.CompletedProcess[
 
 
 def exported_metrics() -> set[str]:
-    """Sample names the services' prometheus-client metrics produce (twinstream.common.metrics)."""
+    """Sample names the services' prometheus-client metrics produce (``Metrics.create``)."""
     suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count"),
                 "summary": ("_sum", "_count")}
-    names = set()
-    for value in vars(service_metrics).values():
-        if isinstance(value, MetricWrapperBase):
-            for family in value.describe():
-                names |= {family.name + suffix for suffix in suffixes[family.type]}
-    return names
+    registry = CollectorRegistry()
+    Metrics.create(registry)
+    return {family.name + suffix for family in registry.collect() for suffix in suffixes[family.type]}
 
 
 def recorded_metrics() -> set[str]:
