@@ -179,9 +179,11 @@ def test_expressions_use_exported_metrics(source: str) -> None:
 def test_dashboard_covers_the_pipeline() -> None:
     used = set().union(*(metric_names(e) for e in dashboard_exprs()))
     assert {
-        "twinstream_items_processed_total", "twinstream_indexing_decisions_total", "twinstream_dead_letters_total",
-        "twinstream_stream_consumer_lag_records", "twinstream_indexing_ingest_to_decision_seconds_bucket", "twinstream_errors_total",
-        "twinstream_grpc_server_handled_total", "twinstream_grpc_server_handling_seconds_bucket", "twinstream_encoder_batch_seconds_bucket",
+        "twinstream_items_processed_total", "twinstream_indexing_decisions_total",
+        "twinstream_dead_letters_total", "twinstream_stream_consumer_lag_records",
+        "twinstream_indexing_ingest_to_decision_seconds_bucket", "twinstream_errors_total",
+        "twinstream_grpc_server_handled_total", "twinstream_grpc_server_handling_seconds_bucket",
+        "twinstream_encoder_batch_seconds_bucket",
         "nv_inference_queue_duration_us", "nv_inference_count", "nv_inference_exec_count",
     } <= used
     quantiles = {m.group(1) for e in dashboard_exprs() if "ingest_to_decision" in e

@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 Registration = Callable[[grpc.Server], None]
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 HEALTH_WORKERS = 4
-_UNCOUNTED = frozenset({health.SERVICE_NAME, reflection.SERVICE_NAME})
+# Health and reflection (any version) are neither mapped nor counted.
+_UNCOUNTED = ("grpc.health.", "grpc.reflection.")
 _TYPES = {"unary_unary": "unary", "unary_stream": "server_stream",
           "stream_unary": "client_stream", "stream_stream": "bidi_stream"}
 
@@ -58,7 +59,7 @@ class StatusInterceptor(grpc.ServerInterceptor):
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
         service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
-        if handler is None or service in _UNCOUNTED:
+        if handler is None or service.startswith(_UNCOUNTED):
             return handler
         deserialize = handler.request_deserializer
         for kind, grpc_type in _TYPES.items():
