@@ -537,7 +537,7 @@ def cli_template(chart: Path, values: Path | None, kube_version: str = RECENT_KU
 
 def test_each_feature_has_a_ci_values_file() -> None:
     features = {re.sub(r"^\d+-|-values\.yaml$", "", p.name) for p in CI_VALUES}
-    assert {"gpu", "keda", "monitoring", "tls", "external-backends", "subcharts"} <= features
+    assert {"gpu", "keda", "monitoring", "tls", "external-backends", "subcharts", "runtime"} <= features
 
 
 @needs_helm
