@@ -272,14 +272,21 @@ class ServiceRuntime:
         for name in ("", *self.service_names):
             self.health.set(name, status)
 
+    def _not_serving_once_stopping(self) -> None:
+        self.stopping.wait()
+        self.set_serving(False)
+
     def run_until_stopped(self, work: Callable[[threading.Event], None] | None = None) -> None:
         """Start, run ``work(stopping)`` (or just serve) until SIGTERM/SIGINT, then ``stop()``.
 
         Call from the main thread: it installs the signal handlers, which only set ``stopping``
-        (the shutdown runs here, not inside a handler).
+        (health turns NOT_SERVING at once on a thread; the shutdown runs here, not in a handler).
         """
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
+        # NOT_SERVING as soon as the signal arrives, while the work loop still finishes its batch.
+        threading.Thread(target=self._not_serving_once_stopping, name="not-serving-on-stop",
+                         daemon=True).start()
         self.start()
         try:
             if work is None:

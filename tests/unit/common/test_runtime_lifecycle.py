@@ -197,7 +197,7 @@ def test_a_call_in_flight_finishes_within_the_grace(make_runtime: MakeRuntime, b
     assert not stopper.is_alive()
 
 
-def test_sigterm_stops_the_runtime_and_the_work_loop() -> None:
+def test_sigterm_turns_not_serving_while_the_work_loop_finishes_then_stops() -> None:
     registry = CollectorRegistry()
     runtime = ServiceRuntime(Settings(service="lifecycle"), Metrics.create(registry), registry=registry)
     seen: list[int] = []
@@ -207,6 +207,10 @@ def test_sigterm_stops_the_runtime_and_the_work_loop() -> None:
         seen.append(check(runtime.health_port))
         os.kill(os.getpid(), signal.SIGTERM)
         assert stopping.wait(10)
+        deadline = time.monotonic() + 10  # the loop's last batch: probes already see NOT_SERVING
+        while check(runtime.health_port) != NOT_SERVING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen.append(check(runtime.health_port))
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -214,5 +218,5 @@ def test_sigterm_stops_the_runtime_and_the_work_loop() -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    assert seen == [SERVING]
+    assert seen == [SERVING, NOT_SERVING]
     assert runtime.server is None and runtime.stopping.is_set()
