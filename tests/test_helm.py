@@ -37,6 +37,7 @@ RELEASE, NAMESPACE = "ts", "twinstream"
 MIN_KUBE = re.sub(r"^>=\s*([0-9.]+).*$", r"\1", yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"])
 RECENT_KUBE = "1.36.0"
 OPERATOR_APIS = ("keda.sh/v1alpha1", "monitoring.coreos.com/v1")
+HEALTH_PORT = 8081  # values.yaml runtime.healthPort: the probes' port in every service pod
 # service -> (gRPC port, metrics port, consumed topic)
 SERVICES = {
     "ingestion": (50051, 9101, "items.raw"),
@@ -245,7 +246,8 @@ def test_four_services_with_their_ports_and_commands(default: list[Manifest]) ->
         assert manifest["kind"] == ("StatefulSet" if name == "ingestion" else "Deployment")
         main = container(manifest)
         assert main["command"] == ["python", "-m", f"twinstream.{name}"]
-        assert {p["name"]: p["containerPort"] for p in main["ports"]} == {"grpc": grpc_port, "metrics": metrics_port}
+        assert {p["name"]: p["containerPort"] for p in main["ports"]} == {
+            "grpc": grpc_port, "metrics": metrics_port, "health": HEALTH_PORT}
         env = env_of(manifest)
         assert env["TWINSTREAM_GRPC_PORT"] == str(grpc_port)
         assert env["TWINSTREAM_METRICS_PORT"] == str(metrics_port)
@@ -257,12 +259,23 @@ def test_four_services_with_their_ports_and_commands(default: list[Manifest]) ->
     assert len([m for m in default if m["kind"] in ("Deployment", "StatefulSet")]) == 5  # + Triton
 
 
-def test_probes_are_native_grpc(default: list[Manifest]) -> None:
-    for name, (grpc_port, _metrics, _topic) in SERVICES.items():
+def test_probes_are_native_grpc_on_the_health_port(default: list[Manifest]) -> None:
+    """The health port has its own server and pool: open streams cannot starve the probes."""
+    for name in SERVICES:
         main = container(workload(default, name))
+        assert env_of(workload(default, name))["TWINSTREAM_HEALTH_PORT"] == str(HEALTH_PORT)
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert main[probe]["grpc"] == {"port": grpc_port}, (name, probe)
+            assert main[probe]["grpc"] == {"port": HEALTH_PORT}, (name, probe)
             assert not {"httpGet", "tcpSocket", "exec"} & set(main[probe]), (name, probe)
+
+
+def test_termination_grace_is_derived_from_the_drain_and_grace_the_services_get() -> None:
+    manifests = render({"runtime": {"drainSeconds": 7, "graceSeconds": 11}})
+    for name in SERVICES:
+        manifest = workload(manifests, name)
+        env = env_of(manifest)
+        assert (env["TWINSTREAM_SHUTDOWN_DRAIN_S"], env["TWINSTREAM_SHUTDOWN_GRACE_S"]) == ("7", "11")
+        assert manifest["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 7 + 11 + 15
 
 
 def test_env_carries_backends_from_values() -> None:
@@ -443,6 +456,10 @@ def test_service_monitor_scrapes_every_metrics_port(prod: list[Manifest]) -> Non
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] == "metrics" and endpoint["honorLabels"] is True
+    # the services export no service label; the target gets it from the pod's component
+    assert endpoint["relabelings"] == [{
+        "sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_component"],
+        "targetLabel": "service"}]
     with_metrics = {s["metadata"]["name"] for s in find(prod, "Service")
                     if any(p["name"] == "metrics" for p in s["spec"]["ports"])}
     selected = {s["metadata"]["name"] for s in find(prod, "Service")
@@ -552,7 +569,7 @@ def cli_template(chart: Path, values: Path | None, kube_version: str = RECENT_KU
 
 def test_each_feature_has_a_ci_values_file() -> None:
     features = {re.sub(r"^\d+-|-values\.yaml$", "", p.name) for p in CI_VALUES}
-    assert {"gpu", "keda", "monitoring", "tls", "external-backends", "subcharts"} <= features
+    assert {"gpu", "keda", "monitoring", "tls", "external-backends", "subcharts", "runtime"} <= features
 
 
 @needs_helm

@@ -18,7 +18,8 @@ import pytest
 from twinstream.common.config import Settings
 from twinstream.common.encoding import InProcessEncoder, ItemEncoder, TritonEncoder
 from twinstream.common.kafka import Outgoing
-from twinstream.common.runtime import _MetricsInterceptor
+from twinstream.common.metrics import Metrics
+from twinstream.common.runtime import StatusInterceptor
 from twinstream.common.vectorstore import VectorStore
 from twinstream.devstack import ManagedProcess, free_port
 from twinstream.matching.service import Matching
@@ -50,7 +51,7 @@ def milvus(tmp_path: Path) -> Iterator[tuple[ManagedProcess, str]]:
 
 def serve(matching: Matching) -> tuple[grpc.Server, matching_pb2_grpc.MatchingStub, grpc.Channel]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
-                         interceptors=[_MetricsInterceptor("matching-test")])
+                         interceptors=[StatusInterceptor(Metrics.unexported())])
     matching_pb2_grpc.add_MatchingServicer_to_server(matching, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

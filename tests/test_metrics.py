@@ -59,21 +59,23 @@ def test_counts_match_what_was_sent(stack: LocalStack, tenant: str) -> None:
     assert delta("ingestion", "twinstream_errors_total", reason="missing_id") == 1
     assert delta("ingestion", "twinstream_errors_total", reason="invalid_record") == 1
     assert delta("ingestion", "twinstream_errors_total", reason="invalid_utf8") == 1
-    assert delta("ingestion", "twinstream_grpc_requests_total", method="IngestStream", code="OK") == 1
+    assert delta("ingestion", "twinstream_grpc_server_handled_total", grpc_method="IngestStream", grpc_code="OK") == 1
     assert delta("embedding", "twinstream_items_processed_total", outcome="ok") == 12
-    assert delta("embedding", "twinstream_encoder_seconds_count", backend="triton") >= 1
+    assert delta("embedding", "twinstream_encoder_batch_seconds_count", backend="triton") >= 1
     assert delta("indexing", "twinstream_items_processed_total", outcome="ok") == 12
-    assert delta("indexing", "twinstream_decisions_total") == 12
-    assert delta("indexing", "twinstream_ingest_to_decision_seconds_count") == 12
+    assert delta("indexing", "twinstream_indexing_decisions_total") == 12
+    assert delta("indexing", "twinstream_indexing_ingest_to_decision_seconds_count") == 12
     for service in ("embedding", "indexing"):
-        assert delta(service, "twinstream_batch_size_count") >= 1
-        assert delta(service, "twinstream_batch_size_sum") == 12
-        assert delta(service, "twinstream_batch_seconds_count") >= 1
-        assert any(n == "twinstream_consumer_lag" for n, _ in after[service])
-    assert delta("matching", "twinstream_grpc_requests_total", method="Match", code="OK") == 2
-    assert delta("matching", "twinstream_grpc_requests_total", method="Match",
-                 code="INVALID_ARGUMENT") == 1
-    assert delta("matching", "twinstream_grpc_seconds_count", method="Match") == 3
+        assert delta(service, "twinstream_stream_batch_records_count") >= 1
+        assert delta(service, "twinstream_stream_batch_records_sum") == 12
+        assert delta(service, "twinstream_stream_batch_seconds_count") >= 1
+        assert any(n == "twinstream_stream_consumer_lag_records" for n, _ in after[service])
+    for service in SERVICES:  # the scrape target adds job/service; the services never do
+        assert not [n for n, labels in after[service] if n.startswith("twinstream_") and "service" in dict(labels)]
+    assert delta("matching", "twinstream_grpc_server_handled_total", grpc_method="Match", grpc_code="OK") == 2
+    assert delta("matching", "twinstream_grpc_server_handled_total", grpc_method="Match",
+                 grpc_code="INVALID_ARGUMENT") == 1
+    assert delta("matching", "twinstream_grpc_server_handling_seconds_count", grpc_method="Match") == 3
 
 
 def test_prometheus_scrapes_every_service(stack: LocalStack) -> None:

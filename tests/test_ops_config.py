@@ -21,14 +21,14 @@ AMTOOL = shutil.which("amtool")
 # DLQ rate by reason, Triton queue and compute time, Milvus search latency, errors by gRPC code.
 REQUIRED_PANELS = {
     "Throughput per service": "twinstream_items_processed_total",
-    "Consumer lag per group": "twinstream_consumer_lag",
-    "Decisions by kind": "twinstream_decisions_total",
-    "Ingest → decision latency": "twinstream_ingest_to_decision_seconds_bucket",
+    "Consumer lag per group": "twinstream_stream_consumer_lag_records",
+    "Decisions by kind": "twinstream_indexing_decisions_total",
+    "Ingest → decision latency": "twinstream_indexing_ingest_to_decision_seconds_bucket",
     "Dead-letter rate": "twinstream_dead_letters_total",
     "Triton queue time per request": "nv_inference_queue_duration_us",
     "Triton compute time per request": "nv_inference_compute_infer_duration_us",
     "Milvus search latency": "twinstream_milvus_search_seconds_bucket",
-    "gRPC errors by code": "twinstream_grpc_requests_total",
+    "gRPC errors by code": "twinstream_grpc_server_handled_total",
 }
 
 
@@ -48,10 +48,10 @@ def test_a_grafana_edit_makes_the_page_stale() -> None:
     panels = edited["panels"]
     assert isinstance(panels, list)
     lag = next(p for p in panels if p["title"] == "Consumer lag per group")
-    lag["targets"][0]["expr"] = "sum(twinstream_consumer_lag)"
+    lag["targets"][0]["expr"] = "sum(twinstream_stream_consumer_lag_records)"
     page = dashboard.CONSOLE_PAGE.read_text()
     assert dashboard.render_page(page, edited) != page
-    assert "sum(twinstream_consumer_lag)" in dashboard.render_page(page, edited)
+    assert "sum(twinstream_stream_consumer_lag_records)" in dashboard.render_page(page, edited)
 
 
 def test_console_panels_carry_the_grafana_promql() -> None:

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import yaml
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client import CollectorRegistry
 
-import twinstream.common.metrics as service_metrics
+from twinstream.common.metrics import Metrics
 from twinstream.devstack import DEFAULT_METRICS_PORTS, LocalStack, StackConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,15 +38,12 @@ def promtool(*args: str, cwd: Path = PROMETHEUS) -> subprocess.CompletedProcess[
 
 
 def exported_metrics() -> set[str]:
-    """Sample names the services' prometheus-client metrics produce (twinstream.common.metrics)."""
+    """Sample names the services' prometheus-client metrics produce (``Metrics.create``)."""
     suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count"),
                 "summary": ("_sum", "_count")}
-    names = set()
-    for value in vars(service_metrics).values():
-        if isinstance(value, MetricWrapperBase):
-            for family in value.describe():
-                names |= {family.name + suffix for suffix in suffixes[family.type]}
-    return names
+    registry = CollectorRegistry()
+    Metrics.create(registry)
+    return {family.name + suffix for family in registry.collect() for suffix in suffixes[family.type]}
 
 
 def recorded_metrics() -> set[str]:
@@ -162,16 +159,16 @@ def test_config_scrapes_the_services_and_triton() -> None:
 
 
 def test_metric_name_extraction() -> None:
-    expr = ('sum by (service, le) (rate(twinstream_batch_seconds_bucket{service=~"a|b"}[5m])) / 1e6'
+    expr = ('sum by (service, le) (rate(twinstream_stream_batch_seconds_bucket{service=~"a|b"}[5m])) / 1e6'
             ' / clamp_min(sum(rate(nv_inference_count[$__rate_interval])), 1e-9) > bool 0.5')
-    assert metric_names(expr) == {"twinstream_batch_seconds_bucket", "nv_inference_count"}
+    assert metric_names(expr) == {"twinstream_stream_batch_seconds_bucket", "nv_inference_count"}
 
 
 @pytest.mark.parametrize("source", ["dashboard", "rules"])
 def test_expressions_use_exported_metrics(source: str) -> None:
     known = exported_metrics() | TRITON_METRICS | recorded_metrics() | {"up"}
-    assert {"twinstream_items_processed_total", "twinstream_consumer_lag",
-            "twinstream_ingest_to_decision_seconds_bucket"} <= known
+    assert {"twinstream_items_processed_total", "twinstream_stream_consumer_lag_records",
+            "twinstream_indexing_ingest_to_decision_seconds_bucket"} <= known
     exprs = dashboard_exprs() if source == "dashboard" else alert_and_record_exprs()
     for expr in exprs:
         names = metric_names(expr)
@@ -182,9 +179,11 @@ def test_expressions_use_exported_metrics(source: str) -> None:
 def test_dashboard_covers_the_pipeline() -> None:
     used = set().union(*(metric_names(e) for e in dashboard_exprs()))
     assert {
-        "twinstream_items_processed_total", "twinstream_decisions_total", "twinstream_dead_letters_total",
-        "twinstream_consumer_lag", "twinstream_ingest_to_decision_seconds_bucket", "twinstream_errors_total",
-        "twinstream_grpc_requests_total", "twinstream_grpc_seconds_bucket", "twinstream_encoder_seconds_bucket",
+        "twinstream_items_processed_total", "twinstream_indexing_decisions_total",
+        "twinstream_dead_letters_total", "twinstream_stream_consumer_lag_records",
+        "twinstream_indexing_ingest_to_decision_seconds_bucket", "twinstream_errors_total",
+        "twinstream_grpc_server_handled_total", "twinstream_grpc_server_handling_seconds_bucket",
+        "twinstream_encoder_batch_seconds_bucket",
         "nv_inference_queue_duration_us", "nv_inference_count", "nv_inference_exec_count",
     } <= used
     quantiles = {m.group(1) for e in dashboard_exprs() if "ingest_to_decision" in e

@@ -209,13 +209,13 @@ def test_a_triton_outage_shows_in_lag_retries_and_health_and_recovers(
                and time.monotonic() < deadline):
             time.sleep(0.5)
         assert health(faults, "embedding") == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert scrape(faults, "embedding", "twinstream_batch_retries_total", kind="transient") > 0
-        assert scrape(faults, "embedding", "twinstream_seconds_without_progress") >= 5
+        assert scrape(faults, "embedding", "twinstream_stream_batch_retries_total", kind="transient") > 0
+        assert scrape(faults, "embedding", "twinstream_stream_stalled_seconds") >= 5
         lag_deadline = time.monotonic() + 30
-        while (scrape(faults, "embedding", "twinstream_consumer_lag") < len(ids)
+        while (scrape(faults, "embedding", "twinstream_stream_consumer_lag_records") < len(ids)
                and time.monotonic() < lag_deadline):
             time.sleep(0.5)
-        assert scrape(faults, "embedding", "twinstream_consumer_lag") >= len(ids), \
+        assert scrape(faults, "embedding", "twinstream_stream_consumer_lag_records") >= len(ids), \
             "the lag counts the records waiting behind the failing batch"
     finally:
         faults.triton.start()

@@ -19,13 +19,13 @@ DEFAULT_HEALTH_TARGETS = {s: f"127.0.0.1:{50051 + i}" for i, s in enumerate(STAG
 QUERIES = {
     "rate": "sum by (service) (rate(twinstream_items_processed_total[1m]))",
     # matching processes no stream: its rate is the gRPC calls it serves
-    "calls": 'sum by (service) (rate(twinstream_grpc_requests_total{service="matching"}[1m]))',
-    "lag": "sum by (service) (max by (service, topic, partition) (twinstream_consumer_lag))",
+    "calls": 'sum by (service) (rate(twinstream_grpc_server_handled_total{service="matching"}[1m]))',
+    "lag": "sum by (service) (max by (service, topic, partition) (twinstream_stream_consumer_lag_records))",
     "up": "min by (service) (up)",
-    "decisions": "sum by (kind) (twinstream_decisions_total)",
-    "decision_rate": "sum by (kind) (rate(twinstream_decisions_total[1m]))",
+    "decisions": "sum by (kind) (twinstream_indexing_decisions_total)",
+    "decision_rate": "sum by (kind) (rate(twinstream_indexing_decisions_total[1m]))",
     "dead_letters": "sum by (reason) (twinstream_dead_letters_total)",
-    "p99": "histogram_quantile(0.99, sum by (le) (rate(twinstream_ingest_to_decision_seconds_bucket[1m])))",
+    "p99": "histogram_quantile(0.99, sum by (le) (rate(twinstream_indexing_ingest_to_decision_seconds_bucket[1m])))",
     "alerts": 'ALERTS{alertstate="firing"}',
 }
 

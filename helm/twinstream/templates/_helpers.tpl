@@ -179,6 +179,13 @@ raw,accepted,embedded,decisions,dlq
 {{- end }}
 {{- end }}
 
+{{/* The pods' terminationGracePeriodSeconds: the runtime's drain and grace (the same values the
+services get as TWINSTREAM_SHUTDOWN_DRAIN_S/_GRACE_S) plus 15 s for the stream loop's final flush
+and close. */}}
+{{- define "twinstream.terminationGracePeriod" -}}
+{{- add .Values.runtime.drainSeconds .Values.runtime.graceSeconds 15 }}
+{{- end }}
+
 {{/* Native gRPC probe against grpc.health.v1 on the given port. (dict "port" 50051 "probe" .Values.probes.readiness) */}}
 {{- define "twinstream.grpcProbe" -}}
 grpc:

@@ -77,6 +77,20 @@ class ServerSettings(_Section):
     metrics_port: int = _env("METRICS_PORT", 0, "Prometheus /metrics port (0: any free port)",
                              ge=0, le=65535)
     data_dir: Path = _env("DATA_DIR", Path("var/data"), "folder for local state (ingestion's id store)")
+    # An open stream holds a worker for its whole life; health has its own server and pool.
+    grpc_max_workers: int = _env("GRPC_MAX_WORKERS", 16, "worker threads of the API server", gt=0)
+    grpc_max_concurrent_rpcs: int = _env(
+        "GRPC_MAX_CONCURRENT_RPCS", 64,
+        "calls in progress beyond which new calls get RESOURCE_EXHAUSTED (0: no limit)", ge=0)
+    health_port: int = _env("HEALTH_PORT", 0,
+                            "gRPC health on its own server and thread pool, for probes (0: any free port)",
+                            ge=0, le=65535)
+    # The chart sets both and derives terminationGracePeriodSeconds from them; locally nothing
+    # routes by health, so no drain.
+    shutdown_drain_s: float = _env("SHUTDOWN_DRAIN_S", 0.0,
+                                   "on SIGTERM, seconds NOT_SERVING before the server stops", ge=0)
+    shutdown_grace_s: float = _env("SHUTDOWN_GRACE_S", 5.0,
+                                   "seconds calls in flight may finish when the server stops", ge=0)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -18,7 +18,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from twinstream.common.errors import TransientError
-from twinstream.common.metrics import ENCODER_SECONDS
+from twinstream.common.metrics import Metrics
 from twinstream.model.bundle import ModelBundle
 from twinstream.model.encoder_runtime import Runtime, TorchScriptRuntime
 from twinstream.model.images import preprocess_image
@@ -242,9 +242,10 @@ class Embedded:
 class ItemEncoder:
     """Preprocesses item contents for one bundle and encodes them in batches."""
 
-    def __init__(self, bundle: ModelBundle, encoder: Encoder) -> None:
+    def __init__(self, bundle: ModelBundle, encoder: Encoder, metrics: Metrics | None = None) -> None:
         self.bundle = bundle
         self.encoder = encoder
+        self.metrics = metrics or Metrics.unexported()
         self.backend = getattr(encoder, "backend", "custom")
         self.tokenizer: Tokenizer | None = None
         if "image" not in bundle.modalities:
@@ -286,13 +287,13 @@ class ItemEncoder:
         if encode_many is not None:
             started = time.perf_counter()
             answers = encode_many(batches)
-            ENCODER_SECONDS.labels(self.backend).observe(time.perf_counter() - started)
+            self.metrics.encoder_batch.labels(self.backend).observe(time.perf_counter() - started)
         else:
             answers = []
             for batch in batches:
                 started = time.perf_counter()
                 answers.append(self.encoder.encode(batch))
-                ENCODER_SECONDS.labels(self.backend).observe(time.perf_counter() - started)
+                self.metrics.encoder_batch.labels(self.backend).observe(time.perf_counter() - started)
         for embedding, ood in answers:
             vectors.append(embedding)
             oods.append(ood)
@@ -308,10 +309,11 @@ class ItemEncoder:
         }
 
 
-def make_encoder(bundle: ModelBundle, backend: str, triton_url: str) -> ItemEncoder:
+def make_encoder(bundle: ModelBundle, backend: str, triton_url: str,
+                 metrics: Metrics | None = None) -> ItemEncoder:
     """Build the configured encoder backend for a bundle."""
     if backend == "triton":
-        return ItemEncoder(bundle, TritonEncoder(bundle, triton_url))
+        return ItemEncoder(bundle, TritonEncoder(bundle, triton_url), metrics)
     if backend == "inprocess":
-        return ItemEncoder(bundle, InProcessEncoder(bundle))
+        return ItemEncoder(bundle, InProcessEncoder(bundle), metrics)
     raise ValueError(f"unknown encoder backend {backend!r}: use 'triton' or 'inprocess'")

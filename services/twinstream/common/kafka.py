@@ -42,17 +42,7 @@ from kafka.structs import OffsetAndMetadata
 
 from twinstream.common.config import Settings
 from twinstream.common.errors import PermanentError, TransientError
-from twinstream.common.metrics import (
-    BATCH_RETRIES,
-    BATCH_SECONDS,
-    BATCH_SIZE,
-    CONSUMER_LAG,
-    DEAD_LETTERS,
-    ERRORS,
-    ITEMS_PROCESSED,
-    PAUSED_PARTITIONS,
-    SECONDS_WITHOUT_PROGRESS,
-)
+from twinstream.common.metrics import Metrics
 from twinstream.v1 import items_pb2
 
 log = logging.getLogger(__name__)
@@ -234,8 +224,10 @@ class ConsumeLoop:
 
     def __init__(self, settings: Settings, topic: str, handler: BatchHandler,
                  producer: KafkaProducer | None = None, consumer: KafkaConsumer | None = None,
-                 on_health: Callable[[bool], None] | None = None) -> None:
+                 on_health: Callable[[bool], None] | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics.unexported()
         self.topic = topic
         self.handler = handler
         self.on_health = on_health or (lambda healthy: None)
@@ -283,7 +275,6 @@ class ConsumeLoop:
 
     def step(self, records: list[ConsumerRecord]) -> bool:
         """Process one polled batch; on failure schedule its retry. True when it committed."""
-        service = self.settings.service
         started = time.perf_counter()
         try:
             self._process(records)
@@ -295,8 +286,8 @@ class ConsumeLoop:
         except Exception as exc:  # a failure of the loop itself (e.g. an after_flush hook)
             self._retry_later(records, exc, "unknown", None)
             return False
-        BATCH_SIZE.labels(service).observe(len(records))
-        BATCH_SECONDS.labels(service).observe(time.perf_counter() - started)
+        self.metrics.batch_records.observe(len(records))
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
         if not self.consumer.paused():
             self._progressed()
         return True
@@ -348,12 +339,12 @@ class ConsumeLoop:
                                  "offset": record.offset})
                 result.rejected.append(Rejected(record, "handler_error",
                                                 f"{type(exc).__name__}: {exc}"))
-        service = self.settings.service
+        metrics = self.metrics
         outgoing = result.outputs + [dead_letter(self.settings, r) for r in result.rejected]
         publish(self.producer, outgoing)
         for rejected in result.rejected:
-            DEAD_LETTERS.labels(service, rejected.reason).inc()
-            ERRORS.labels(service, rejected.reason).inc()
+            metrics.dead_letters.labels(rejected.reason).inc()
+            metrics.errors.labels(rejected.reason).inc()
         if result.after_flush is not None:
             result.after_flush()
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
@@ -365,13 +356,13 @@ class ConsumeLoop:
             self.consumer.commit(offsets)
         except CommitFailedError:
             # The group rebalanced under us; the new owner re-processes this batch (idempotently).
-            ERRORS.labels(service, "commit_failed").inc()
+            metrics.errors.labels("commit_failed").inc()
             log.warning("offset commit failed after a rebalance", extra={"records": len(records)})
             return
         except KafkaError as exc:
             raise TransientError(f"the offset commit failed: {exc!r}") from exc
-        ITEMS_PROCESSED.labels(service, "ok").inc(len(records) - len(result.rejected))
-        ITEMS_PROCESSED.labels(service, "dead_letter").inc(len(result.rejected))
+        metrics.items_processed.labels("ok").inc(len(records) - len(result.rejected))
+        metrics.items_processed.labels("dead_letter").inc(len(result.rejected))
 
     def _isolate(self, records: Sequence[ConsumerRecord]) -> _Isolated:
         """Run the handler; if it raises (not transiently), bisect to the failing records.
@@ -386,7 +377,7 @@ class ConsumeLoop:
         except Exception as exc:
             if len(records) == 1:
                 return _Isolated(BatchResult(), [(records[0], exc)], 0)
-            ERRORS.labels(self.settings.service, type(exc).__name__).inc()
+            self.metrics.errors.labels(type(exc).__name__).inc()
         middle = len(records) // 2
         first, second = self._isolate(records[:middle]), self._isolate(records[middle:])
         first.result.extend(second.result)
@@ -396,9 +387,8 @@ class ConsumeLoop:
     def _retry_later(self, records: list[ConsumerRecord], exc: Exception, kind: str,
                      retry_after_s: float | None) -> None:
         """Seek the batch's partitions back, pause them and resume them after a backoff."""
-        service = self.settings.service
-        ERRORS.labels(service, type(exc).__name__).inc()
-        BATCH_RETRIES.labels(service, kind).inc()
+        self.metrics.errors.labels(type(exc).__name__).inc()
+        self.metrics.batch_retries.labels(kind).inc()
         self._backoff = min(max(0.2, self._backoff * 2), self.settings.loop.max_backoff_s)
         delay = self._backoff if retry_after_s is None else max(retry_after_s, 0.0)
         log.warning("batch failed; retrying it", exc_info=exc,
@@ -407,7 +397,7 @@ class ConsumeLoop:
             self._failing_since = time.monotonic()
         partitions = self._rewind(records)
         self.consumer.pause(*partitions)
-        PAUSED_PARTITIONS.labels(service).set(len(self.consumer.paused()))
+        self.metrics.paused_partitions.set(len(self.consumer.paused()))
         self._resume_at = time.monotonic() + delay
 
     def _resume_due(self) -> None:
@@ -416,7 +406,7 @@ class ConsumeLoop:
             paused = self.consumer.paused()
             if paused:
                 self.consumer.resume(*paused)
-            PAUSED_PARTITIONS.labels(self.settings.service).set(0)
+            self.metrics.paused_partitions.set(0)
 
     def _progressed(self) -> None:
         self._backoff = 0.0
@@ -425,7 +415,7 @@ class ConsumeLoop:
     def _report_stall(self) -> None:
         """Publish the no-progress time and flip health when it crosses ``loop_stall_s``."""
         stalled_for = 0.0 if self._failing_since is None else time.monotonic() - self._failing_since
-        SECONDS_WITHOUT_PROGRESS.labels(self.settings.service).set(stalled_for)
+        self.metrics.stalled_seconds.set(stalled_for)
         healthy = self._failing_since is None or stalled_for < self.settings.loop.stall_s
         if healthy != self._healthy:
             self._healthy = healthy
@@ -461,7 +451,7 @@ class ConsumeLoop:
         assigned = set(self.consumer.assignment())
         for lost in self._lag_partitions - assigned:  # moved to another replica
             with contextlib.suppress(KeyError):
-                CONSUMER_LAG.remove(self.settings.service, lost.topic, str(lost.partition))
+                self.metrics.consumer_lag.remove(lost.topic, str(lost.partition))
         self._lag_partitions = assigned
         for tp in assigned:
             try:
@@ -472,7 +462,7 @@ class ConsumeLoop:
             if high is None or position is None:
                 continue  # no fetch for this partition yet
             lag = max(0, high - position)
-            CONSUMER_LAG.labels(self.settings.service, tp.topic, str(tp.partition)).set(lag)
+            self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
 
 class GroupLag:
     """How many records of ``topic`` a consumer group has yet to commit: the sum over partitions

@@ -21,7 +21,7 @@ import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 
 from twinstream.common.errors import guarded, milvus_transient
-from twinstream.common.metrics import MILVUS_SEARCH_SECONDS
+from twinstream.common.metrics import Metrics
 from twinstream.v1 import decisions_pb2, items_pb2
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,8 @@ class VectorStore:
     """A thin, typed layer over MilvusClient for twinstream's schema."""
 
     def __init__(self, uri: str, token: str = "", prefix: str = "twinstream",
-                 index_type: str = "HNSW", ef: int = DEFAULT_EF) -> None:
+                 index_type: str = "HNSW", ef: int = DEFAULT_EF, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics or Metrics.unexported()
         # pymilvus pings every 10 s, even idle; gRPC servers built on grpcio (Milvus Lite's) answer
         # pings more often than every 5 min without traffic with GOAWAY "too_many_pings".
         options = {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": False}
@@ -343,7 +344,7 @@ class VectorStore:
             output_fields=list(fields), search_params=params, consistency_level=consistency,
             offset=offset,
         ))
-        MILVUS_SEARCH_SECONDS.observe(time.perf_counter() - started)
+        self.metrics.milvus_search.observe(time.perf_counter() - started)
         return [[_hit(h) for h in hits] for hits in results]
 
 

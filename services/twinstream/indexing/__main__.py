@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import threading
 
+from prometheus_client import REGISTRY
+
 from twinstream.common.config import Settings, load_settings
 from twinstream.common.kafka import ConsumeLoop, make_producer, publish
+from twinstream.common.logs import configure_logging
+from twinstream.common.metrics import Metrics
 from twinstream.common.runtime import ServiceRuntime
 from twinstream.common.usage import parse_service_args
 from twinstream.common.vectorstore import VectorStore
@@ -17,12 +21,14 @@ from twinstream.model.bundle import load_bundles
 def main(settings: Settings | None = None) -> None:
     """Run until SIGTERM; ``settings`` default to the environment's (read once, here)."""
     settings = settings or load_settings("indexing")
-    runtime = ServiceRuntime(settings)
+    configure_logging(settings.service, settings.server.log_level)
+    metrics = Metrics.create(REGISTRY)
+    runtime = ServiceRuntime(settings, metrics)
     store = VectorStore(settings.milvus.uri, settings.milvus.token.get_secret_value(),
-                        settings.milvus.collection_prefix)
-    indexer = Indexer(settings, store, load_bundles(settings.encoder.model_dirs))
+                        settings.milvus.collection_prefix, metrics=metrics)
+    indexer = Indexer(settings, store, load_bundles(settings.encoder.model_dirs), metrics)
     loop = ConsumeLoop(settings, settings.topics.embedded, indexer,
-                       on_health=runtime.health_hook("stream"))
+                       on_health=runtime.health_hook("stream"), metrics=metrics)
 
     reaper_producer = make_producer(settings)
 

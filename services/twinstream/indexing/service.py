@@ -24,7 +24,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from twinstream.common.commands import is_command
 from twinstream.common.config import Settings
 from twinstream.common.kafka import BatchResult, Outgoing, Rejected, parse_record
-from twinstream.common.metrics import BACKFILLED, DECISIONS, INGEST_TO_DECISION, ITEMS_PROCESSED
+from twinstream.common.metrics import Metrics
 from twinstream.common.vectorstore import (
     SIGNALS,
     VectorStore,
@@ -71,8 +71,10 @@ class _Pending:
 
 
 class Indexer:
-    def __init__(self, settings: Settings, store: VectorStore, bundles: Sequence[ModelBundle]) -> None:
+    def __init__(self, settings: Settings, store: VectorStore, bundles: Sequence[ModelBundle],
+                 metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics.unexported()
         self.store = store
         self.bundles = {(b.name, b.version): b for b in bundles}
         self.calibrations = CalibrationStore(store)
@@ -98,7 +100,7 @@ class Indexer:
                 row_key(decision.tenant, decision.collection, decision.item_id).encode(),
                 decision.SerializeToString(),
             ))
-        result.after_flush = lambda: _observe(fresh)
+        result.after_flush = lambda: _observe(self.metrics, fresh)
         return result
 
     def _index(self, records: Sequence[tuple[int, ConsumerRecord]], result: BatchResult,
@@ -137,7 +139,7 @@ class Indexer:
             live = self.store.is_live(group.model)
             for index, decision, is_new in self._decide_group(group):
                 if not live:
-                    BACKFILLED.inc()
+                    self.metrics.backfilled.inc()
                     continue
                 decided[index] = decision
                 if is_new:
@@ -167,8 +169,8 @@ class Indexer:
                     collection, pks, command.time_ms,
                     command.cutoff_ms if command.action == actions.EXPIRE else None)
         name = actions.Action.Name(command.action).lower()
-        ITEMS_PROCESSED.labels("indexing", {"delete": "deleted", "expire": "expired",
-                                            "purge": "purged"}[name]).inc(changed)
+        self.metrics.items_processed.labels({"delete": "deleted", "expire": "expired",
+                                             "purge": "purged"}[name]).inc(changed)
         log.info("applied store command", extra={
             "action": name, "tenant": command.tenant, "collection": command.collection,
             "items": len(pks), "changed": changed, "origin": command.origin})
@@ -362,8 +364,8 @@ def _signals(item: items_pb2.Item) -> dict[str, object] | None:
     return item_signals(item)
 
 
-def _observe(decisions: Sequence[decisions_pb2.Decision]) -> None:
+def _observe(metrics: Metrics, decisions: Sequence[decisions_pb2.Decision]) -> None:
     now = time.time()
     for decision in decisions:
-        DECISIONS.labels(decisions_pb2.DecisionKind.Name(decision.kind)).inc()
-        INGEST_TO_DECISION.observe(max(0.0, now - decision.ingest_time_ms / 1000))
+        metrics.decisions.labels(decisions_pb2.DecisionKind.Name(decision.kind)).inc()
+        metrics.ingest_to_decision.observe(max(0.0, now - decision.ingest_time_ms / 1000))

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import threading
 
+from prometheus_client import REGISTRY
+
 from twinstream.common.config import Settings, load_settings
 from twinstream.common.kafka import ConsumeLoop, GroupLag, make_producer
+from twinstream.common.logs import configure_logging
+from twinstream.common.metrics import Metrics
 from twinstream.common.runtime import ServiceRuntime
 from twinstream.common.usage import parse_service_args
 from twinstream.ingestion.service import Backpressure, Ingestion
@@ -19,19 +23,21 @@ EMBEDDING_GROUP = "twinstream-embedding"
 def main(settings: Settings | None = None) -> None:
     """Run until SIGTERM; ``settings`` default to the environment's (read once, here)."""
     settings = settings or load_settings("ingestion")
+    configure_logging(settings.service, settings.server.log_level)
+    metrics = Metrics.create(REGISTRY)
     producer = make_producer(settings)
     ids = AcceptedIds(settings.server.data_dir / "ingestion-accepted.sqlite")
     lag = GroupLag(settings, settings.topics.accepted, EMBEDDING_GROUP)
-    backpressure = Backpressure(settings.limits.ingest_max_lag, lag.measure)
-    service = Ingestion(settings, ids, producer, backpressure)
+    backpressure = Backpressure(settings.limits.ingest_max_lag, lag.measure, metrics=metrics)
+    service = Ingestion(settings, ids, producer, backpressure, metrics=metrics)
     runtime = ServiceRuntime(
-        settings,
+        settings, metrics,
         [ingestion_pb2.DESCRIPTOR.services_by_name["Ingestion"].full_name],
         [lambda server: ingestion_pb2_grpc.add_IngestionServicer_to_server(service, server)],
     )
     service.on_broker_health = runtime.health_hook("broker")
     loop = ConsumeLoop(settings, settings.topics.raw, service.handle_raw, producer,
-                       on_health=runtime.health_hook("stream"))
+                       on_health=runtime.health_hook("stream"), metrics=metrics)
 
     gate = threading.Thread(target=backpressure.run, args=(runtime.stopping,),
                             name="backpressure", daemon=True)

@@ -15,7 +15,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from twinstream.common.commands import scope_key
 from twinstream.common.config import Settings
 from twinstream.common.kafka import BatchResult, Outgoing, Rejected, publish
-from twinstream.common.metrics import ERRORS, ITEMS_PROCESSED
+from twinstream.common.metrics import Metrics
 from twinstream.ingestion.store import AcceptedIds, Reservation
 from twinstream.ingestion.validation import (
     InvalidItem,
@@ -62,8 +62,9 @@ class Backpressure:
     """
 
     def __init__(self, limit: int, measure: Callable[[], int | None],
-                 interval_s: float = 1.0) -> None:
+                 interval_s: float = 1.0, metrics: Metrics | None = None) -> None:
         self.limit = limit
+        self.metrics = metrics or Metrics.unexported()
         self.measure = measure
         self.interval_s = interval_s
         self.lag: int | None = None
@@ -74,7 +75,7 @@ class Backpressure:
                 self.lag = self.measure()
             except Exception:  # the broker is away; admit until it answers again
                 log.debug("measuring the embedding lag failed", exc_info=True)
-                ERRORS.labels("ingestion", "lag_unknown").inc()
+                self.metrics.errors.labels("lag_unknown").inc()
                 self.lag = None
             stopping.wait(self.interval_s)
 
@@ -94,8 +95,10 @@ def partition_key(item: items_pb2.Item) -> bytes:
 class Ingestion(ingestion_pb2_grpc.IngestionServicer):
     def __init__(self, settings: Settings, ids: AcceptedIds, producer: KafkaProducer,
                  backpressure: Backpressure | None = None,
-                 on_broker_health: Callable[[bool], None] = lambda healthy: None) -> None:
+                 on_broker_health: Callable[[bool], None] = lambda healthy: None,
+                 metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics.unexported()
         self.ids = ids
         self.producer = producer
         self.limits = Limits(settings.limits.max_item_bytes, settings.limits.max_text_chars,
@@ -137,7 +140,7 @@ class Ingestion(ingestion_pb2_grpc.IngestionServicer):
             publish(self.producer, [self._outgoing(a) for a in admissions], timeout_s=15)
         except Exception as exc:
             self.ids.release([a.key for a in admissions if not a.repeat])
-            ERRORS.labels("ingestion", "publish_failed").inc()
+            self.metrics.errors.labels("publish_failed").inc()
             log.warning("publishing to items.accepted failed", exc_info=True)
             self.on_broker_health(False)
             context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, "1000"),))
@@ -145,8 +148,8 @@ class Ingestion(ingestion_pb2_grpc.IngestionServicer):
         self.on_broker_health(True)
         self.ids.mark_published([a.key for a in admissions if not a.repeat])
         repeats = sum(a.repeat for a in admissions)
-        ITEMS_PROCESSED.labels("ingestion", "accepted").inc(len(admissions) - repeats)
-        ITEMS_PROCESSED.labels("ingestion", "already_accepted").inc(repeats)
+        self.metrics.items_processed.labels("accepted").inc(len(admissions) - repeats)
+        self.metrics.items_processed.labels("already_accepted").inc(repeats)
 
     def _admit_or_push_back(self, context: grpc.ServicerContext) -> None:
         """Abort with RESOURCE_EXHAUSTED and a retry-after while embedding lags too far."""
@@ -154,7 +157,7 @@ class Ingestion(ingestion_pb2_grpc.IngestionServicer):
         wait_s = gate.retry_after_s() if gate is not None else None
         if gate is None or wait_s is None:
             return
-        ERRORS.labels("ingestion", "backpressure").inc()
+        self.metrics.errors.labels("backpressure").inc()
         context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(int(wait_s * 1000))),))
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                       f"backpressure: embedding is {gate.lag} records behind on "
@@ -227,10 +230,9 @@ class Ingestion(ingestion_pb2_grpc.IngestionServicer):
             [a.key for a in admitted if not a.repeat])
         return result
 
-    @staticmethod
-    def _count_rejection(exc: InvalidItem) -> None:
-        ITEMS_PROCESSED.labels("ingestion", "rejected").inc()
-        ERRORS.labels("ingestion", exc.reason).inc()
+    def _count_rejection(self, exc: InvalidItem) -> None:
+        self.metrics.items_processed.labels("rejected").inc()
+        self.metrics.errors.labels(exc.reason).inc()
 
 
 def _checked(item: items_pb2.Item, limits: Limits, require_id: bool) -> str:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from prometheus_client import REGISTRY
+
 from twinstream.common.config import Settings, load_settings
 from twinstream.common.encoding import make_encoder
 from twinstream.common.kafka import make_producer, publish
+from twinstream.common.logs import configure_logging
+from twinstream.common.metrics import Metrics
 from twinstream.common.runtime import ServiceRuntime
 from twinstream.common.usage import parse_service_args
 from twinstream.common.vectorstore import VectorStore
@@ -16,14 +20,16 @@ from twinstream.v1 import matching_pb2, matching_pb2_grpc
 def main(settings: Settings | None = None) -> None:
     """Run until SIGTERM; ``settings`` default to the environment's (read once, here)."""
     settings = settings or load_settings("matching")
+    configure_logging(settings.service, settings.server.log_level)
+    metrics = Metrics.create(REGISTRY)
     store = VectorStore(settings.milvus.uri, settings.milvus.token.get_secret_value(),
-                        settings.milvus.collection_prefix)
-    encoders = [make_encoder(b, settings.encoder.backend, settings.encoder.triton_url)
+                        settings.milvus.collection_prefix, metrics=metrics)
+    encoders = [make_encoder(b, settings.encoder.backend, settings.encoder.triton_url, metrics)
                 for b in load_bundles(settings.encoder.model_dirs)]
     producer = make_producer(settings)  # store commands (Delete) to indexing
     service = Matching(settings, store, encoders, lambda messages: publish(producer, messages))
     runtime = ServiceRuntime(
-        settings,
+        settings, metrics,
         [matching_pb2.DESCRIPTOR.services_by_name["Matching"].full_name],
         [lambda server: matching_pb2_grpc.add_MatchingServicer_to_server(service, server)],
     )

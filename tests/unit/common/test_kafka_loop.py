@@ -11,7 +11,6 @@ import pytest
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaTimeoutError
-from prometheus_client import REGISTRY
 
 from twinstream.common.config import Settings
 from twinstream.common.errors import PermanentError, TransientError
@@ -167,8 +166,9 @@ def letters(producer: FakeProducer, settings: Settings) -> list[items_pb2.DeadLe
     return [items_pb2.DeadLetter.FromString(v) for v in producer.on(settings.topics.dlq)]
 
 
-def metric(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+def metric(loop: ConsumeLoop, name: str, **labels: str) -> float:
+    """A sample of the loop's own metrics (each loop counts on a fresh registry here)."""
+    return loop.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def test_unknown_error_isolates_the_poison_record_and_the_rest_proceed(make_loop: MakeLoop, settings: Settings) -> None:
@@ -199,14 +199,13 @@ def test_transient_error_pauses_seeks_back_and_retries_without_duplicates(make_l
     failures = iter([TransientError("Milvus down"), TransientError("Milvus down", 0.0)])
     values = [b"a", b"b", b"c"]
     loop, consumer, producer = make_loop(echo_unless(lambda v: next(failures, None)), {0: values, 1: []})
-    before = metric("twinstream_batch_retries_total", service="looptest", kind="transient")
     drive(loop, 1)
     assert consumer.paused() == {TopicPartition(TOPIC, 0)}, "the failed batch's partition waits"
     assert consumer.positions[TopicPartition(TOPIC, 0)] == 0, "sought back to the batch start"
-    assert metric("twinstream_paused_partitions", service="looptest") == 1
+    assert metric(loop, "twinstream_stream_paused_partitions") == 1
     drive(loop, 4)
     assert producer.on("items.out") == values, "published once, after the retries"
-    assert metric("twinstream_batch_retries_total", service="looptest", kind="transient") == before + 2
+    assert metric(loop, "twinstream_stream_batch_retries_total", kind="transient") == 2
     assert not consumer.paused() and consumer.committed[TopicPartition(TOPIC, 0)] == 3
 
 
@@ -261,11 +260,11 @@ def test_a_stalled_loop_turns_unhealthy_and_recovers(make_loop: MakeLoop) -> Non
     loop.on_health = health.append
     drive(loop, 2)
     assert health == [False]
-    assert metric("twinstream_seconds_without_progress", service="looptest") > 0
+    assert metric(loop, "twinstream_stream_stalled_seconds") > 0
     state["down"] = False
     drive(loop, 2)
     assert health == [False, True]
-    assert metric("twinstream_seconds_without_progress", service="looptest") == 0
+    assert metric(loop, "twinstream_stream_stalled_seconds") == 0
 
 
 def test_lag_comes_from_the_high_watermark_and_updates_while_a_batch_is_retried(make_loop: MakeLoop) -> None:
@@ -274,11 +273,11 @@ def test_lag_comes_from_the_high_watermark_and_updates_while_a_batch_is_retried(
     drive(loop, 1)
     loop._lag_checked = 0.0
     loop._update_lag()
-    assert metric("twinstream_consumer_lag", service="looptest", topic=TOPIC, partition="0") == 5
+    assert metric(loop, "twinstream_stream_consumer_lag_records", topic=TOPIC, partition="0") == 5
     consumer.logs[0].extend([b"y"] * 3)  # more arrive while the batch keeps failing
     loop._lag_checked = 0.0
     drive(loop, 1)
-    assert metric("twinstream_consumer_lag", service="looptest", topic=TOPIC, partition="0") == 8
+    assert metric(loop, "twinstream_stream_consumer_lag_records", topic=TOPIC, partition="0") == 8
 
 
 def test_a_dead_letter_of_a_huge_record_fits_the_producer_request_limit(settings: Settings) -> None:

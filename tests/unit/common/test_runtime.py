@@ -1,5 +1,5 @@
 """The servers' interceptor: one mapping from exceptions to gRPC status codes, and the metric
-counts the final code (an uncaught error as UNKNOWN, never OK)."""
+counts the final code (an uncaught error as UNKNOWN, never OK), on a fresh registry."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from concurrent import futures
 
 import grpc
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import CollectorRegistry
 from pymilvus.client.types import Status
 from pymilvus.exceptions import MilvusException
 
 from twinstream.common.errors import PermanentError, TransientError
-from twinstream.common.runtime import _MetricsInterceptor
+from twinstream.common.metrics import Metrics
+from twinstream.common.runtime import StatusInterceptor
 from twinstream.common.status import InvalidArgument, NotFound, ResourceExhausted
 from twinstream.v1 import items_pb2
 
@@ -63,10 +64,13 @@ def _aborts(request: bytes, context: grpc.ServicerContext) -> bytes:
     return b""
 
 
+METRICS = Metrics.create(CollectorRegistry())
+
+
 @pytest.fixture(scope="module")
 def channel() -> Iterator[grpc.Channel]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
-                         interceptors=[_MetricsInterceptor("interceptor-test")])
+                         interceptors=[StatusInterceptor(METRICS)])
     methods: dict[str, grpc.RpcMethodHandler] = {
         "Aborts": grpc.unary_unary_rpc_method_handler(_aborts),
         "Fine": grpc.unary_unary_rpc_method_handler(lambda r, c: r),
@@ -95,9 +99,10 @@ def _streaming(channel: grpc.Channel, path: str) -> grpc.UnaryStreamMultiCallabl
     return channel.unary_stream(path, request_serializer=None, response_deserializer=None)
 
 
-def _count(method: str, code: str) -> float:
-    return REGISTRY.get_sample_value("twinstream_grpc_requests_total", {
-        "service": "interceptor-test", "method": method, "code": code}) or 0.0
+def _count(method: str, code: str, grpc_type: str = "unary") -> float:
+    return METRICS.registry.get_sample_value("twinstream_grpc_server_handled_total", {
+        "grpc_type": grpc_type, "grpc_service": "test.T", "grpc_method": method,
+        "grpc_code": code}) or 0.0
 
 
 @pytest.mark.parametrize("name", sorted(RAISES))
@@ -123,7 +128,7 @@ def test_streaming_answers_map_the_same_way(channel: grpc.Channel, name: str) ->
     with pytest.raises(grpc.RpcError) as caught:
         list(responses)
     assert caught.value.code() == EXPECTED[name]
-    assert _count(f"Stream{name}", EXPECTED[name].name) >= 1
+    assert _count(f"Stream{name}", EXPECTED[name].name, "server_stream") >= 1
 
 
 def test_a_status_the_handler_chose_is_kept(channel: grpc.Channel) -> None:

@@ -15,7 +15,8 @@ import pytest
 from kafka.consumer.fetcher import ConsumerRecord
 
 from twinstream.common.config import Settings
-from twinstream.common.runtime import _MetricsInterceptor
+from twinstream.common.metrics import Metrics
+from twinstream.common.runtime import StatusInterceptor
 from twinstream.ingestion.service import Ingestion
 from twinstream.ingestion.store import AcceptedIds
 from twinstream.v1 import ingestion_pb2, ingestion_pb2_grpc, items_pb2
@@ -64,7 +65,7 @@ def ingestion(tmp_path: Path, producer: RecordingProducer) -> Iterator[Ingestion
 @pytest.fixture
 def stub(ingestion: Ingestion) -> Iterator[ingestion_pb2_grpc.IngestionStub]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
-                         interceptors=[_MetricsInterceptor("ingestion-test")])
+                         interceptors=[StatusInterceptor(Metrics.unexported())])
     ingestion_pb2_grpc.add_IngestionServicer_to_server(ingestion, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twinstream.common.metrics import Metrics
 from twinstream.common.vectorstore import DEFAULT_EF, MATCH_CONSISTENCY, VectorStore
 
 
@@ -19,7 +20,7 @@ class RecordingClient:
 def _store() -> tuple[VectorStore, RecordingClient]:
     store = object.__new__(VectorStore)  # no connection: only the request is under test
     client = RecordingClient()
-    store.client, store.ef = client, DEFAULT_EF
+    store.client, store.ef, store.metrics = client, DEFAULT_EF, Metrics.unexported()
     return store, client
 
 
