@@ -300,9 +300,9 @@ def hwm_kib(pid: int) -> int:
 
 def _stack_roots(stack: LocalStack) -> dict[str, int]:
     roots = {name: p.popen.pid for name, p in stack.processes.items() if p.popen is not None and p.alive}
-    triton = getattr(stack.triton, "process", None)
-    if triton is not None:
-        roots["triton"] = int(triton.pid)
+    triton = stack.triton.process if stack.triton is not None else None  # a ManagedProcess
+    if triton is not None and triton.popen is not None and triton.alive:
+        roots["triton"] = triton.popen.pid
     return roots
 
 
