@@ -20,7 +20,7 @@ import numpy as np
 from kafka.consumer.fetcher import ConsumerRecord
 
 from twinstream.common.bundle import ModelBundle
-from twinstream.common.kafka import Outgoing, Rejected
+from twinstream.common.kafka import Outgoing, Rejected, parse_record
 from twinstream.common.vectorstore import SIGNALS, Hit, decode_decision, encode_decision, row_key
 from twinstream.indexing.calibration import CollectionState
 from twinstream.indexing.decide import (
@@ -107,6 +107,37 @@ class IndexPlan:
     merges: list[tuple[list[str], str]] = field(default_factory=list)  # (losers, winner)
     rejected: list[Rejected] = field(default_factory=list)
     state: CollectionState | None = None  # to save; None when nothing was observed
+
+
+@dataclass(frozen=True)
+class CommandPlan:
+    """A store command resolved to rows: purge tombstones older than ``cutoff_ms``, or
+    tombstone live rows at ``time_ms`` (only those ingested before ``ingested_before_ms``)."""
+
+    command: items_pb2.StoreCommand
+    pks: list[str]
+    purge: bool
+    time_ms: int
+    cutoff_ms: int
+    ingested_before_ms: int | None
+
+    @property
+    def name(self) -> str:
+        return items_pb2.StoreCommand.Action.Name(self.command.action).lower()
+
+
+def plan_command(record: ConsumerRecord) -> CommandPlan | Rejected:
+    """What a store command record asks (every model version's collection), or its dead letter."""
+    command = parse_record(record, items_pb2.StoreCommand)
+    if isinstance(command, Rejected):
+        return command
+    actions = items_pb2.StoreCommand
+    if command.action not in (actions.DELETE, actions.EXPIRE, actions.PURGE) or not command.tenant:
+        return Rejected(record, "invalid_command", f"action {command.action} for tenant {command.tenant!r}")
+    return CommandPlan(command, [row_key(command.tenant, command.collection, i) for i in command.item_ids],
+                       purge=command.action == actions.PURGE, time_ms=command.time_ms,
+                       cutoff_ms=command.cutoff_ms,
+                       ingested_before_ms=command.cutoff_ms if command.action == actions.EXPIRE else None)
 
 
 def triage(group: Pending, stored: Mapping[str, Mapping[str, Any]]) -> Triage:

@@ -26,7 +26,7 @@ from twinstream.common.commands import is_command
 from twinstream.common.config import Settings
 from twinstream.common.kafka import BatchResult, Rejected, parse_record
 from twinstream.common.metrics import BACKFILLED, DECISIONS, INGEST_TO_DECISION, ITEMS_PROCESSED
-from twinstream.common.vectorstore import SIGNALS, VectorStore, quote, row_key, scope_filter
+from twinstream.common.vectorstore import SIGNALS, VectorStore, quote, scope_filter
 from twinstream.indexing.calibration_store import CalibrationStore
 from twinstream.indexing.plan import (
     ClustersNeeded,
@@ -38,6 +38,7 @@ from twinstream.indexing.plan import (
     fence,
     invalid,
     outgoing,
+    plan_command,
     plan_group,
     triage,
 )
@@ -51,11 +52,12 @@ class UnknownModel(RuntimeError):
 
 
 class Indexer:
-    def __init__(self, settings: Settings, store: VectorStore, bundles: Sequence[ModelBundle]) -> None:
+    def __init__(self, settings: Settings, store: VectorStore, bundles: Sequence[ModelBundle],
+                 calibrations: CalibrationStore | None = None) -> None:
         self.settings = settings
         self.store = store
         self.bundles = {(b.name, b.version): b for b in bundles}
-        self.calibrations = CalibrationStore(store)
+        self.calibrations = calibrations or CalibrationStore(store)
         self._rows_since_flush: dict[str, int] = {}
 
     def __call__(self, records: Sequence[ConsumerRecord]) -> BatchResult:
@@ -118,30 +120,22 @@ class Indexer:
 
     def _apply(self, record: ConsumerRecord, result: BatchResult) -> None:
         """Apply a store command to the scope's rows in every model version's collection."""
-        command = parse_record(record, items_pb2.StoreCommand)
-        if isinstance(command, Rejected):
-            result.rejected.append(command)
+        plan = plan_command(record)
+        if isinstance(plan, Rejected):
+            result.rejected.append(plan)
             return
-        actions = items_pb2.StoreCommand
-        if command.action not in (actions.DELETE, actions.EXPIRE, actions.PURGE) or not command.tenant:
-            result.rejected.append(Rejected(record, "invalid_command",
-                                            f"action {command.action} for tenant {command.tenant!r}"))
-            return
-        pks = [row_key(command.tenant, command.collection, i) for i in command.item_ids]
         changed = 0
         for collection in self.store.collections():
-            if command.action == actions.PURGE:
-                changed += self.store.purge_tombstones(collection, pks, command.cutoff_ms)
+            if plan.purge:
+                changed += self.store.purge_tombstones(collection, plan.pks, plan.cutoff_ms)
             else:
-                changed += self.store.tombstone(
-                    collection, pks, command.time_ms,
-                    command.cutoff_ms if command.action == actions.EXPIRE else None)
-        name = actions.Action.Name(command.action).lower()
+                changed += self.store.tombstone(collection, plan.pks, plan.time_ms, plan.ingested_before_ms)
         ITEMS_PROCESSED.labels("indexing", {"delete": "deleted", "expire": "expired",
-                                            "purge": "purged"}[name]).inc(changed)
+                                            "purge": "purged"}[plan.name]).inc(changed)
+        command = plan.command
         log.info("applied store command", extra={
-            "action": name, "tenant": command.tenant, "collection": command.collection,
-            "items": len(pks), "changed": changed, "origin": command.origin})
+            "action": plan.name, "tenant": command.tenant, "collection": command.collection,
+            "items": len(plan.pks), "changed": changed, "origin": command.origin})
 
     def _decide_group(self, group: Pending) -> IndexPlan:
         """Read what the group's items are decided against, plan, and write the plan."""
