@@ -12,7 +12,7 @@ them byte for byte (tests/unit/indexing/test_plan.py). The decision rule itself 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -84,13 +84,13 @@ class GroupReads:
     hits: Sequence[Sequence[Hit]]  # per new item, its nearest stored rows in the scope
     exact_rows: Sequence[Mapping[str, Any]]  # stored rows sharing a content hash with a new item
     state: CollectionState  # the scope's calibration state (the plan changes a copy)
-    # Earliest stored member of each cluster read so far (``None``: no stored member); read
-    # only when a merge needs it (``ClustersNeeded``), as merges are rare.
+    # Earliest stored member of each cluster (``None``: no stored member): read only when a
+    # merge needs it, as merges are rare (``plan_steps``).
     first_seen: Mapping[str, FirstSeen | None] = field(default_factory=dict)
 
 
 class ClustersNeeded(Exception):
-    """A merge needs the earliest stored member of these clusters: read them, plan again."""
+    """A merge needs the earliest stored member of these clusters, which were not read."""
 
     def __init__(self, clusters: set[str]) -> None:
         super().__init__(f"first members of clusters {sorted(clusters)} not read")
@@ -171,7 +171,19 @@ def triage(group: Pending, stored: Mapping[str, Mapping[str, Any]]) -> Triage:
 def plan_group(group: Pending, triaged: Triage, reads: GroupReads, neighbours: int) -> IndexPlan:
     """Decide a group's new items in arrival order, against the stored rows read and the earlier
     items of the batch (in flight). Raises ``ClustersNeeded`` when a merge needs clusters
-    ``reads.first_seen`` lacks."""
+    ``reads.first_seen`` lacks (``plan_steps`` asks for them instead)."""
+    steps = plan_steps(group, triaged, reads, neighbours)
+    try:
+        raise ClustersNeeded(next(steps))
+    except StopIteration as done:
+        return done.value
+
+
+def plan_steps(group: Pending, triaged: Triage, reads: GroupReads,
+               neighbours: int) -> Generator[set[str], Mapping[str, FirstSeen | None], IndexPlan]:
+    """``plan_group`` as a coroutine that yields the clusters a merge needs beyond
+    ``reads.first_seen`` and is sent their earliest stored members (``earliest_members``), so
+    the caller reads them when, and only when, a merge needs them, in one pass."""
     todo = triaged.todo
     out = list(triaged.repeated)
     if not todo:
@@ -180,6 +192,7 @@ def plan_group(group: Pending, triaged: Triage, reads: GroupReads, neighbours: i
     own_signals = [_signals(t[1].accepted.item) for t in todo]  # once per item, not per pair
     state = copy.deepcopy(reads.state)
     observed = state.items
+    first_seen = dict(reads.first_seen)
     similarity = vectors @ vectors.T
     merges: list[tuple[list[str], str]] = []
     batch_decisions: list[decisions_pb2.Decision] = []
@@ -214,7 +227,9 @@ def plan_group(group: Pending, triaged: Triage, reads: GroupReads, neighbours: i
                           state.calibration)
         linked = linked_clusters(decision, candidates)
         if len(linked) > 1:
-            winner = oldest_cluster(linked, reads.first_seen, batch_decisions, todo)
+            if missing := linked - first_seen.keys():
+                first_seen.update((yield missing))
+            winner = oldest_cluster(linked, first_seen, batch_decisions, todo)
             losers = sorted(linked - {winner})
             decision.cluster_id = winner
             decision.merged_clusters.extend(losers)

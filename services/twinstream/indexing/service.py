@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 
 from kafka.consumer.fetcher import ConsumerRecord
 
@@ -29,7 +28,6 @@ from twinstream.common.metrics import BACKFILLED, DECISIONS, INGEST_TO_DECISION,
 from twinstream.common.vectorstore import SIGNALS, VectorStore, quote, scope_filter
 from twinstream.indexing.calibration_store import CalibrationStore
 from twinstream.indexing.plan import (
-    ClustersNeeded,
     GroupReads,
     IndexPlan,
     Pending,
@@ -39,7 +37,7 @@ from twinstream.indexing.plan import (
     invalid,
     outgoing,
     plan_command,
-    plan_group,
+    plan_steps,
     triage,
 )
 from twinstream.v1 import decisions_pb2, items_pb2
@@ -146,13 +144,13 @@ class Indexer:
         calibration_key = self.calibrations.key(group.collection, group.tenant,
                                                 triaged.todo[0][1].accepted.item.collection)
         reads = self._read(group, triaged, calibration_key)
-        while True:  # a merge needs its clusters' first members: read them and plan again
-            try:
-                plan = plan_group(group, triaged, reads, self.settings.neighbours)
-                break
-            except ClustersNeeded as need:
-                reads = replace(reads, first_seen={**reads.first_seen,
-                                                   **self._first_seen(group, need.clusters)})
+        steps = plan_steps(group, triaged, reads, self.settings.neighbours)
+        try:
+            clusters = next(steps)
+            while True:  # a merge needs its clusters' earliest stored members
+                clusters = steps.send(self._first_seen(group, clusters))
+        except StopIteration as done:
+            plan: IndexPlan = done.value
         # Merge before the new rows are written: a crash in between re-decides the new items
         # against already-merged clusters, so the merge is never lost nor half-applied.
         for losers, winner in plan.merges:

@@ -21,6 +21,7 @@ from twinstream.indexing.plan import (
     fence,
     plan_command,
     plan_group,
+    plan_steps,
     triage,
 )
 from twinstream.indexing.service import Indexer, UnknownModel
@@ -134,6 +135,18 @@ def test_an_item_linking_two_clusters_merges_them_into_the_older(make_item: Make
     (_, decision, _), = result.decided
     assert decision.cluster_id == "older" and list(decision.merged_clusters) == ["younger"]
     assert result.merges == [(["younger"], "older")]
+
+
+def test_the_plan_asks_for_a_merges_clusters_and_goes_on_with_the_answer(make_item: MakeItem,
+                                                                         make_group: MakeGroup) -> None:
+    older, younger = stored_row(make_item, "older", -4, ingest_ms=10), stored_row(make_item, "younger", 4, ingest_ms=20)
+    group = make_group([make_item("bridge", 0)])
+    triaged = triage(group, {})
+    steps = plan_steps(group, triaged, GroupReads([[hit(younger, 0.99), hit(older, 0.99)]], [], CollectionState()), 10)
+    assert next(steps) == {"older", "younger"}
+    with pytest.raises(StopIteration) as done:
+        steps.send({"older": (10, "older"), "younger": None})
+    assert done.value.value.merges == [(["younger"], "older")]
 
 
 def test_the_plan_observes_into_a_copy_of_the_calibration_state(make_item: MakeItem,
