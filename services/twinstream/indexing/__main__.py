@@ -26,7 +26,7 @@ def main(settings: Settings | None = None) -> None:
     runtime = ServiceRuntime(settings, metrics)
     store = VectorStore(settings.milvus.uri, settings.milvus.token.get_secret_value(),
                         settings.milvus.collection_prefix, metrics=metrics)
-    indexer = Indexer(settings, store, load_bundles(settings.encoder.model_dirs), metrics)
+    indexer = Indexer(settings, store, load_bundles(settings.encoder.model_dirs), metrics=metrics)
     loop = ConsumeLoop(settings, settings.topics.embedded, indexer,
                        on_health=runtime.health_hook("stream"), metrics=metrics)
 

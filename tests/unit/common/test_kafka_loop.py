@@ -295,3 +295,39 @@ def test_a_broker_that_does_not_acknowledge_is_a_transient_error() -> None:
     producer = FakeProducer(fail_with=KafkaTimeoutError("no ack"))
     with pytest.raises(TransientError, match="did not acknowledge"):
         publish(producer, [Outgoing("t", b"k", b"v")])
+
+
+def test_offsets_are_committed_only_after_the_outputs_are_acknowledged_and_after_flush_ran(
+        settings: Settings) -> None:
+    events: list[str] = []
+
+    class Producer(FakeProducer):
+        def send(self, topic: str, key: bytes, value: bytes,
+                 headers: list[tuple[str, bytes]] | None = None) -> FakeFuture:
+            events.append("send")
+            return super().send(topic, key, value, headers)
+
+    class Consumer(FakeConsumer):
+        def commit(self, offsets: dict[TopicPartition, Any]) -> None:
+            events.append("commit")
+            super().commit(offsets)
+
+    def handle(records: Sequence[ConsumerRecord]) -> BatchResult:
+        return BatchResult(outputs=[Outgoing("items.out", r.key, r.value) for r in records],
+                           after_flush=lambda: events.append("after_flush"))
+
+    consumer = Consumer({0: [b"a", b"b"]})
+    drive(ConsumeLoop(settings, TOPIC, handle, producer=Producer(), consumer=consumer), 1)
+    assert events == ["send", "send", "after_flush", "commit"]
+    assert consumer.committed[TopicPartition(TOPIC, 0)] == 2
+
+
+def test_a_batch_whose_outputs_are_not_acknowledged_is_not_committed(make_loop: MakeLoop) -> None:
+    loop, consumer, producer = make_loop(echo_unless(lambda v: None), {0: [b"a", b"b"]})
+    producer.fail_with = KafkaTimeoutError("no ack")
+    drive(loop, 1)
+    assert consumer.committed == {} and consumer.position(TopicPartition(TOPIC, 0)) == 0, \
+        "not committed, and sought back for a retry"
+    producer.fail_with = None
+    drive(loop, 3)
+    assert producer.on("items.out") == [b"a", b"b"] and consumer.committed[TopicPartition(TOPIC, 0)] == 2

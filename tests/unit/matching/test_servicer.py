@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from twinstream.model.bundle import ModelBundle
 from twinstream.common.config import Settings
 from twinstream.common.encoding import ItemEncoder
 from twinstream.common.errors import TransientError
 from twinstream.common.metrics import Metrics
 from twinstream.common.vectorstore import Hit, VectorStore
 from twinstream.matching.service import Matching
+from twinstream.model.bundle import ModelBundle
 from twinstream.v1 import items_pb2, matching_pb2
 from unit.in_process import serve, unary
 
