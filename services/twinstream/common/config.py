@@ -81,6 +81,14 @@ class Settings:
     reaper_interval_s: float = 60.0
     # How long Delete waits for indexing to apply it before answering pending=true.
     delete_wait_s: float = 10.0
+    # -- throughput (docs/bench/throughput.md) --
+    # Bytes of one partition's records per produce request (kafka-python's default is 16 KiB).
+    kafka_producer_batch_bytes: int = 1_048_576
+    # Commit offsets without waiting for the broker's answer (still after the outputs' flush).
+    kafka_async_commit: bool = True
+    # The indexer reads a collection at Session consistency once it has written it since its
+    # partitions were last assigned (Strong before that); False: always Strong (docs/store.md).
+    decide_session_reads: bool = True
     topics: Topics = field(default_factory=Topics)
 
     @classmethod

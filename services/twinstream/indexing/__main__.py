@@ -19,7 +19,7 @@ def main() -> None:
     store = VectorStore(settings.milvus_uri, settings.milvus_token, settings.milvus_collection_prefix)
     indexer = Indexer(settings, store, load_bundles(settings.model_dir))
     loop = ConsumeLoop(settings, settings.topics.embedded, indexer,
-                       on_health=runtime.health_hook("stream"))
+                       on_health=runtime.health_hook("stream"), on_rebalance=indexer.on_rebalance)
 
     reaper_producer = make_producer(settings)
 

@@ -27,6 +27,7 @@ from twinstream.common.config import Settings
 from twinstream.common.kafka import BatchResult, Outgoing, Rejected, parse_record
 from twinstream.common.metrics import BACKFILLED, DECISIONS, INGEST_TO_DECISION, ITEMS_PROCESSED
 from twinstream.common.vectorstore import (
+    DECIDE_CONSISTENCY,
     SIGNALS,
     VectorStore,
     decode_decision,
@@ -77,6 +78,26 @@ class Indexer:
         self.bundles = {(b.name, b.version): b for b in bundles}
         self.calibrations = CalibrationStore(store)
         self._rows_since_flush: dict[str, int] = {}
+        # Collections this indexer wrote since its partitions were last assigned (docs/store.md).
+        self._written: set[str] = set()
+
+    def on_rebalance(self) -> None:
+        """The partitions owned changed: another indexer may have written these scopes since."""
+        self._written.clear()
+        self.calibrations.forget()
+
+    def _level(self, collection: str) -> str:
+        """How fresh a decide-path read of ``collection`` must be.
+
+        Strong sees every write acknowledged before the read, at the cost of waiting for Milvus'
+        next time tick. Session sees every write of this client, and that is enough once this
+        indexer has written the collection since its assignment: Milvus' timestamps are
+        monotonic, so that write is younger than any row the partition's previous owner wrote
+        before the rebalance handed the partition over, and Session waits for it.
+        """
+        if self.settings.decide_session_reads and collection in self._written:
+            return "Session"
+        return DECIDE_CONSISTENCY
 
     def __call__(self, records: Sequence[ConsumerRecord]) -> BatchResult:
         result = BatchResult()
@@ -177,7 +198,8 @@ class Indexer:
         items = group.items
         pks = [row_key(i.accepted.item.tenant, i.accepted.item.collection, i.accepted.item.item_id)
                for _, i in items]
-        stored = self.store.get(group.collection, pks, ["pk", "decision", "content_hash"])
+        level = self._level(group.collection)
+        stored = self.store.get(group.collection, pks, ["pk", "decision", "content_hash"], level)
         out: list[tuple[int, decisions_pb2.Decision, bool]] = []
         todo: list[tuple[int, items_pb2.EmbeddedItem, str]] = []
         seen: dict[str, str] = {}
@@ -205,7 +227,8 @@ class Indexer:
         stored_signals = [SIGNALS] if self.store.has_signals(group.collection) else []
         hits = self.store.search(
             group.collection, vectors, limit=k, expr=group.scope,
-            fields=("item_id", "cluster_id", "content_hash", "ingest_ms", "decision", *stored_signals))
+            fields=("item_id", "cluster_id", "content_hash", "ingest_ms", "decision", *stored_signals),
+            consistency=level)
         own_signals = [_signals(t[1].accepted.item) for t in todo]  # once per item, not per pair
         calibration_key = self.calibrations.key(group.collection, group.tenant, todo[0][1].accepted.item.collection)
         state = self.calibrations.load(calibration_key)
@@ -214,7 +237,7 @@ class Indexer:
         exact_rows = self.store.query(
             group.collection,
             f"{group.scope} and content_hash in [{', '.join(quote(h) for h in hashes)}]",
-            ["item_id", "cluster_id", "content_hash", "ingest_ms"],
+            ["item_id", "cluster_id", "content_hash", "ingest_ms"], consistency=level,
         )
         similarity = vectors @ vectors.T
         rows = []
@@ -251,7 +274,7 @@ class Indexer:
                               state.calibration)
             linked = linked_clusters(decision, candidates)
             if len(linked) > 1:
-                winner = self._oldest_cluster(group, linked, batch_decisions, todo)
+                winner = self._oldest_cluster(group, linked, batch_decisions, todo, level)
                 losers = sorted(linked - {winner})
                 decision.cluster_id = winner
                 decision.merged_clusters.extend(losers)
@@ -270,7 +293,9 @@ class Indexer:
             self.store.relabel_clusters(group.collection, group.scope, losers, winner)
         # Fence for a zombie (paused past a rebalance while its successor went on): rows stored
         # since this batch read Milvus win and their decisions are repeated, never overwritten.
-        written = self.store.get(group.collection, [pk for _, _, pk in todo], ["pk", "decision"])
+        # Strong: the zombie is another client, so Session would not wait for its rows.
+        written = self.store.get(group.collection, [pk for _, _, pk in todo], ["pk", "decision"],
+                                 DECIDE_CONSISTENCY)
         since = {index: decode_decision(written[pk]["decision"])
                  for index, _, pk in todo if pk in written}
         if since:
@@ -280,6 +305,8 @@ class Indexer:
             if index not in since:
                 rows.append(_row(pk, item, decision, signals))
         self.store.upsert(group.collection, rows)
+        if rows:
+            self._written.add(group.collection)
         # After the rows: a crash in between re-delivers the batch, whose items then get their
         # stored decisions and are not observed twice (a few observations may be lost, never doubled).
         if state.items != observed:
@@ -289,12 +316,13 @@ class Indexer:
 
     def _oldest_cluster(self, group: _Pending, clusters: set[str],
                         batch: Sequence[decisions_pb2.Decision],
-                        todo: Sequence[tuple[int, items_pb2.EmbeddedItem, str]]) -> str:
+                        todo: Sequence[tuple[int, items_pb2.EmbeddedItem, str]],
+                        level: str = DECIDE_CONSISTENCY) -> str:
         """The cluster whose earliest member came first survives a merge (stable canonical)."""
         first_seen: dict[str, tuple[int, str]] = {}
         listed = ", ".join(quote(c) for c in sorted(clusters))
         for row in self.store.query(group.collection, f"{group.scope} and cluster_id in [{listed}]",
-                                    ["cluster_id", "item_id", "ingest_ms"]):
+                                    ["cluster_id", "item_id", "ingest_ms"], consistency=level):
             key = (int(row["ingest_ms"]), str(row["item_id"]))
             first_seen[row["cluster_id"]] = min(first_seen.get(row["cluster_id"], key), key)
         for decision, (_, item, _) in zip(batch, todo, strict=False):

@@ -75,9 +75,25 @@ class FakeConsumer:
     def paused(self) -> set[TopicPartition]:
         return set(self.paused_set)
 
+    # What happened, in order: "flush" (from a FakeProducer sharing it), "commit", "commit_async".
+    events: list[str] = field(default_factory=list)
+    async_commit_error: Exception | None = None
+
     def commit(self, offsets: dict[TopicPartition, Any]) -> None:
+        self.events.append("commit")
         for tp, meta in offsets.items():
             self.committed[tp] = meta.offset
+
+    def commit_async(self, offsets: dict[TopicPartition, Any],
+                     callback: Callable[[dict[TopicPartition, Any], Any], None]) -> None:
+        """Answers at once: the offsets committed, or ``async_commit_error`` to the callback."""
+        self.events.append("commit_async")
+        if self.async_commit_error is not None:
+            callback(offsets, self.async_commit_error)
+            return
+        for tp, meta in offsets.items():
+            self.committed[tp] = meta.offset
+        callback(offsets, None)
 
     def highwater(self, tp: TopicPartition) -> int:
         return len(self.logs[tp.partition])
@@ -102,6 +118,7 @@ class FakeFuture:
 class FakeProducer:
     sent: list[tuple[str, bytes]] = field(default_factory=list)
     fail_with: Exception | None = None
+    events: list[str] = field(default_factory=list)
 
     def send(self, topic: str, key: bytes, value: bytes,
              headers: list[tuple[str, bytes]] | None = None) -> FakeFuture:
@@ -110,7 +127,7 @@ class FakeProducer:
         return FakeFuture(self.fail_with)
 
     def flush(self, timeout: float | None = None) -> None:
-        pass
+        self.events.append("flush")
 
     def close(self, timeout: float | None = None) -> None:
         pass
@@ -132,7 +149,8 @@ def settings() -> Settings:
 def make_loop(settings: Settings) -> MakeLoop:
     def make(handler: Any, logs: dict[int, list[bytes]], **overrides: Any
              ) -> tuple[ConsumeLoop, FakeConsumer, FakeProducer]:
-        consumer, producer = FakeConsumer(logs), FakeProducer()
+        consumer = FakeConsumer(logs)
+        producer = FakeProducer(events=consumer.events)
         loop = ConsumeLoop(Settings(**{**settings.__dict__, **overrides}), TOPIC, handler,
                            producer=producer, consumer=consumer)
         return loop, consumer, producer
@@ -296,3 +314,31 @@ def test_a_broker_that_does_not_acknowledge_is_a_transient_error() -> None:
     producer = FakeProducer(fail_with=KafkaTimeoutError("no ack"))
     with pytest.raises(TransientError, match="did not acknowledge"):
         publish(producer, [Outgoing("t", b"k", b"v")])
+
+
+def test_offsets_are_committed_without_waiting_and_only_after_the_outputs_are_flushed(
+        make_loop: MakeLoop) -> None:
+    loop, consumer, producer = make_loop(echo_unless(lambda v: None), {0: [b"a", b"b"], 1: [b"c"]})
+    drive(loop, turns=1)
+    assert consumer.events == ["flush", "commit_async"]
+    assert consumer.committed == {TopicPartition(TOPIC, 0): 2, TopicPartition(TOPIC, 1): 1}
+    assert producer.on("items.out") == [b"a", b"b", b"c"]
+
+
+def test_a_synchronous_commit_remains_available(make_loop: MakeLoop) -> None:
+    loop, consumer, _ = make_loop(echo_unless(lambda v: None), {0: [b"a"]}, kafka_async_commit=False)
+    drive(loop, turns=1)
+    assert consumer.events == ["flush", "commit"]
+
+
+def test_a_failed_async_commit_is_counted_and_repeated_when_the_loop_closes(
+        make_loop: MakeLoop) -> None:
+    loop, consumer, _ = make_loop(echo_unless(lambda v: None), {0: [b"a", b"b"]})
+    consumer.async_commit_error = KafkaTimeoutError("coordinator gone")
+    before = metric("twinstream_errors_total", service="looptest", reason="commit_failed")
+    drive(loop, turns=1)
+    assert consumer.committed == {}
+    assert metric("twinstream_errors_total", service="looptest", reason="commit_failed") == before + 1
+    loop.close()
+    assert consumer.committed == {TopicPartition(TOPIC, 0): 2}
+    assert consumer.events[-1] == "commit"
