@@ -142,3 +142,23 @@ def test_the_calibration_state_is_read_from_milvus_again_only_after_a_rebalance(
     assert reader.load("k").items == 5  # cached: no Milvus read per batch
     reader.forget()
     assert reader.load("k").items == 9
+
+
+def test_cached_calibration_and_session_reads_decide_exactly_as_strong_reads_every_batch(
+        tmp_path: Path) -> None:
+    from test_indexer_calibration import records
+
+    messages = [embedded(i, f, v, n) for n, (i, _, f, v) in enumerate(records(90))]
+
+    def run(path: Path, fresh_reads: bool) -> list[bytes]:
+        indexer, _ = indexer_on(path, decide_session_reads=not fresh_reads)
+        out = []
+        for start in range(0, len(messages), 16):
+            if fresh_reads:
+                indexer.calibrations.forget()  # read the state back from Milvus every batch
+            out += [o.value for o in indexer(messages[start:start + 16]).outputs]
+        return out
+
+    cached, fresh = run(tmp_path / "a.db", False), run(tmp_path / "b.db", True)
+    assert len(cached) == len(messages)
+    assert cached == fresh
