@@ -269,9 +269,10 @@ class ConsumeLoop:
         self.on_health = on_health or (lambda healthy: None)
         self._owns_producer = producer is None
         self.producer = producer or make_producer(settings)
+        self._on_rebalance = on_rebalance or (lambda: None)
         if consumer is None:
             consumer = self._consumer(settings)
-            consumer.subscribe([topic], listener=_OnRebalance(on_rebalance or (lambda: None)))
+            consumer.subscribe([topic], listener=_OnRebalance(self._rebalanced))
         self.consumer = consumer
         self._lag_checked = 0.0
         self._lag_partitions: set[TopicPartition] = set()
@@ -280,6 +281,12 @@ class ConsumeLoop:
         self._failing_since: float | None = None
         self._healthy = True
         self._uncommitted: dict[TopicPartition, OffsetAndMetadata] = {}  # sent async, unanswered
+
+    def _rebalanced(self) -> None:
+        # Offsets of partitions that may now be another member's are never committed again at
+        # close: that could move the new owner's committed offset back.
+        self._uncommitted.clear()
+        self._on_rebalance()
 
     @staticmethod
     def _consumer(settings: Settings) -> KafkaConsumer:

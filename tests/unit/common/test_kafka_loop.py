@@ -342,3 +342,15 @@ def test_a_failed_async_commit_is_counted_and_repeated_when_the_loop_closes(
     loop.close()
     assert consumer.committed == {TopicPartition(TOPIC, 0): 2}
     assert consumer.events[-1] == "commit"
+
+
+def test_a_rebalance_forgets_unanswered_commits_and_tells_the_handler(make_loop: MakeLoop) -> None:
+    loop, consumer, _ = make_loop(echo_unless(lambda v: None), {0: [b"a"]})
+    consumer.async_commit_error = KafkaTimeoutError("coordinator gone")
+    calls: list[str] = []
+    loop._on_rebalance = lambda: calls.append("rebalanced")
+    drive(loop, turns=1)
+    loop._rebalanced()  # what the consumer's listener calls when partitions move
+    loop.close()
+    assert calls == ["rebalanced"]
+    assert consumer.committed == {}  # partition 0 may be another member's now
