@@ -111,6 +111,13 @@ class KafkaSettings(_Section):
                                    gt=0)
     max_poll_interval_ms: int = _env("KAFKA_MAX_POLL_INTERVAL_MS", 120_000,
                                      "longest a batch may take before the member is dropped (ms)", gt=0)
+    # kafka-python's 16 KiB default sent a flushed batch as several requests one after another,
+    # each a storage write on an S3-backed tansu (docs/bench/throughput.md).
+    producer_batch_bytes: int = _env("KAFKA_PRODUCER_BATCH_BYTES", 1_048_576,
+                                     "bytes of one partition's records per produce request", gt=0)
+    async_commit: bool = _env("KAFKA_ASYNC_COMMIT", True,
+                              "commit offsets without waiting for the broker's answer (still after "
+                              "the outputs' flush)")
 
     @field_validator("bootstrap", mode="before")
     @classmethod
@@ -212,6 +219,11 @@ class SearchSettings(_Section):
     """Indexing's neighbour search."""
 
     neighbours: int = _env("NEIGHBOURS", 10, "neighbours each new item is compared with", gt=0)
+    # Strong before that: a new owner of a partition must see the previous owner's rows
+    # (docs/store.md).
+    decide_session_reads: bool = _env("DECIDE_SESSION_READS", True,
+                                      "indexing reads a collection at Session consistency once it has "
+                                      "written it since its partitions were assigned (False: always Strong)")
 
 
 class TtlRule(_Section):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from google.protobuf.message import Message
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import (
@@ -121,6 +121,11 @@ def make_producer(settings: Settings) -> KafkaProducer:
     producer state (a restart) leaves such a producer failing for good. Every downstream write
     is idempotent, so a duplicate from a retried send costs nothing; one request in flight per
     connection keeps each partition's order through retries.
+
+    ``batch_size`` is the most bytes of one partition's records in one produce request: at
+    kafka-python's 16 KiB default a flushed 64-item batch of embeddings (~3 KiB each) went out as
+    several requests one after another (one in flight), each a storage write on an S3-backed
+    tansu (docs/bench/throughput.md).
     """
     return KafkaProducer(
         bootstrap_servers=list(settings.kafka.bootstrap),
@@ -131,6 +136,7 @@ def make_producer(settings: Settings) -> KafkaProducer:
         enable_idempotence=False,
         max_in_flight_requests_per_connection=1,
         max_request_size=MAX_REQUEST_BYTES,
+        batch_size=settings.kafka.producer_batch_bytes,
     )
 
 
@@ -219,13 +225,35 @@ class _Unisolated(Exception):
     """Every record of a batch failed with an unknown error: retried, not dead-lettered."""
 
 
+class _OnRebalance(ConsumerRebalanceListener):
+    """Calls ``hook`` whenever the group takes partitions from or gives partitions to this member."""
+
+    def __init__(self, hook: Callable[[], None]) -> None:
+        self.hook = hook
+
+    def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        self.hook()
+
+    def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        self.hook()
+
+
 class ConsumeLoop:
-    """Polls ``topic`` in batches, runs the handler, produces, flushes, then commits."""
+    """Polls ``topic`` in batches, runs the handler, produces, flushes, then commits.
+
+    ``on_rebalance`` runs (on the loop's thread, between batches) whenever the partitions this
+    member owns change: a handler that caches what only the owner of a partition writes drops
+    it there. The offset commit is asynchronous by default (``kafka_async_commit``): it is
+    sent after the batch's outputs are acknowledged, as a synchronous one would be, but the
+    next batch does not wait for the broker's answer; a failed commit is repeated by the next
+    one (offsets are cumulative), and a rebalance in between replays the batch idempotently.
+    """
 
     def __init__(self, settings: Settings, topic: str, handler: BatchHandler,
                  producer: KafkaProducer | None = None, consumer: KafkaConsumer | None = None,
                  on_health: Callable[[bool], None] | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None,
+                 on_rebalance: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics.unexported()
         self.topic = topic
@@ -233,8 +261,28 @@ class ConsumeLoop:
         self.on_health = on_health or (lambda healthy: None)
         self._owns_producer = producer is None
         self.producer = producer or make_producer(settings)
-        self.consumer = consumer or KafkaConsumer(
-            topic,
+        self._on_rebalance = on_rebalance or (lambda: None)
+        if consumer is None:
+            consumer = self._consumer(settings)
+            consumer.subscribe([topic], listener=_OnRebalance(self._rebalanced))
+        self.consumer = consumer
+        self._lag_checked = 0.0
+        self._lag_partitions: set[TopicPartition] = set()
+        self._backoff = 0.0               # the delay before the next retry; 0 after a success
+        self._resume_at = 0.0             # when the paused partitions are retried
+        self._failing_since: float | None = None
+        self._healthy = True
+        self._uncommitted: dict[TopicPartition, OffsetAndMetadata] = {}  # sent async, unanswered
+
+    def _rebalanced(self) -> None:
+        # Offsets of partitions that may now be another member's are never committed again at
+        # close: that could move the new owner's committed offset back.
+        self._uncommitted.clear()
+        self._on_rebalance()
+
+    @staticmethod
+    def _consumer(settings: Settings) -> KafkaConsumer:
+        return KafkaConsumer(
             bootstrap_servers=list(settings.kafka.bootstrap),
             group_id=settings.consumer_group,
             client_id=f"{settings.service}-{settings.server.instance_id}",
@@ -247,12 +295,6 @@ class ConsumeLoop:
             request_timeout_ms=max(30_000, settings.kafka.session_timeout_ms + 5_000),
             fetch_max_wait_ms=50,
         )
-        self._lag_checked = 0.0
-        self._lag_partitions: set[TopicPartition] = set()
-        self._backoff = 0.0               # the delay before the next retry; 0 after a success
-        self._resume_at = 0.0             # when the paused partitions are retried
-        self._failing_since: float | None = None
-        self._healthy = True
 
     def run(self, stopping: threading.Event, on_ready: Callable[[], None] = lambda: None) -> None:
         """Process batches until ``stopping`` is set, then close cleanly."""
@@ -295,6 +337,9 @@ class ConsumeLoop:
     def close(self) -> None:
         try:
             self.producer.flush(timeout=10)
+            if self._uncommitted:  # the last async commit may still be on its way: repeat it
+                with contextlib.suppress(KafkaError):
+                    self.consumer.commit(dict(self._uncommitted))
         finally:
             self.consumer.close(autocommit=False)
             if self._owns_producer:
@@ -352,6 +397,10 @@ class ConsumeLoop:
             offsets[TopicPartition(record.topic, record.partition)] = OffsetAndMetadata(
                 record.offset + 1, "", -1
             )
+        if self.settings.kafka.async_commit:
+            self._commit_async(offsets)
+            self._count(records, result)
+            return
         try:
             self.consumer.commit(offsets)
         except CommitFailedError:
@@ -361,8 +410,31 @@ class ConsumeLoop:
             return
         except KafkaError as exc:
             raise TransientError(f"the offset commit failed: {exc!r}") from exc
-        metrics.items_processed.labels("ok").inc(len(records) - len(result.rejected))
-        metrics.items_processed.labels("dead_letter").inc(len(result.rejected))
+        self._count(records, result)
+
+    def _count(self, records: Sequence[ConsumerRecord], result: BatchResult) -> None:
+        self.metrics.items_processed.labels("ok").inc(len(records) - len(result.rejected))
+        self.metrics.items_processed.labels("dead_letter").inc(len(result.rejected))
+
+    def _commit_async(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        """Send the commit and go on; the answer arrives on the client's network thread."""
+        self._uncommitted.update(offsets)
+
+        def answered(sent: dict[TopicPartition, OffsetAndMetadata], response: object) -> None:
+            if isinstance(response, Exception):
+                # Nothing is lost: the next batch's commit carries these offsets' successors,
+                # and a new owner after a rebalance replays from the last committed ones.
+                self.metrics.errors.labels("commit_failed").inc()
+                log.warning("async offset commit failed", extra={"error": repr(response)})
+                return
+            for tp, meta in sent.items():
+                if self._uncommitted.get(tp) == meta:
+                    self._uncommitted.pop(tp, None)
+
+        try:
+            self.consumer.commit_async(offsets, callback=answered)
+        except KafkaError as exc:
+            raise TransientError(f"the offset commit failed: {exc!r}") from exc
 
     def _isolate(self, records: Sequence[ConsumerRecord]) -> _Isolated:
         """Run the handler; if it raises (not transiently), bisect to the failing records.

@@ -294,21 +294,25 @@ class VectorStore:
         self.client.flush(collection)
 
     # -- reads -----------------------------------------------------------------------------
-    def get(self, collection: str, pks: Sequence[str],
-            fields: Sequence[str] = OUTPUT_FIELDS) -> dict[str, dict[str, Any]]:
+    def get(self, collection: str, pks: Sequence[str], fields: Sequence[str] = OUTPUT_FIELDS,
+            consistency: str | None = None) -> dict[str, dict[str, Any]]:
+        """Rows by key; ``consistency`` None reads at the collection's level (Strong)."""
         if not pks:
             return {}
+        level = _level(consistency)
         rows = self._loaded(collection, lambda: self.client.query(
-            collection, filter=pk_filter(pks), output_fields=list(fields), limit=len(pks)))
+            collection, filter=pk_filter(pks), output_fields=list(fields), limit=len(pks), **level))
         return {str(row["pk"]): dict(row) for row in rows}
 
     def query(self, collection: str, expr: str, fields: Sequence[str] = OUTPUT_FIELDS,
-              page_rows: int = 4096) -> list[dict[str, Any]]:
+              page_rows: int = 4096, consistency: str | None = None) -> list[dict[str, Any]]:
         """Every row matching ``expr``. One plain query stops silently at ``QUERY_CAP`` rows, so a
         result that reaches the cap is read again through Milvus's query iterator (pages)."""
+        level = _level(consistency)
+
         def scan() -> list[dict[str, Any]]:
-            rows = [dict(r) for r in self.client.query(collection, filter=expr,
-                                                       output_fields=list(fields), limit=QUERY_CAP)]
+            rows = [dict(r) for r in self.client.query(collection, filter=expr, limit=QUERY_CAP,
+                                                       output_fields=list(fields), **level)]
             if len(rows) < QUERY_CAP:
                 return rows
             iterator = self.client.query_iterator(collection, batch_size=page_rows, filter=expr,
@@ -346,6 +350,11 @@ class VectorStore:
         ))
         self.metrics.milvus_search.observe(time.perf_counter() - started)
         return [[_hit(h) for h in hits] for hits in results]
+
+
+def _level(consistency: str | None) -> dict[str, str]:
+    """The query keyword for a consistency level; none keeps the collection's own."""
+    return {} if consistency is None else {"consistency_level": consistency}
 
 
 def _hit(raw: Any) -> Hit:

@@ -28,7 +28,8 @@ def main(settings: Settings | None = None) -> None:
                         settings.milvus.collection_prefix, metrics=metrics)
     indexer = Indexer(settings, store, load_bundles(settings.encoder.model_dirs), metrics=metrics)
     loop = ConsumeLoop(settings, settings.topics.embedded, indexer,
-                       on_health=runtime.health_hook("stream"), metrics=metrics)
+                       on_health=runtime.health_hook("stream"), metrics=metrics,
+                       on_rebalance=indexer.on_rebalance)
 
     reaper_producer = make_producer(settings)
 

@@ -24,6 +24,13 @@ class CalibrationStore:
         self.client = store.client
         self.name = f"{store.prefix}_calibration"
         self._ready = False
+        # The state as last read or written, per key: this indexer is the scope's only writer
+        # while it owns the partition, so Milvus holds nothing newer until a rebalance (forget).
+        self._saved: dict[str, str] = {}
+
+    def forget(self) -> None:
+        """Drop the cached states (the partitions owned changed; another indexer may write)."""
+        self._saved.clear()
 
     def _ensure(self) -> None:
         if self._ready:
@@ -46,10 +53,18 @@ class CalibrationStore:
 
     def load(self, key: str) -> CollectionState:
         """The scope's state; a fresh (warm-up) one when it has none yet."""
-        self._ensure()
-        rows = self.client.get(self.name, ids=[key], output_fields=["state"])
-        return CollectionState.from_json(str(rows[0]["state"])) if rows else CollectionState()
+        if key not in self._saved:
+            self._ensure()
+            rows = self.client.get(self.name, ids=[key], output_fields=["state"])
+            if not rows:
+                return CollectionState()
+            self._saved[key] = str(rows[0]["state"])
+        # A fresh copy each time: a failed batch's observations never reach its retry.
+        return CollectionState.from_json(self._saved[key])
 
     def save(self, key: str, state: CollectionState) -> None:
         self._ensure()
-        self.client.upsert(self.name, [{"pk": key, "state": state.to_json(), "vector": [0.0, 0.0]}])
+        text = state.to_json()
+        self._saved.pop(key, None)  # unknown until Milvus answers
+        self.client.upsert(self.name, [{"pk": key, "state": text, "vector": [0.0, 0.0]}])
+        self._saved[key] = text

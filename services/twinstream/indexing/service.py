@@ -24,7 +24,7 @@ from twinstream.common.commands import is_command
 from twinstream.common.config import Settings
 from twinstream.common.kafka import BatchResult, Rejected, parse_record
 from twinstream.common.metrics import Metrics
-from twinstream.common.vectorstore import SIGNALS, VectorStore, quote, scope_filter
+from twinstream.common.vectorstore import DECIDE_CONSISTENCY, SIGNALS, VectorStore, quote, scope_filter
 from twinstream.indexing.calibration_store import CalibrationStore
 from twinstream.indexing.plan import (
     GroupReads,
@@ -58,6 +58,26 @@ class Indexer:
         self.bundles = {(b.name, b.version): b for b in bundles}
         self.calibrations = calibrations or CalibrationStore(store)
         self._rows_since_flush: dict[str, int] = {}
+        # Collections this indexer wrote since its partitions were last assigned (docs/store.md).
+        self._written: set[str] = set()
+
+    def on_rebalance(self) -> None:
+        """The partitions owned changed: another indexer may have written these scopes since."""
+        self._written.clear()
+        self.calibrations.forget()
+
+    def _level(self, collection: str) -> str:
+        """How fresh a decide-path read of ``collection`` must be.
+
+        Strong sees every write acknowledged before the read, at the cost of waiting for Milvus'
+        next time tick. Session sees every write of this client, and that is enough once this
+        indexer has written the collection since its assignment: Milvus' timestamps are
+        monotonic, so that write is younger than any row the partition's previous owner wrote
+        before the rebalance handed the partition over, and Session waits for it.
+        """
+        if self.settings.search.decide_session_reads and collection in self._written:
+            return "Session"
+        return DECIDE_CONSISTENCY
 
     def __call__(self, records: Sequence[ConsumerRecord]) -> BatchResult:
         result = BatchResult()
@@ -138,28 +158,33 @@ class Indexer:
 
     def _decide_group(self, group: Pending) -> IndexPlan:
         """Read what the group's items are decided against, plan, and write the plan."""
-        stored = self.store.get(group.collection, group.pks, ["pk", "decision", "content_hash"])
+        level = self._level(group.collection)
+        stored = self.store.get(group.collection, group.pks, ["pk", "decision", "content_hash"], level)
         triaged = triage(group, stored)
         if not triaged.todo:
             return IndexPlan(list(triaged.repeated), rejected=list(triaged.rejected))
         calibration_key = self.calibrations.key(group.collection, group.tenant,
                                                 triaged.todo[0][1].accepted.item.collection)
-        reads = self._read(group, triaged, calibration_key)
+        reads = self._read(group, triaged, calibration_key, level)
         steps = plan_steps(group, triaged, reads, self.settings.search.neighbours)
         try:
             clusters = next(steps)
             while True:  # a merge needs its clusters' earliest stored members
-                clusters = steps.send(self._first_seen(group, clusters))
+                clusters = steps.send(self._first_seen(group, clusters, level))
         except StopIteration as done:
             plan: IndexPlan = done.value
         # Merge before the new rows are written: a crash in between re-decides the new items
         # against already-merged clusters, so the merge is never lost nor half-applied.
         for losers, winner in plan.merges:
             self.store.relabel_clusters(group.collection, group.scope, losers, winner)
+        # Fence for a zombie (paused past a rebalance while its successor went on): Strong, as the
+        # zombie is another client, so Session would not wait for its rows.
         written = self.store.get(group.collection, [str(row["pk"]) for row in plan.rows.values()],
-                                 ["pk", "decision"])
+                                 ["pk", "decision"], DECIDE_CONSISTENCY)
         plan = fence(plan, written)
         self.store.upsert(group.collection, list(plan.rows.values()))
+        if plan.rows:
+            self._written.add(group.collection)
         # After the rows: a crash in between re-delivers the batch, whose items then get their
         # stored decisions and are not observed twice (a few observations may be lost, never doubled).
         if plan.state is not None:
@@ -167,25 +192,28 @@ class Indexer:
         self._maybe_flush(group.collection, len(plan.rows))
         return plan
 
-    def _read(self, group: Pending, triaged: Triage, calibration_key: str) -> GroupReads:
+    def _read(self, group: Pending, triaged: Triage, calibration_key: str,
+              level: str = DECIDE_CONSISTENCY) -> GroupReads:
         """The new items' nearest stored rows, the stored copies of their content, the scope's
         calibration state."""
         stored_signals = [SIGNALS] if self.store.has_signals(group.collection) else []
         hits = self.store.search(
             group.collection, triaged.vectors, limit=self.settings.search.neighbours, expr=group.scope,
-            fields=("item_id", "cluster_id", "content_hash", "ingest_ms", "decision", *stored_signals))
+            fields=("item_id", "cluster_id", "content_hash", "ingest_ms", "decision", *stored_signals),
+            consistency=level)
         hashes = sorted({t[1].accepted.content_hash for t in triaged.todo})
         exact_rows = self.store.query(
             group.collection,
             f"{group.scope} and content_hash in [{', '.join(quote(h) for h in hashes)}]",
-            ["item_id", "cluster_id", "content_hash", "ingest_ms"],
+            ["item_id", "cluster_id", "content_hash", "ingest_ms"], consistency=level,
         )
         return GroupReads(hits, exact_rows, self.calibrations.load(calibration_key))
 
-    def _first_seen(self, group: Pending, clusters: set[str]) -> dict[str, tuple[int, str] | None]:
+    def _first_seen(self, group: Pending, clusters: set[str],
+                    level: str = DECIDE_CONSISTENCY) -> dict[str, tuple[int, str] | None]:
         listed = ", ".join(quote(c) for c in sorted(clusters))
         rows = self.store.query(group.collection, f"{group.scope} and cluster_id in [{listed}]",
-                                ["cluster_id", "item_id", "ingest_ms"])
+                                ["cluster_id", "item_id", "ingest_ms"], consistency=level)
         return earliest_members(rows, clusters)
 
     def _maybe_flush(self, collection: str, added: int) -> None:

@@ -74,9 +74,25 @@ class FakeConsumer:
     def paused(self) -> set[TopicPartition]:
         return set(self.paused_set)
 
+    # What happened, in order: "flush" (from a FakeProducer sharing it), "commit", "commit_async".
+    events: list[str] = field(default_factory=list)
+    async_commit_error: Exception | None = None
+
     def commit(self, offsets: dict[TopicPartition, Any]) -> None:
+        self.events.append("commit")
         for tp, meta in offsets.items():
             self.committed[tp] = meta.offset
+
+    def commit_async(self, offsets: dict[TopicPartition, Any],
+                     callback: Callable[[dict[TopicPartition, Any], Any], None]) -> None:
+        """Answers at once: the offsets committed, or ``async_commit_error`` to the callback."""
+        self.events.append("commit_async")
+        if self.async_commit_error is not None:
+            callback(offsets, self.async_commit_error)
+            return
+        for tp, meta in offsets.items():
+            self.committed[tp] = meta.offset
+        callback(offsets, None)
 
     def highwater(self, tp: TopicPartition) -> int:
         return len(self.logs[tp.partition])
@@ -101,6 +117,7 @@ class FakeFuture:
 class FakeProducer:
     sent: list[tuple[str, bytes]] = field(default_factory=list)
     fail_with: Exception | None = None
+    events: list[str] = field(default_factory=list)
 
     def send(self, topic: str, key: bytes, value: bytes,
              headers: list[tuple[str, bytes]] | None = None) -> FakeFuture:
@@ -109,7 +126,7 @@ class FakeProducer:
         return FakeFuture(self.fail_with)
 
     def flush(self, timeout: float | None = None) -> None:
-        pass
+        self.events.append("flush")
 
     def close(self, timeout: float | None = None) -> None:
         pass
@@ -131,7 +148,8 @@ def settings() -> Settings:
 def make_loop(settings: Settings) -> MakeLoop:
     def make(handler: Any, logs: dict[int, list[bytes]], **overrides: Any
              ) -> tuple[ConsumeLoop, FakeConsumer, FakeProducer]:
-        consumer, producer = FakeConsumer(logs), FakeProducer()
+        consumer = FakeConsumer(logs)
+        producer = FakeProducer(events=consumer.events)
         loop = ConsumeLoop(settings.replace(**overrides), TOPIC, handler,
                            producer=producer, consumer=consumer)
         return loop, consumer, producer
@@ -299,7 +317,8 @@ def test_a_broker_that_does_not_acknowledge_is_a_transient_error() -> None:
 
 def test_offsets_are_committed_only_after_the_outputs_are_acknowledged_and_after_flush_ran(
         settings: Settings) -> None:
-    events: list[str] = []
+    consumer = FakeConsumer({0: [b"a", b"b"]})
+    events = consumer.events
 
     class Producer(FakeProducer):
         def send(self, topic: str, key: bytes, value: bytes,
@@ -307,18 +326,12 @@ def test_offsets_are_committed_only_after_the_outputs_are_acknowledged_and_after
             events.append("send")
             return super().send(topic, key, value, headers)
 
-    class Consumer(FakeConsumer):
-        def commit(self, offsets: dict[TopicPartition, Any]) -> None:
-            events.append("commit")
-            super().commit(offsets)
-
     def handle(records: Sequence[ConsumerRecord]) -> BatchResult:
         return BatchResult(outputs=[Outgoing("items.out", r.key, r.value) for r in records],
                            after_flush=lambda: events.append("after_flush"))
 
-    consumer = Consumer({0: [b"a", b"b"]})
-    drive(ConsumeLoop(settings, TOPIC, handle, producer=Producer(), consumer=consumer), 1)
-    assert events == ["send", "send", "after_flush", "commit"]
+    drive(ConsumeLoop(settings, TOPIC, handle, producer=Producer(events=events), consumer=consumer), 1)
+    assert events == ["send", "send", "flush", "after_flush", "commit_async"]
     assert consumer.committed[TopicPartition(TOPIC, 0)] == 2
 
 
@@ -331,3 +344,43 @@ def test_a_batch_whose_outputs_are_not_acknowledged_is_not_committed(make_loop: 
     producer.fail_with = None
     drive(loop, 3)
     assert producer.on("items.out") == [b"a", b"b"] and consumer.committed[TopicPartition(TOPIC, 0)] == 2
+
+
+def test_offsets_are_committed_without_waiting_and_only_after_the_outputs_are_flushed(
+        make_loop: MakeLoop) -> None:
+    loop, consumer, producer = make_loop(echo_unless(lambda v: None), {0: [b"a", b"b"], 1: [b"c"]})
+    drive(loop, turns=1)
+    assert consumer.events == ["flush", "commit_async"]
+    assert consumer.committed == {TopicPartition(TOPIC, 0): 2, TopicPartition(TOPIC, 1): 1}
+    assert producer.on("items.out") == [b"a", b"b", b"c"]
+
+
+def test_a_synchronous_commit_remains_available(make_loop: MakeLoop) -> None:
+    loop, consumer, _ = make_loop(echo_unless(lambda v: None), {0: [b"a"]}, kafka={"async_commit": False})
+    drive(loop, turns=1)
+    assert consumer.events == ["flush", "commit"]
+
+
+def test_a_failed_async_commit_is_counted_and_repeated_when_the_loop_closes(
+        make_loop: MakeLoop) -> None:
+    loop, consumer, _ = make_loop(echo_unless(lambda v: None), {0: [b"a", b"b"]})
+    consumer.async_commit_error = KafkaTimeoutError("coordinator gone")
+    before = metric(loop, "twinstream_errors_total", reason="commit_failed")
+    drive(loop, turns=1)
+    assert consumer.committed == {}
+    assert metric(loop, "twinstream_errors_total", reason="commit_failed") == before + 1
+    loop.close()
+    assert consumer.committed == {TopicPartition(TOPIC, 0): 2}
+    assert consumer.events[-1] == "commit"
+
+
+def test_a_rebalance_forgets_unanswered_commits_and_tells_the_handler(make_loop: MakeLoop) -> None:
+    loop, consumer, _ = make_loop(echo_unless(lambda v: None), {0: [b"a"]})
+    consumer.async_commit_error = KafkaTimeoutError("coordinator gone")
+    calls: list[str] = []
+    loop._on_rebalance = lambda: calls.append("rebalanced")
+    drive(loop, turns=1)
+    loop._rebalanced()  # what the consumer's listener calls when partitions move
+    loop.close()
+    assert calls == ["rebalanced"]
+    assert consumer.committed == {}  # partition 0 may be another member's now

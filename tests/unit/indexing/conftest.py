@@ -122,15 +122,17 @@ class FakeStore:
     def has_signals(self, collection: str) -> bool:
         return True
 
-    def get(self, collection: str, pks: Sequence[str], fields: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    def get(self, collection: str, pks: Sequence[str], fields: Sequence[str] = (),
+            consistency: str | None = None) -> dict[str, dict[str, Any]]:
         stored = self.rows.get(collection, {})
         return {pk: copy.deepcopy(stored[pk]) for pk in pks if pk in stored}
 
-    def query(self, collection: str, expr: str, fields: Sequence[str] = ()) -> list[dict[str, Any]]:
+    def query(self, collection: str, expr: str, fields: Sequence[str] = (),
+              consistency: str | None = None) -> list[dict[str, Any]]:
         return [copy.deepcopy(row) for row in self.rows.get(collection, {}).values() if _matches(expr, row)]
 
     def search(self, collection: str, vectors: np.ndarray, limit: int, expr: str,
-               fields: Sequence[str] = ()) -> list[list[Hit]]:
+               fields: Sequence[str] = (), consistency: str | None = None) -> list[list[Hit]]:
         rows = self.query(collection, expr)
         out = []
         for vector in np.asarray(vectors, dtype=np.float32):
