@@ -11,6 +11,16 @@ from typing import Any, get_type_hints
 ENV_PREFIX = "TWINSTREAM_"
 
 
+class Secret(str):
+    """A password or token: a plain ``str`` to the libraries, masked in every repr and log."""
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self else "Secret('')"
+
+
+NO_SECRET = Secret("")
+
+
 @dataclass(frozen=True)
 class Topics:
     """Kafka topic names (see DESIGN.md)."""
@@ -53,7 +63,7 @@ class Settings:
     grpc_host: str = "127.0.0.1"
     metrics_port: int = 0
     milvus_uri: str = "var/milvus.db"
-    milvus_token: str = ""
+    milvus_token: Secret = NO_SECRET
     milvus_collection_prefix: str = "twinstream"
     # Flush Milvus after this many upserted rows: only Milvus Lite needs it (it searches unflushed
     # rows slowly; the local stack sets 2000 for it). 0 leaves sealing to a Milvus server, where
@@ -82,6 +92,36 @@ class Settings:
     # How long Delete waits for indexing to apply it before answering pending=true.
     delete_wait_s: float = 10.0
     topics: Topics = field(default_factory=Topics)
+    # security (docs/security.md). gRPC serves TLS from these files unless grpc_plaintext is
+    # asked for; clients verify servers with tls_ca_file (the system's roots when empty).
+    grpc_plaintext: bool = False
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
+    # Mutual TLS: servers require a client certificate signed by tls_ca_file; the services'
+    # own outgoing gRPC presents tls_client_cert_file/tls_client_key_file.
+    tls_client_auth: bool = False
+    tls_client_cert_file: str = ""
+    tls_client_key_file: str = ""
+    # Bearer tokens (HS256 JWT) are verified with the key in this file; a server without it
+    # refuses to start unless auth_disabled is asked for.
+    auth_token_key_file: str = ""
+    auth_disabled: bool = False
+    # Kafka client security (kafka-python names): PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL;
+    # SASL mechanism PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = ""
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: Secret = NO_SECRET
+    kafka_ssl_ca_file: str = ""
+    kafka_ssl_cert_file: str = ""
+    kafka_ssl_key_file: str = ""
+    # Milvus: user/password (or milvus_token); TLS when milvus_uri is https://, verified with
+    # milvus_ca_file (server_pem_path) and, when set, milvus_server_name.
+    milvus_user: str = ""
+    milvus_password: Secret = NO_SECRET
+    milvus_ca_file: str = ""
+    milvus_server_name: str = ""
 
     @classmethod
     def from_env(cls, service: str, **overrides: Any) -> Settings:
@@ -132,6 +172,8 @@ def _parse(raw: str, kind: Any, name: str) -> Any:
             return float(raw)
         if kind is bool:
             return raw.strip().lower() in ("1", "true", "yes", "on")
+        if kind is Secret:
+            return Secret(raw)
     except ValueError as exc:
         raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
     return raw

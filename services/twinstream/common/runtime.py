@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from twinstream.common.config import Settings
 from twinstream.common.logs import configure_logging
 from twinstream.common.metrics import GRPC_REQUESTS, GRPC_SECONDS, serve_metrics
+from twinstream.common.security import add_server_port, server_interceptors
 from twinstream.common.status import InvalidArgument, status_for
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,8 @@ class ServiceRuntime:
         self._health_lock = threading.Lock()
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=[_MetricsInterceptor(settings.service)],
+            # Auth runs inside the status mapping, so its refusals are answered and counted.
+            interceptors=[_MetricsInterceptor(settings.service), *server_interceptors(settings)],
             options=[("grpc.max_receive_message_length", 16 * 1024 * 1024),
                      ("grpc.so_reuseport", 0)],
         )
@@ -150,7 +152,8 @@ class ServiceRuntime:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(self.service_names, self.server)
-        self.grpc_port = self.server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+        self.grpc_port = add_server_port(self.server, f"{settings.grpc_host}:{settings.grpc_port}",
+                                         settings)
         self.metrics_port = serve_metrics(settings.metrics_port, settings.grpc_host)
 
     def start(self) -> None:
