@@ -107,6 +107,8 @@ class Settings:
     # refuses to start unless auth_disabled is asked for.
     auth_token_key_file: str = ""
     auth_disabled: bool = False
+    # A plain-text port with grpc.health.v1 only, for kubelet probes (they cannot speak TLS); 0: none.
+    grpc_health_port: int = 0
     # Kafka client security (kafka-python names): PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL;
     # SASL mechanism PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.
     kafka_security_protocol: str = "PLAINTEXT"

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from twinstream.common.config import Settings
 from twinstream.common.logs import configure_logging
 from twinstream.common.metrics import GRPC_REQUESTS, GRPC_SECONDS, serve_metrics
-from twinstream.common.security import add_server_port, server_interceptors
+from twinstream.common.security import add_server_port, health_server, server_interceptors
 from twinstream.common.status import InvalidArgument, status_for
 
 log = logging.getLogger(__name__)
@@ -155,10 +155,13 @@ class ServiceRuntime:
         self.grpc_port = add_server_port(self.server, f"{settings.grpc_host}:{settings.grpc_port}",
                                          settings)
         self.metrics_port = serve_metrics(settings.metrics_port, settings.grpc_host)
+        self.probe = health_server(self.health, settings)  # plain-text health for kubelet probes
 
     def start(self) -> None:
         """Start serving and install signal handlers (call from the main thread)."""
         self.server.start()
+        if self.probe is not None:
+            self.probe[0].start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         log.info("started", extra={"grpc_port": self.grpc_port, "metrics_port": self.metrics_port})
@@ -207,4 +210,6 @@ class ServiceRuntime:
         finally:
             self.set_serving(False)
             self.server.stop(grace=5).wait()
+            if self.probe is not None:
+                self.probe[0].stop(grace=1)
             log.info("stopped")

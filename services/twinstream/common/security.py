@@ -291,6 +291,21 @@ def add_server_port(server: grpc.Server, address: str, settings: Settings) -> in
     return server.add_secure_port(address, credentials)
 
 
+def health_server(servicer: Any, settings: Settings) -> tuple[grpc.Server, int] | None:
+    """A plain-text server with only grpc.health.v1 on ``grpc_health_port`` (0: none), for
+    kubelet gRPC probes, which cannot speak TLS; it has no data to protect."""
+    if settings.grpc_health_port <= 0:
+        return None
+    from concurrent import futures
+
+    from grpc_health.v1 import health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_health_port}")
+    return server, port
+
+
 # -- clients ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ClientCredentials:

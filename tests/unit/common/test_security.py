@@ -28,6 +28,7 @@ from twinstream.common.security import (
     ClientCredentials,
     SecurityConfigError,
     add_server_port,
+    health_server,
     issue_token,
     read_key,
     server_interceptors,
@@ -318,3 +319,23 @@ def test_secrets_and_tokens_never_show_in_a_repr() -> None:
     settings = Settings(milvus_token=Secret("root:Milvus"), kafka_sasl_password=Secret("pw"))
     assert "Milvus" not in repr(settings) and "'pw'" not in repr(settings)
     assert "abc.def" not in repr(ClientCredentials(token="abc.def"))
+
+
+def test_the_probe_port_serves_health_in_plain_text_and_nothing_else() -> None:
+    from twinstream.devstack import free_port
+
+    checker = health.HealthServicer()
+    served = health_server(checker, Settings(grpc_health_port=free_port()))
+    assert served is not None and health_server(checker, Settings()) is None
+    server, port = served
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                               timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            get = matching_pb2_grpc.MatchingStub(channel).Get
+            assert _code(lambda: get(matching_pb2.GetRequest(tenant="a", item_id="x"),
+                                     timeout=5)) == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        server.stop(0).wait()
