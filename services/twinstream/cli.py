@@ -324,12 +324,13 @@ def cmd_reembed(args: argparse.Namespace) -> int:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     from twinstream.common.config import Settings
+    from twinstream.common.security import milvus_client_options
     from twinstream.common.vectorstore import VectorStore
     from twinstream.v1 import items_pb2
 
-    settings = Settings.from_env("cli")
-    store = VectorStore(args.milvus_uri or settings.milvus_uri, settings.milvus_token,
-                        settings.milvus_collection_prefix)
+    settings = Settings.from_env("cli", **({"milvus_uri": args.milvus_uri} if args.milvus_uri else {}))
+    store = VectorStore(settings.milvus_uri, prefix=settings.milvus_collection_prefix,
+                        connection=milvus_client_options(settings))
     target = store.collection_name(items_pb2.ModelRef(name=args.model, version=args.version))
     if not store.client.has_collection(target):
         print(f"no collection {target}: run `twinstream reembed` for that version first")

@@ -53,6 +53,7 @@ from twinstream.common.metrics import (
     PAUSED_PARTITIONS,
     SECONDS_WITHOUT_PROGRESS,
 )
+from twinstream.common.security import kafka_client_options
 from twinstream.v1 import items_pb2
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ def make_producer(settings: Settings) -> KafkaProducer:
     """
     return KafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap.split(","),
+        **kafka_client_options(settings),
         client_id=f"{settings.service}-{settings.instance_id}",
         acks="all",
         linger_ms=5,
@@ -149,7 +151,8 @@ def ensure_topics(settings: Settings, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap.split(","))
+            admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap.split(","),
+                                     **kafka_client_options(settings))
             break
         except KafkaError:
             if time.monotonic() > deadline:
@@ -244,6 +247,7 @@ class ConsumeLoop:
         self.consumer = consumer or KafkaConsumer(
             topic,
             bootstrap_servers=settings.kafka_bootstrap.split(","),
+            **kafka_client_options(settings),
             group_id=settings.consumer_group,
             client_id=f"{settings.service}-{settings.instance_id}",
             enable_auto_commit=False,
@@ -487,6 +491,7 @@ class GroupLag:
         self.topic = topic
         self.consumer = consumer or KafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap.split(","),
+            **kafka_client_options(settings),
             group_id=group, client_id=f"{settings.service}-{settings.instance_id}-lag",
             enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=10,
             max_partition_fetch_bytes=1024,
@@ -522,6 +527,7 @@ class TopicReader:
     def __init__(self, settings: Settings, topic: str) -> None:
         self.consumer = KafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap.split(","),
+            **kafka_client_options(settings),
             enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=100,
         )
         partitions = None

@@ -260,6 +260,57 @@ def _short(method: str) -> str:
     return method.rsplit("/", 1)[-1]
 
 
+# -- backends -------------------------------------------------------------------------------
+KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def kafka_client_options(settings: Settings) -> dict[str, Any]:
+    """kafka-python keyword arguments for TLS and SASL, shared by every producer, consumer and
+    admin client (``common/kafka.py``); a contradictory combination fails at start."""
+    protocol = settings.kafka_security_protocol.upper()
+    if protocol not in KAFKA_PROTOCOLS:
+        raise SecurityConfigError(f"TWINSTREAM_KAFKA_SECURITY_PROTOCOL={protocol!r}: use one of "
+                                  f"{', '.join(KAFKA_PROTOCOLS)}")
+    options: dict[str, Any] = {"security_protocol": protocol}
+    if protocol.endswith("SSL"):
+        options.update(ssl_check_hostname=True, ssl_cafile=settings.kafka_ssl_ca_file or None,
+                       ssl_certfile=settings.kafka_ssl_cert_file or None,
+                       ssl_keyfile=settings.kafka_ssl_key_file or None)
+    if protocol.startswith("SASL"):
+        mechanism = settings.kafka_sasl_mechanism.upper()
+        if mechanism not in KAFKA_SASL_MECHANISMS:
+            raise SecurityConfigError(f"{protocol} needs TWINSTREAM_KAFKA_SASL_MECHANISM, one of "
+                                      f"{', '.join(KAFKA_SASL_MECHANISMS)}")
+        if not (settings.kafka_sasl_username and settings.kafka_sasl_password):
+            raise SecurityConfigError(f"{protocol} needs TWINSTREAM_KAFKA_SASL_USERNAME and "
+                                      "TWINSTREAM_KAFKA_SASL_PASSWORD")
+        options.update(sasl_mechanism=mechanism,
+                       sasl_plain_username=settings.kafka_sasl_username,
+                       sasl_plain_password=str(settings.kafka_sasl_password))
+    elif settings.kafka_sasl_mechanism:
+        raise SecurityConfigError(f"TWINSTREAM_KAFKA_SASL_MECHANISM needs a SASL_* protocol, not "
+                                  f"{protocol}")
+    return options
+
+
+def milvus_client_options(settings: Settings) -> dict[str, Any]:
+    """pymilvus ``MilvusClient`` keyword arguments: the credentials and, for an https:// uri,
+    the CA (``server_pem_path``) and the name its certificate carries."""
+    options: dict[str, Any] = {}
+    if settings.milvus_user:
+        options.update(user=settings.milvus_user, password=str(settings.milvus_password))
+    elif settings.milvus_token:
+        options["token"] = str(settings.milvus_token)
+    if settings.milvus_ca_file:
+        if not settings.milvus_uri.startswith("https://"):
+            raise SecurityConfigError("TWINSTREAM_MILVUS_CA_FILE needs an https:// TWINSTREAM_MILVUS_URI")
+        options["server_pem_path"] = settings.milvus_ca_file
+        if settings.milvus_server_name:
+            options["server_name"] = settings.milvus_server_name
+    return options
+
+
 # -- servers ----------------------------------------------------------------------------------
 def server_interceptors(settings: Settings) -> list[grpc.ServerInterceptor]:
     """The authentication interceptor, or none when the settings turn auth off explicitly."""

@@ -8,6 +8,7 @@ from twinstream.common.bundle import load_bundles
 from twinstream.common.config import Settings
 from twinstream.common.kafka import ConsumeLoop, make_producer, publish
 from twinstream.common.runtime import ServiceRuntime
+from twinstream.common.security import milvus_client_options
 from twinstream.common.vectorstore import VectorStore
 from twinstream.indexing.reaper import Reaper
 from twinstream.indexing.service import Indexer
@@ -16,7 +17,8 @@ from twinstream.indexing.service import Indexer
 def main() -> None:
     settings = Settings.from_env("indexing")
     runtime = ServiceRuntime(settings)
-    store = VectorStore(settings.milvus_uri, settings.milvus_token, settings.milvus_collection_prefix)
+    store = VectorStore(settings.milvus_uri, prefix=settings.milvus_collection_prefix,
+                        connection=milvus_client_options(settings))
     indexer = Indexer(settings, store, load_bundles(settings.model_dir))
     loop = ConsumeLoop(settings, settings.topics.embedded, indexer,
                        on_health=runtime.health_hook("stream"))

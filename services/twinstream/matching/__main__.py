@@ -7,6 +7,7 @@ from twinstream.common.config import Settings
 from twinstream.common.encoding import make_encoder
 from twinstream.common.kafka import make_producer, publish
 from twinstream.common.runtime import ServiceRuntime
+from twinstream.common.security import milvus_client_options
 from twinstream.common.vectorstore import VectorStore
 from twinstream.matching.service import Matching
 from twinstream.v1 import matching_pb2, matching_pb2_grpc
@@ -14,7 +15,8 @@ from twinstream.v1 import matching_pb2, matching_pb2_grpc
 
 def main() -> None:
     settings = Settings.from_env("matching")
-    store = VectorStore(settings.milvus_uri, settings.milvus_token, settings.milvus_collection_prefix)
+    store = VectorStore(settings.milvus_uri, prefix=settings.milvus_collection_prefix,
+                        connection=milvus_client_options(settings))
     encoders = [make_encoder(b, settings.encoder_backend, settings.triton_url)
                 for b in load_bundles(settings.model_dir)]
     producer = make_producer(settings)  # store commands (Delete) to indexing

@@ -339,3 +339,50 @@ def test_the_probe_port_serves_health_in_plain_text_and_nothing_else() -> None:
                                      timeout=5)) == grpc.StatusCode.UNIMPLEMENTED
     finally:
         server.stop(0).wait()
+
+
+# -- backend client settings (tansu 0.6 cannot serve TLS or SCRAM here: docs/security.md) -------
+def test_kafka_sasl_ssl_options_are_ones_every_kafka_python_client_takes() -> None:
+    from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+
+    from twinstream.common.security import kafka_client_options
+
+    options = kafka_client_options(Settings(
+        kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-512",
+        kafka_sasl_username="svc", kafka_sasl_password=Secret("pw"), kafka_ssl_ca_file="/ca.pem"))
+    assert options["security_protocol"] == "SASL_SSL" and options["ssl_cafile"] == "/ca.pem"
+    assert (options["sasl_mechanism"], options["sasl_plain_username"],
+            options["sasl_plain_password"]) == ("SCRAM-SHA-512", "svc", "pw")
+    assert type(options["sasl_plain_password"]) is str
+    for client in (KafkaProducer, KafkaConsumer, KafkaAdminClient):
+        assert set(options) <= set(client.DEFAULT_CONFIG), client.__name__
+    assert kafka_client_options(Settings()) == {"security_protocol": "PLAINTEXT"}
+
+
+@pytest.mark.parametrize("settings, message", [
+    (Settings(kafka_security_protocol="TLS"), "one of"),
+    (Settings(kafka_security_protocol="SASL_SSL", kafka_sasl_username="u",
+              kafka_sasl_password=Secret("p")), "SASL_MECHANISM"),
+    (Settings(kafka_security_protocol="SASL_PLAINTEXT", kafka_sasl_mechanism="PLAIN"), "USERNAME"),
+    (Settings(kafka_sasl_mechanism="PLAIN"), "needs a SASL_"),
+], ids=["unknown-protocol", "no-mechanism", "no-credentials", "mechanism-without-sasl"])
+def test_contradictory_kafka_security_settings_fail_at_start(settings: Settings,
+                                                              message: str) -> None:
+    from twinstream.common.security import kafka_client_options
+
+    with pytest.raises(SecurityConfigError, match=message):
+        kafka_client_options(settings)
+
+
+def test_milvus_options_carry_credentials_and_the_ca_for_https() -> None:
+    from twinstream.common.security import milvus_client_options
+
+    assert milvus_client_options(Settings()) == {}
+    assert milvus_client_options(Settings(milvus_token=Secret("root:Milvus"))) == {"token": "root:Milvus"}
+    options = milvus_client_options(Settings(
+        milvus_uri="https://m:19530", milvus_user="svc", milvus_password=Secret("pw"),
+        milvus_ca_file="/ca.pem", milvus_server_name="milvus.local"))
+    assert options == {"user": "svc", "password": "pw", "server_pem_path": "/ca.pem",
+                       "server_name": "milvus.local"}
+    with pytest.raises(SecurityConfigError, match="https"):
+        milvus_client_options(Settings(milvus_uri="http://m:19530", milvus_ca_file="/ca.pem"))
