@@ -5,9 +5,11 @@ without, ends with no UNKNOWN/INTERNAL and no cross-tenant leak."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -226,3 +228,43 @@ def test_client_without_credentials_uses_tls_with_system_roots_and_is_refused(
     with TwinstreamClient(stack.grpc_target("ingestion"), stack.grpc_target("matching"),
                           timeout_s=10, retry_budget_s=0) as client:
         assert _code(lambda: client.get(FUZZER, "x")) == grpc.StatusCode.UNAVAILABLE
+
+
+def _listening(pids: set[int]) -> list[tuple[int, str]]:
+    """(pid, local address) of every TCP socket in LISTEN that one of ``pids`` holds."""
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes[target[8:-1]] = pid
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            continue
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.append((inodes[fields[9]], fields[1].split(":")[0]))
+    return found
+
+
+LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+
+
+def test_every_process_of_the_local_stack_listens_on_loopback_only(stack: LocalStack) -> None:
+    leaders = {p.popen.pid for p in stack.processes.values() if p.popen is not None}
+    if stack.triton is not None and stack.triton.process is not None:
+        leaders.add(stack.triton.process.pid)
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[2]) in leaders or int(stat.parent.name) in leaders:  # fields[2]: pgid
+            pids.add(int(stat.parent.name))
+    sockets = _listening(pids)
+    assert len(sockets) >= 8, sockets  # 4 services x (gRPC + metrics) at least
+    assert [s for s in sockets if s[1] not in LOOPBACK] == []

@@ -386,3 +386,15 @@ def test_milvus_options_carry_credentials_and_the_ca_for_https() -> None:
                        "server_name": "milvus.local"}
     with pytest.raises(SecurityConfigError, match="https"):
         milvus_client_options(Settings(milvus_uri="http://m:19530", milvus_ca_file="/ca.pem"))
+
+
+def test_a_stream_is_audited_once_per_tenant(served: Served,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="twinstream.audit")
+    items = [text_item(str(i), "x", "a") for i in range(50)]
+    with served.client(served.token(("a",))) as client:
+        assert len(client.ingest_many(items).item_ids) == 50
+    lines = [r for r in caplog.records if r.name == "twinstream.audit"]
+    assert len(lines) == 1 and lines[0].__dict__["tenant"] == "a"
+    assert lines[0].__dict__["subject"] == "test" and "x" not in lines[0].getMessage()
+    assert served.count("ok", "") == 1
