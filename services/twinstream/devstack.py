@@ -513,7 +513,9 @@ class LocalStack:
 
         repo = self.root / "triton-repository"
         write_repository(list(self.config.bundles), repo, runtime=self.config.triton_runtime)
-        server = TritonServer(repo, log_path=self.root / "logs" / "triton.log")
+        tls = None if self.security is None else (
+            self.security.server_cert_file, self.security.server_key_file, self.security.ca_file)
+        server = TritonServer(repo, log_path=self.root / "logs" / "triton.log", tls=tls)
         server.start()
         self.triton = server
         self.triton_url = server.grpc_url
@@ -538,7 +540,8 @@ class LocalStack:
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
         }
-        env.update(self.security.service_env() if self.security is not None else
+        env.update({**self.security.service_env(), "TWINSTREAM_TRITON_TLS": "true"}
+                   if self.security is not None else
                    {"TWINSTREAM_GRPC_PLAINTEXT": "true", "TWINSTREAM_AUTH_DISABLED": "true"})
         env.update(self.config.extra_env)
         return env

@@ -107,6 +107,9 @@ class Settings:
     # refuses to start unless auth_disabled is asked for.
     auth_token_key_file: str = ""
     auth_disabled: bool = False
+    # Dial Triton with TLS (its --grpc-use-ssl), verified with tls_ca_file; mutual TLS presents
+    # tls_client_cert_file/tls_client_key_file.
+    triton_tls: bool = False
     # A plain-text port with grpc.health.v1 only, for kubelet probes (they cannot speak TLS); 0: none.
     grpc_health_port: int = 0
     # Kafka client security (kafka-python names): PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL;

@@ -6,7 +6,7 @@ import threading
 
 from twinstream.common.bundle import load_bundles
 from twinstream.common.config import Settings
-from twinstream.common.encoding import TritonEncoder, make_encoder
+from twinstream.common.encoding import TritonEncoder, TritonTLS, make_encoder
 from twinstream.common.kafka import ConsumeLoop
 from twinstream.common.runtime import ServiceRuntime
 from twinstream.embedding.service import Embedder
@@ -15,7 +15,8 @@ from twinstream.embedding.service import Embedder
 def main() -> None:
     settings = Settings.from_env("embedding")
     runtime = ServiceRuntime(settings)
-    encoders = [make_encoder(b, settings.encoder_backend, settings.triton_url)
+    encoders = [make_encoder(b, settings.encoder_backend, settings.triton_url,
+                             TritonTLS.from_settings(settings))
                 for b in load_bundles(settings.model_dir)]
     for encoder in encoders:
         if isinstance(encoder.encoder, TritonEncoder):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twinstream.common.bundle import load_bundles
 from twinstream.common.config import Settings
-from twinstream.common.encoding import make_encoder
+from twinstream.common.encoding import TritonTLS, make_encoder
 from twinstream.common.kafka import make_producer, publish
 from twinstream.common.runtime import ServiceRuntime
 from twinstream.common.security import milvus_client_options
@@ -17,7 +17,8 @@ def main() -> None:
     settings = Settings.from_env("matching")
     store = VectorStore(settings.milvus_uri, prefix=settings.milvus_collection_prefix,
                         connection=milvus_client_options(settings))
-    encoders = [make_encoder(b, settings.encoder_backend, settings.triton_url)
+    encoders = [make_encoder(b, settings.encoder_backend, settings.triton_url,
+                             TritonTLS.from_settings(settings))
                 for b in load_bundles(settings.model_dir)]
     producer = make_producer(settings)  # store commands (Delete) to indexing
     service = Matching(settings, store, encoders, lambda messages: publish(producer, messages))
