@@ -32,6 +32,7 @@ TOKEN_ALGORITHM = "HS256"
 TOKEN_ISSUER = "twinstream"
 # HS256 keys shorter than the hash (32 bytes) weaken the MAC; refuse them rather than warn.
 MIN_KEY_BYTES = 32
+MAX_CACHED_TOKENS = 10_000
 # Probes (Kubernetes gRPC health, grpcurl) reach these without a token.
 OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                  "grpc.reflection.v1.ServerReflection")
@@ -49,6 +50,7 @@ class Principal:
     subject: str
     tenants: frozenset[str]
     scopes: frozenset[str]
+    expires_at: float = float("inf")
 
     def allows_tenant(self, tenant: str) -> bool:
         return ALL_TENANTS in self.tenants or tenant in self.tenants
@@ -98,7 +100,7 @@ def verify_token(key: bytes, token: str) -> Principal:
     tenants, scopes = _strings(claims.get("tenants")), _strings(claims.get("scopes"))
     if tenants is None or scopes is None or not isinstance(claims["sub"], str):
         raise Unauthenticated("the token lacks string lists 'tenants' and 'scopes'", "invalid_token")
-    return Principal(claims["sub"], frozenset(tenants), frozenset(scopes))
+    return Principal(claims["sub"], frozenset(tenants), frozenset(scopes), float(claims["exp"]))
 
 
 def _strings(value: object) -> list[str] | None:
@@ -174,6 +176,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
         self.key = key
         self.metrics = metrics
         self.policies = POLICIES if policies is None else policies
+        # Verified tokens until they expire: a client sends the same token on every call, and
+        # verifying it each time costs more than the rest of the check.
+        self._verified: dict[str, Principal] = {}
 
     def intercept_service(
         self,
@@ -225,7 +230,14 @@ class AuthInterceptor(grpc.ServerInterceptor):
             if token is None:
                 raise Unauthenticated("send 'authorization: Bearer <token>' "
                                       "(twinstream token issue)", "missing_token")
-            return verify_token(self.key, token)
+            known = self._verified.get(token)
+            if known is not None and known.expires_at > time.time():
+                return known
+            principal = verify_token(self.key, token)  # raises expired_token once it has expired
+            if len(self._verified) >= MAX_CACHED_TOKENS:
+                self._verified.clear()
+            self._verified[token] = principal
+            return principal
         except Unauthenticated as exc:
             self.metrics.decisions.labels(_short(method), "unauthenticated", exc.reason).inc()
             audit.warning("auth", extra={"subject": "", "method": method, "tenant": "",

@@ -398,3 +398,16 @@ def test_a_stream_is_audited_once_per_tenant(served: Served,
     assert len(lines) == 1 and lines[0].__dict__["tenant"] == "a"
     assert lines[0].__dict__["subject"] == "test" and "x" not in lines[0].getMessage()
     assert served.count("ok", "") == 1
+
+
+def test_a_cached_token_is_refused_once_it_expires(served: Served) -> None:
+    issued = time.time()
+    token = issue_token(read_key(served.material.token_key_file), "test", ["a"], ["match"],
+                        ttl_s=5, now=issued)
+    with served.client(token) as client:
+        client.get("a", "x")
+        client.get("a", "x")  # answered from the cache of verified tokens
+        time.sleep(max(0.0, int(issued) + 6.1 - time.time()))  # wait past its expiry
+        assert _code(lambda: client.get("a", "x")) == grpc.StatusCode.UNAUTHENTICATED
+    assert served.recorder.tenants == ["a", "a"]
+    assert served.count("unauthenticated", "expired_token") == 1
