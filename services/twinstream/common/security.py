@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import jwt
@@ -203,7 +203,6 @@ class AuthInterceptor(grpc.ServerInterceptor):
             principal = self._authenticate(method, context)
             if policy is None:
                 self._deny(principal, method, "", "no_policy", "this method is not open to callers")
-            assert policy is not None
             if policy.scope not in principal.scopes:
                 self._deny(principal, method, "", "missing_scope",
                            f"the token lacks the {policy.scope!r} scope")
@@ -256,7 +255,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                                   "tenant": tenant, "outcome": "ok"})
 
     def _deny(self, principal: Principal, method: str, tenant: str, reason: str,
-              detail: str) -> None:
+              detail: str) -> NoReturn:
         self.metrics.decisions.labels(_short(method), "permission_denied", reason).inc()
         audit.warning("auth", extra={"subject": principal.subject, "method": method,
                                      "tenant": tenant, "outcome": "permission_denied",
