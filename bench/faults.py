@@ -26,7 +26,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kafka import KafkaProducer
 
-from twinstream.client import TwinstreamClient
 from twinstream.common.kafka import TopicReader, make_producer
 from twinstream.common.vectorstore import VectorStore
 from twinstream.demo import febrl_items
@@ -73,7 +72,7 @@ class FaultResult:
 
 def health(stack: LocalStack, service: str) -> str:
     """SERVING, NOT_SERVING, or the gRPC code when the service does not answer."""
-    with grpc.insecure_channel(stack.grpc_target(service)) as channel:
+    with stack.channel(service) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
         except grpc.RpcError as exc:
@@ -248,7 +247,7 @@ def run_fault(stack: LocalStack, fault: str, records: Sequence[tuple[str, dict[s
 def _match_answers(stack: LocalStack, tenant: str, item_ids: list[str]) -> bool:
     if not item_ids:
         return False
-    with TwinstreamClient(stack.grpc_target("ingestion"), stack.grpc_target("matching"), timeout_s=10) as client:
+    with stack.client(timeout_s=10) as client:
         try:
             client.match(tenant, item_id=item_ids[0], collection=COLLECTION, k=3)
         except grpc.RpcError:

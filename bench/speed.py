@@ -24,7 +24,6 @@ import numpy as np
 
 from bench.methods import Stream
 from bench.metrics import percentiles
-from twinstream.client import TwinstreamClient
 from twinstream.common.encoding import InProcessEncoder, ItemEncoder
 from twinstream.common.kafka import TopicReader
 from twinstream.common.vectorstore import VectorStore, row_key, scope_filter
@@ -169,7 +168,7 @@ def stream_through(stack: LocalStack, stream: Stream, tenant: str, timeout_s: fl
     found: dict[str, decisions_pb2.Decision] = {}
     received: dict[str, float] = {}
     errors: list[BaseException] = []
-    with TwinstreamClient(stack.grpc_target("ingestion"), stack.grpc_target("matching")) as client:
+    with stack.client() as client:
         def ingest() -> None:
             try:
                 summary = client.ingest_many(iter(items))
@@ -221,7 +220,7 @@ def freshness(stack: LocalStack, stream: Stream, tenant: str, probes: int,
     """Seconds from a unary gRPC Ingest until Match (by the item's id, itself included) returns
     the item; one probe at a time, each a record the tenant has not seen."""
     waits = []
-    with TwinstreamClient(stack.grpc_target("ingestion"), stack.grpc_target("matching")) as client:
+    with stack.client() as client:
         for k in range(min(probes, len(stream))):
             item = stream.item(k)
             item.tenant, item.collection, item.item_id = tenant, COLLECTION, f"fresh-{k}"
@@ -255,7 +254,7 @@ def matching_latency(stack: LocalStack, bundle_name: str, tenant: str, item_ids:
     rng = np.random.default_rng(seed)
     chosen = [str(x) for x in rng.choice(list(item_ids), size=min(queries, len(item_ids)), replace=False)]
     grpc_s, milvus_s = [], []
-    with TwinstreamClient(stack.grpc_target("ingestion"), stack.grpc_target("matching")) as client:
+    with stack.client() as client:
         for item_id in chosen:
             started = time.perf_counter()
             client.match(tenant, item_id=item_id, collection=COLLECTION, k=10)

@@ -32,7 +32,7 @@ POISON = {
 
 @pytest.fixture
 def client(stack: LocalStack) -> Iterator[TwinstreamClient]:
-    with TwinstreamClient(stack.grpc_target("ingestion"), stack.grpc_target("matching")) as c:
+    with stack.client() as c:
         yield c
 
 
@@ -169,7 +169,7 @@ ingest_requests = st.builds(ingestion_pb2.IngestRequest, item=items, assign_id=s
 @given(batch=st.lists(ingest_requests, min_size=1, max_size=4))
 def test_random_ingest_requests_never_end_in_unknown_or_internal(
         stack: LocalStack, batch: list[ingestion_pb2.IngestRequest]) -> None:
-    with grpc.insecure_channel(stack.grpc_target("ingestion")) as channel:
+    with stack.channel("ingestion") as channel:
         stub = ingestion_pb2_grpc.IngestionStub(channel)
         try:
             stub.Ingest(batch[0], timeout=20)

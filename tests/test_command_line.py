@@ -20,7 +20,13 @@ def test_ingest_file_then_match(stack: LocalStack, tenant: str, tmp_path: Path,
             {"id": "cli-3", "text": ""}]
     data = tmp_path / "items.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    targets = ["--ingestion", stack.grpc_target("ingestion"), "--matching", stack.grpc_target("matching")]
+    # a token the CLI itself issues, for this tenant only, with the stack's CA
+    assert stack.security is not None
+    assert main(["token", "issue", "--tenant", tenant, "--scopes", "ingest,match", "--ttl", "10m",
+                 "--key-file", str(stack.security.token_key_file)]) == 0
+    token = capsys.readouterr().out.strip()
+    targets = ["--ingestion", stack.grpc_target("ingestion"), "--matching", stack.grpc_target("matching"),
+               "--ca-file", str(stack.security.ca_file), "--token", token]
     assert main([*targets, "ingest", str(data), "--tenant", tenant]) == 2  # one bad line
     out = capsys.readouterr().out
     assert "accepted 2, rejected 1" in out and "#2 cli-3: empty_payload" in out

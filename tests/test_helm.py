@@ -5,7 +5,6 @@ schemas (kubernetes-validate), the `helm test` pod, and the properties the deplo
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import shutil
@@ -254,19 +253,23 @@ def test_four_services_with_their_ports_and_commands(default: list[Manifest]) ->
         assert env["TWINSTREAM_GRPC_HOST"] == "0.0.0.0"  # the code's default, 127.0.0.1, is unreachable
         service = one(default, "Service", f"{RELEASE}-twinstream-{name}")
         assert {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
-            "grpc": (grpc_port, "grpc"), "metrics": (metrics_port, "metrics")}
+            "grpc": (grpc_port, "grpc"), "metrics": (metrics_port, "metrics"),
+            "health": (HEALTH_PORT, "health")}
         assert selects(service["spec"]["selector"], manifest["spec"]["template"]["metadata"]["labels"])
     assert len([m for m in default if m["kind"] in ("Deployment", "StatefulSet")]) == 5  # + Triton
 
 
-def test_probes_are_native_grpc_on_the_health_port(default: list[Manifest]) -> None:
-    """The health port has its own server and pool: open streams cannot starve the probes."""
+def test_probes_are_native_grpc_on_the_plain_text_health_port(default: list[Manifest]) -> None:
+    """The health port has its own plain-text server and pool: kubelet gRPC probes cannot speak
+    TLS, and open streams cannot starve the probes; with TLS off the probes still go there."""
+    plain = render({"security": {"tls": {"enabled": False}}})
     for name in SERVICES:
         main = container(workload(default, name))
         assert env_of(workload(default, name))["TWINSTREAM_HEALTH_PORT"] == str(HEALTH_PORT)
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert main[probe]["grpc"] == {"port": HEALTH_PORT}, (name, probe)
             assert not {"httpGet", "tcpSocket", "exec"} & set(main[probe]), (name, probe)
+            assert container(workload(plain, name))[probe]["grpc"] == {"port": HEALTH_PORT}
 
 
 def test_termination_grace_is_derived_from_the_drain_and_grace_the_services_get() -> None:
@@ -320,12 +323,90 @@ def test_milvus_token_comes_from_a_secret() -> None:
     ref = env_of(workload(existing, "indexing"))["TWINSTREAM_MILVUS_TOKEN"]
     assert ref == {"secretKeyRef": {"name": "milvus-auth", "key": "apikey"}}
     assert find(existing, "Secret") == []
-    inline = render({"externalMilvus": {"token": "root:Milvus"}})
-    secret = one(inline, "Secret", f"{RELEASE}-twinstream-milvus-token")
-    assert base64.b64decode(secret["data"]["token"]).decode() == "root:Milvus"
-    ref = env_of(workload(inline, "matching"))["TWINSTREAM_MILVUS_TOKEN"]
-    assert ref == {"secretKeyRef": {"name": secret["metadata"]["name"], "key": "token"}}
     assert "TWINSTREAM_MILVUS_TOKEN" not in env_of(workload(render(), "matching"))
+
+
+@pytest.mark.parametrize("values", [
+    {"externalMilvus": {"token": "root:Milvus"}},
+    {"config": {"extraEnv": {"TWINSTREAM_MILVUS_TOKEN": "root:Milvus"}}},
+    {"services": {"indexing": {"env": {"TWINSTREAM_KAFKA_SASL_PASSWORD": "hunter2"}}}},
+], ids=["milvus-token", "extra-env", "service-env"])
+def test_the_schema_rejects_a_secret_written_into_values(values: dict[str, Any]) -> None:
+    report = helm.lint(CHART, values, strict=True, kube_version=f"v{RECENT_KUBE}")
+    assert any("values don't meet the specifications" in e for e in report["errors"]), report
+
+
+def test_grpc_tls_and_the_token_key_are_mounted_from_secrets(default: list[Manifest]) -> None:
+    for name in SERVICES:
+        manifest = workload(default, name)
+        env = env_of(manifest)
+        assert env["TWINSTREAM_TLS_CERT_FILE"] == "/etc/twinstream/tls/tls.crt"
+        assert env["TWINSTREAM_TLS_KEY_FILE"] == "/etc/twinstream/tls/tls.key"
+        assert env["TWINSTREAM_AUTH_TOKEN_KEY_FILE"] == "/etc/twinstream/auth/token.key"
+        assert "TWINSTREAM_GRPC_PLAINTEXT" not in env and "TWINSTREAM_AUTH_DISABLED" not in env
+        volumes = {v["name"]: v for v in manifest["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["grpc-tls"]["secret"]["secretName"] == f"{RELEASE}-twinstream-grpc-tls"
+        assert volumes["token-key"]["secret"]["secretName"] == f"{RELEASE}-twinstream-token-key"
+        mounts = {m["name"]: m for m in container(manifest)["volumeMounts"]}
+        assert mounts["grpc-tls"]["readOnly"] is True and mounts["token-key"]["readOnly"] is True
+    named = render({"security": {"tls": {"existingSecret": "certs", "clientAuth": True},
+                                 "auth": {"existingSecret": "keys", "existingSecretKey": "k"}}})
+    env = env_of(workload(named, "matching"))
+    assert env["TWINSTREAM_TLS_CLIENT_AUTH"] == "true"
+    assert env["TWINSTREAM_AUTH_TOKEN_KEY_FILE"] == "/etc/twinstream/auth/k"
+    volumes = {v["name"]: v for v in workload(named, "matching")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["grpc-tls"]["secret"]["secretName"] == "certs"
+    off = render({"security": {"tls": {"enabled": False}, "auth": {"enabled": False}}})
+    env = env_of(workload(off, "matching"))
+    assert env["TWINSTREAM_GRPC_PLAINTEXT"] == "true" and env["TWINSTREAM_AUTH_DISABLED"] == "true"
+
+
+def test_kafka_sasl_and_backend_cas_come_from_secrets() -> None:
+    manifests = render({"externalKafka": {"securityProtocol": "SASL_SSL",
+                                          "sasl": {"mechanism": "SCRAM-SHA-512", "existingSecret": "kafka-user"},
+                                          "tls": {"existingSecret": "kafka-ca"}},
+                        "externalMilvus": {"uri": "https://m:19530", "tls": {"existingSecret": "milvus-ca"}}})
+    env = env_of(workload(manifests, "indexing"))
+    assert env["TWINSTREAM_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert env["TWINSTREAM_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
+    assert env["TWINSTREAM_KAFKA_SASL_PASSWORD"] == {"secretKeyRef": {"name": "kafka-user", "key": "password"}}
+    assert env["TWINSTREAM_KAFKA_SSL_CA_FILE"] == "/etc/twinstream/kafka-tls/ca.crt"
+    assert env["TWINSTREAM_MILVUS_CA_FILE"] == "/etc/twinstream/milvus-tls/ca.crt"
+    assert "TWINSTREAM_MILVUS_CA_FILE" not in env_of(workload(manifests, "embedding"))
+
+
+def test_network_policies_let_only_the_needed_traffic_through(default: list[Manifest]) -> None:
+    policies = {p["metadata"]["name"].removeprefix(f"{RELEASE}-twinstream-"): p["spec"]
+                for p in find(default, "NetworkPolicy")}
+    assert set(policies) == {*SERVICES, "triton"}
+    for name, (grpc_port, metrics_port, _topic) in SERVICES.items():
+        spec = policies[name]
+        assert spec["policyTypes"] == ["Ingress", "Egress"]
+        opened = {p["port"] for rule in spec["ingress"] for p in rule["ports"]}
+        api = {grpc_port} if name in ("ingestion", "matching") else set()
+        assert opened == api | {HEALTH_PORT, metrics_port}, name
+        egress = {p["port"] for rule in spec["egress"] for p in rule["ports"]}
+        expected = {53, 9092} | ({19530} if name in ("indexing", "matching") else set()) \
+            | ({8001} if name in ("embedding", "matching") else set())
+        assert egress == expected, name
+    triton_from = [peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+                   for rule in policies["triton"]["ingress"] for peer in rule.get("from", [])]
+    assert sorted(triton_from) == ["embedding", "matching"]
+    assert policies["triton"]["egress"] == []
+    clients = [{"namespaceSelector": {"matchLabels": {"team": "search"}}}]
+    restricted = render({"networkPolicy": {"clients": clients}})
+    matching = one(restricted, "NetworkPolicy", f"{RELEASE}-twinstream-matching")["spec"]
+    api_rule = next(r for r in matching["ingress"] if {"port": 50054, "protocol": "TCP"} in r["ports"])
+    assert api_rule["from"] == clients
+    assert find(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy") == []
+
+
+def test_only_the_chart_binds_all_addresses() -> None:
+    from twinstream.common.config import Settings
+
+    assert Settings().grpc_host == "127.0.0.1"
+    with helm.Chart.load(CHART) as chart:
+        assert chart.values["config"]["bindAddress"] == "0.0.0.0"
 
 
 def test_pods_run_hardened(prod: list[Manifest]) -> None:
@@ -617,11 +698,12 @@ def test_helm_test_pod_checks_every_service(default: list[Manifest]) -> None:
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     (check,) = pod["spec"]["containers"]
     targets = check["command"][3:]
-    assert targets == sorted(f"{RELEASE}-twinstream-{name}:{grpc}" for name, (grpc, _m, _t) in SERVICES.items())
+    # the plain-text health port (the gRPC port serves TLS); pods listen on it directly
+    assert targets == sorted(f"{RELEASE}-twinstream-{name}:{HEALTH_PORT}" for name in SERVICES)
     for target in targets:
         name, port = target.split(":")
         service = one(default, "Service", name)
-        assert any(p["port"] == int(port) and p["name"] == "grpc" for p in service["spec"]["ports"])
+        assert any(p["port"] == int(port) and p["name"] == "health" for p in service["spec"]["ports"])
     compile(check["command"][2], "health-check", "exec")
     assert check["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["spec"]["restartPolicy"] == "Never"

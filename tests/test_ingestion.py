@@ -17,7 +17,7 @@ from twinstream.v1 import ingestion_pb2, items_pb2
 
 @pytest.fixture
 def client(stack: LocalStack) -> Iterator[TwinstreamClient]:
-    with TwinstreamClient(stack.grpc_target("ingestion"), stack.grpc_target("matching")) as c:
+    with stack.client() as c:
         yield c
 
 

@@ -25,7 +25,7 @@ DIM = 384
 
 @pytest.fixture
 def client(stack: LocalStack) -> Iterator[TwinstreamClient]:
-    with TwinstreamClient(stack.grpc_target("ingestion"), stack.grpc_target("matching")) as c:
+    with stack.client() as c:
         yield c
 
 
@@ -170,7 +170,7 @@ ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
 @pytest.fixture(scope="module")
 def victim(stack: LocalStack) -> set[str]:
     ids = [f"secret-{i}" for i in range(3)]
-    with TwinstreamClient(stack.grpc_target("ingestion"), stack.grpc_target("matching")) as c:
+    with stack.client() as c:
         c.ingest_many([record(i, {"given_name": i, "surname": "victim"}, "victim") for i in ids])
     read_decisions(stack, ids, "victim")
     return set(ids)
@@ -180,7 +180,7 @@ def victim(stack: LocalStack) -> set[str]:
 @given(request=requests)
 def test_random_requests_never_crash_or_leak(stack: LocalStack, victim: set[str],
                                              request: matching_pb2.MatchRequest) -> None:
-    with grpc.insecure_channel(stack.grpc_target("matching")) as channel:
+    with stack.channel("matching") as channel:
         stub = matching_pb2_grpc_stub(channel)
         try:
             response = stub.Match(request, timeout=10)
@@ -222,7 +222,7 @@ def test_every_matching_method_answers_random_input_without_unknown_or_internal(
         assert isinstance(request, matching_pb2.DeleteRequest)
         if request.tenant == "victim":
             request.tenant = "fuzzer"  # the victim's rows must stay for the leak test
-    with grpc.insecure_channel(stack.grpc_target("matching")) as channel:
+    with stack.channel("matching") as channel:
         stub = matching_pb2_grpc_stub(channel)
         try:
             if method == "MatchStream":

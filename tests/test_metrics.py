@@ -11,7 +11,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from stack_helpers import read_decisions, record
-from twinstream.client import TwinstreamClient
 from twinstream.devstack import SERVICES, LocalStack
 
 Sample = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -40,7 +39,7 @@ def test_counts_match_what_was_sent(stack: LocalStack, tenant: str) -> None:
     bad = [record("", {"a": "b"}, tenant), record("m-empty", {}, tenant),
            record("m-bad", {"a": "b"}, tenant)]
     bad[2].content = b"\xff\xfe"
-    with TwinstreamClient(stack.grpc_target("ingestion"), stack.grpc_target("matching")) as client:
+    with stack.client() as client:
         summary = client.ingest_many([*good[:6], *bad, *good[6:]])
         assert (summary.accepted, summary.rejected) == (12, 3)
         read_decisions(stack, [g.item_id for g in good], tenant)

@@ -15,7 +15,6 @@ import pytest
 
 from stack_helpers import first, read_decisions, record, start_stack
 from twinstream.cli import main as cli_main
-from twinstream.client import TwinstreamClient
 from twinstream.common.vectorstore import VectorStore, decode_decision
 from twinstream.devstack import LocalStack
 from twinstream.v1 import items_pb2
@@ -44,7 +43,7 @@ def test_reembed_then_switch_with_queries_running(two_version_stack: LocalStack,
                                                   version_two: Path) -> None:
     stack = two_version_stack
     ids = [f"v{i}" for i in range(30)]
-    with TwinstreamClient(stack.grpc_target("ingestion"), stack.grpc_target("matching")) as client:
+    with stack.client() as client:
         client.ingest_many([record(item_id, {"given_name": f"n{n % 10}", "surname": "version",
                                              "postcode": str(2000 + n % 10)}, TENANT)
                             for n, item_id in enumerate(ids)])

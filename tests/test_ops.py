@@ -67,7 +67,7 @@ def _wave(stack: LocalStack, client: TwinstreamClient, wave: int) -> list[str]:
 @pytest.fixture(scope="module")
 def traffic(ops_stack: LocalStack) -> None:
     """Three waves 6 s apart (so rates have two samples), all decided, then two scrapes."""
-    with TwinstreamClient(ops_stack.grpc_target("ingestion"), ops_stack.grpc_target("matching")) as client:
+    with ops_stack.client() as client:
         ids: list[str] = []
         for wave in range(3):
             ids += _wave(ops_stack, client, wave)

@@ -30,7 +30,7 @@ OTHER = {"given_name": "jack", "surname": "o'brien", "street_number": "501",
 
 @pytest.fixture
 def client(stack: LocalStack) -> Iterator[TwinstreamClient]:
-    with TwinstreamClient(stack.grpc_target("ingestion"), stack.grpc_target("matching")) as c:
+    with stack.client() as c:
         yield c
 
 
@@ -133,7 +133,7 @@ def test_bad_match_requests_get_precise_statuses(client: TwinstreamClient, tenan
 
 def test_health_and_reflection_are_on(stack: LocalStack) -> None:
     for service in ("ingestion", "matching", "embedding", "indexing"):
-        with grpc.insecure_channel(stack.grpc_target(service)) as channel:
+        with stack.channel(service) as channel:
             names = ProtoReflectionDescriptorDatabase(channel).get_services()
             assert "grpc.health.v1.Health" in names
             if service == "matching":

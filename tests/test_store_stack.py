@@ -25,7 +25,7 @@ ALAN = {"given_name": "alan", "surname": "turing", "postcode": "1912", "suburb":
 
 @pytest.fixture
 def client(stack: LocalStack) -> Iterator[TwinstreamClient]:
-    with TwinstreamClient(stack.grpc_target("ingestion"), stack.grpc_target("matching")) as c:
+    with stack.client() as c:
         yield c
 
 
@@ -62,7 +62,7 @@ def test_delete_answers_once_indexing_applied_it(stack: LocalStack, client: Twin
                                                  tenant: str) -> None:
     client.ingest_many([record("d1", ADA, tenant), record("d2", ALAN, tenant)])
     read_decisions(stack, ["d1", "d2"], tenant)
-    with grpc.insecure_channel(stack.grpc_target("matching")) as channel:
+    with stack.channel("matching") as channel:
         stub = matching_pb2_grpc.MatchingStub(channel)
         response = stub.Delete(matching_pb2.DeleteRequest(tenant=tenant, item_ids=["d1", "d9"]),
                                timeout=30)

@@ -18,7 +18,7 @@ from kafka.partitioner.default import murmur2
 from prometheus_client.parser import text_string_to_metric_families
 
 from stack_helpers import read_decisions, start_stack, text
-from twinstream.client import RETRY_PUSHBACK_KEY, TwinstreamClient, pushback_s
+from twinstream.client import RETRY_PUSHBACK_KEY, pushback_s
 from twinstream.common.kafka import TopicReader, ensure_topics, make_producer
 from twinstream.devstack import LocalStack
 from twinstream.v1 import items_pb2
@@ -61,7 +61,7 @@ def dead_letters(stack: LocalStack, markers: set[bytes], timeout_s: float = 90
 
 
 def health(stack: LocalStack, service: str) -> int:
-    with grpc.insecure_channel(stack.grpc_target(service)) as channel:
+    with stack.channel(service) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=""), timeout=5)
         return int(reply.status)
@@ -155,7 +155,7 @@ def test_ingestion_pushes_back_while_embedding_lags_and_the_client_honours_it(
         producer.flush()
         producer.close()
         refused: grpc.RpcError | None = None
-        with TwinstreamClient(faults.grpc_target("ingestion"), retry_budget_s=0) as client:
+        with faults.client(retry_budget_s=0) as client:
             deadline = time.monotonic() + 60
             while refused is None and time.monotonic() < deadline:
                 try:
@@ -170,7 +170,7 @@ def test_ingestion_pushes_back_while_embedding_lags_and_the_client_honours_it(
         assert (pushback_s(refused) or 0) >= 1.0
     finally:
         faults.start_service("embedding")
-    with TwinstreamClient(faults.grpc_target("ingestion"), retry_budget_s=120) as client:
+    with faults.client(retry_budget_s=120) as client:
         client.ingest(text("after", "accepted once embedding caught up", tenant))
     read_decisions(faults, ["after", "b0", f"b{MAX_LAG * 2 - 1}"], tenant, timeout_s=180)
 
@@ -225,7 +225,7 @@ def test_a_triton_outage_shows_in_lag_retries_and_health_and_recovers(
 
 def test_a_broker_restart_is_recovered_without_an_operator(faults: LocalStack, tenant: str) -> None:
     """Case 5: producers are not stuck, health shows the outage, a retried Ingest is decided."""
-    with TwinstreamClient(faults.grpc_target("ingestion"), retry_budget_s=0) as client:
+    with faults.client(retry_budget_s=0) as client:
         first = client.ingest(text("before", "published before the broker restart", tenant))
         assert not first.already_accepted
         read_decisions(faults, ["before"], tenant)
@@ -236,7 +236,7 @@ def test_a_broker_restart_is_recovered_without_an_operator(faults: LocalStack, t
         assert health(faults, "ingestion") == health_pb2.HealthCheckResponse.NOT_SERVING
         faults.start_broker()
         ensure_topics(faults.settings())  # a memory:// broker lost its topics; a durable one did not
-    with TwinstreamClient(faults.grpc_target("ingestion"), retry_budget_s=0) as client:
+    with faults.client(retry_budget_s=0) as client:
         deadline = time.monotonic() + 120
         while True:  # the client's own retries: until the services have reconnected
             try:
@@ -263,7 +263,7 @@ def test_the_supervisor_revives_a_crashed_triton_and_items_are_decided(
     assert faults.crashed() == []
     faults.crash("triton")
     assert faults.crashed() == ["triton"]
-    with TwinstreamClient(faults.grpc_target("ingestion"), retry_budget_s=0) as client:
+    with faults.client(retry_budget_s=0) as client:
         client.ingest(text("crashed", "sent while Triton was down", tenant))
     assert faults.revive_crashed() == ["triton"]
     assert faults.crashed() == []

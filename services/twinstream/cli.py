@@ -12,6 +12,11 @@
                                        own items, no labels (docs/learn.md)
   twinstream reembed --bundle DIR      fill a new model version's collection from items.accepted
   twinstream promote --model M --version V   switch the live alias to that version
+  twinstream token issue --tenant T --scopes ingest,match --ttl 1h   print a bearer token
+
+ingest/match/status speak TLS and send a token (docs/security.md): --ca-file (or
+TWINSTREAM_TLS_CA_FILE; default the local stack's CA), --token (or TWINSTREAM_TOKEN);
+--plaintext only against a server started with TWINSTREAM_GRPC_PLAINTEXT.
 """
 
 from __future__ import annotations
@@ -19,15 +24,57 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from twinstream.common.security import SCOPES, ClientCredentials
 from twinstream.v1 import decisions_pb2, items_pb2, matching_pb2
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp"}
+# `twinstream stack up` writes its CA and token key here (devcerts.py).
+DEV_SECURITY = Path(__file__).resolve().parents[2] / "var" / "stack" / "security"
+TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _credentials(args: argparse.Namespace) -> ClientCredentials:
+    """TLS with the given CA (the local stack's when it exists, else the system's roots) and
+    the token, unless --plaintext."""
+    token = args.token or os.environ.get("TWINSTREAM_TOKEN", "")
+    if args.plaintext:
+        return ClientCredentials.plaintext(token)
+    ca_file = args.ca_file or os.environ.get("TWINSTREAM_TLS_CA_FILE", "")
+    if not ca_file and (DEV_SECURITY / "ca.pem").exists():
+        ca_file = str(DEV_SECURITY / "ca.pem")
+    return ClientCredentials(ca_file=ca_file, token=token)
+
+
+def _ttl_seconds(text: str) -> int:
+    unit = text[-1:].lower()
+    number = text[:-1] if unit in TTL_UNITS else text
+    if not number.isdigit() or int(number) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a lifetime like 90s, 15m, 1h or 7d")
+    return int(number) * TTL_UNITS.get(unit, 1)
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Print a signed token; the key is the servers' TWINSTREAM_AUTH_TOKEN_KEY_FILE."""
+    from twinstream.common.security import issue_token, read_key
+
+    key_file = args.key_file or os.environ.get("TWINSTREAM_AUTH_TOKEN_KEY_FILE", "") \
+        or str(DEV_SECURITY / "token.key")
+    tenants = [t.strip() for t in ",".join(args.tenant).split(",") if t.strip()]
+    scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+    try:
+        token = issue_token(read_key(key_file), args.subject, tenants, scopes, args.ttl)
+    except (ValueError, OSError) as exc:
+        print(f"twinstream token: {exc}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
 
 
 def _items_from_files(paths: list[Path], tenant: str, collection: str) -> Iterator[items_pb2.Item]:
@@ -60,7 +107,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     from twinstream.client import TwinstreamClient
 
-    with TwinstreamClient(args.ingestion, args.matching) as client:
+    with TwinstreamClient(args.ingestion, args.matching, credentials=_credentials(args)) as client:
         items = tqdm(_items_from_files(args.files, args.tenant, args.collection), unit="item",
                      desc="ingest")
         summary = client.ingest_many(items, assign_id=args.assign_ids)
@@ -79,7 +126,7 @@ def cmd_match(args: argparse.Namespace) -> int:
         key, _, value = condition.partition("=")
         filters.append(matching_pb2.MetadataCondition(key=key, op=matching_pb2.MetadataCondition.EQ,
                                                        values=[value]))
-    with TwinstreamClient(args.ingestion, args.matching) as client:
+    with TwinstreamClient(args.ingestion, args.matching, credentials=_credentials(args)) as client:
         if args.file:
             suffix = args.file.suffix.lower()
             modality = items_pb2.IMAGE if suffix in IMAGE_SUFFIXES else items_pb2.TEXT
@@ -112,6 +159,9 @@ def cmd_stack(args: argparse.Namespace) -> int:
           f"{stack.milvus_uri}, Triton {stack.triton_url}, Prometheus {stack.prometheus_url}")
     if stack.dashboard_url:
         print(f"dashboard: {stack.dashboard_url}   alerts: {stack.alertmanager_url}")
+    if stack.security is not None:
+        print(f"TLS CA: {stack.security.ca_file} (the CLI finds it); a token: "
+              "twinstream token issue --tenant T --scopes ingest,match --ttl 1h")
     print("crashed pieces are restarted (a supervisor, as the kubelet is in a cluster)", flush=True)
     stopping = threading.Event()
     try:
@@ -133,7 +183,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         stage, _, target = override.partition("=")
         targets[stage] = target
     try:
-        status = collect(args.prometheus, targets)
+        status = collect(args.prometheus, targets, _credentials(args))
     except PrometheusUnavailable as exc:
         print(f"{exc}\nstart the stack (`twinstream stack up`) or pass --prometheus URL")
         return 1
@@ -274,12 +324,15 @@ def cmd_reembed(args: argparse.Namespace) -> int:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     from twinstream.common.config import load_settings
+    from twinstream.common.security import milvus_client_options
     from twinstream.common.vectorstore import VectorStore
     from twinstream.v1 import items_pb2
 
     settings = load_settings("cli")
-    store = VectorStore(args.milvus_uri or settings.milvus.uri,
-                        settings.milvus.token.get_secret_value(), settings.milvus.collection_prefix)
+    if args.milvus_uri:
+        settings = settings.replace(milvus={"uri": args.milvus_uri})
+    store = VectorStore(settings.milvus.uri, prefix=settings.milvus.collection_prefix,
+                        connection=milvus_client_options(settings))
     target = store.collection_name(items_pb2.ModelRef(name=args.model, version=args.version))
     if not store.client.has_collection(target):
         print(f"no collection {target}: run `twinstream reembed` for that version first")
@@ -311,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ingestion", default="127.0.0.1:50051")
     parser.add_argument("--matching", default="127.0.0.1:50054")
+    parser.add_argument("--ca-file", default="", help="CA that signed the servers' certificates")
+    parser.add_argument("--token", default="", help="bearer token (default $TWINSTREAM_TOKEN)")
+    parser.add_argument("--plaintext", action="store_true", help="no TLS (servers must allow it)")
     commands = parser.add_subparsers(dest="command", required=True)
     for name in (*delegated, *learning):
         commands.add_parser(name, help=f"see `twinstream {name} --help`")
@@ -366,6 +422,16 @@ def main(argv: list[str] | None = None) -> int:
     promote.add_argument("--version", required=True)
     promote.add_argument("--milvus-uri", default="")
     promote.set_defaults(run=cmd_promote)
+    token = commands.add_parser("token", help="issue a bearer token (`token issue`)")
+    token.add_argument("action", choices=["issue"])
+    token.add_argument("--tenant", action="append", required=True,
+                       help="tenant(s) it may use, comma-separated or repeated; '*' for all")
+    token.add_argument("--scopes", default="ingest,match", help=f"some of {','.join(SCOPES)}")
+    token.add_argument("--ttl", type=_ttl_seconds, default=3600, help="lifetime: 90s, 15m, 1h, 7d")
+    token.add_argument("--subject", default=os.environ.get("USER", "cli"), help="who holds it")
+    token.add_argument("--key-file", default="",
+                       help="signing key (default $TWINSTREAM_AUTH_TOKEN_KEY_FILE, else the local stack's)")
+    token.set_defaults(run=cmd_token)
     args = parser.parse_args(argv)
     if getattr(args, "bundle", "unset") is None:
         args.bundle = [DEFAULT_BUNDLE]

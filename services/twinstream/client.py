@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
 
+from twinstream.common.security import ClientCredentials
 from twinstream.v1 import (
     ingestion_pb2,
     ingestion_pb2_grpc,
@@ -60,17 +61,23 @@ def image_item(item_id: str, data: bytes, tenant: str, collection: str = "defaul
 
 @dataclass
 class TwinstreamClient:
-    """Talks to ingestion and matching; use as a context manager to close the channels."""
+    """Talks to ingestion and matching; use as a context manager to close the channels.
+
+    TLS (verified against the system's roots unless ``credentials`` names a CA) by default;
+    ``ClientCredentials.plaintext()`` only when asked. The token in ``credentials`` goes with
+    every call (``twinstream token issue``).
+    """
 
     ingestion_target: str = "127.0.0.1:50051"
     matching_target: str = "127.0.0.1:50054"
     timeout_s: float = 30.0
     # How long ingest calls keep honouring the server's retry-after before giving up (0: never).
     retry_budget_s: float = 120.0
+    credentials: ClientCredentials = field(default_factory=ClientCredentials)
 
     def __post_init__(self) -> None:
-        self._ingest_channel = grpc.insecure_channel(self.ingestion_target)
-        self._match_channel = grpc.insecure_channel(self.matching_target)
+        self._ingest_channel = self.credentials.channel(self.ingestion_target)
+        self._match_channel = self.credentials.channel(self.matching_target)
         self.ingestion = ingestion_pb2_grpc.IngestionStub(self._ingest_channel)
         self.matching = matching_pb2_grpc.MatchingStub(self._match_channel)
 

@@ -179,7 +179,8 @@ def _stream_and_report(stack: LocalStack, records: list[tuple[str, dict[str, str
     reader = TopicReader(settings, settings.topics.decisions)
     cut = int(len(records) * (1 - kafka_share))
     via_grpc, via_kafka = records[:cut], records[cut:]
-    client = TwinstreamClient(stack.grpc_target("ingestion"), stack.grpc_target("matching"))
+    # A token for the demo's tenant only, with the scopes it uses: what a real client gets.
+    client = stack.client(credentials=stack.credentials((TENANT,), ("ingest", "match")))
     failures: list[BaseException] = []
 
     def send_grpc() -> None:

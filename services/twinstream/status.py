@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from twinstream.common.security import ClientCredentials
+
 STAGES = ("ingestion", "embedding", "indexing", "matching")
 DEFAULT_HEALTH_TARGETS = {s: f"127.0.0.1:{50051 + i}" for i, s in enumerate(STAGES)}
 # Instant queries; the window is short so the screen shows what happens now.
@@ -71,9 +73,9 @@ def _by(result: list[dict[str, object]], label: str) -> dict[str, float]:
     return values
 
 
-def grpc_health(target: str, timeout_s: float = 2.0) -> str:
+def grpc_health(target: str, credentials: ClientCredentials, timeout_s: float = 2.0) -> str:
     """SERVING / NOT_SERVING / ... as the service says, or UNREACHABLE."""
-    with grpc.insecure_channel(target) as channel:
+    with credentials.channel(target) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
@@ -82,7 +84,8 @@ def grpc_health(target: str, timeout_s: float = 2.0) -> str:
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
-def collect(prometheus_url: str, health_targets: dict[str, str]) -> Status:
+def collect(prometheus_url: str, health_targets: dict[str, str],
+            credentials: ClientCredentials) -> Status:
     results = {name: query(prometheus_url, expr) for name, expr in QUERIES.items()}
     status = Status(prometheus_url.rstrip("/"))
     status.rate = {**_by(results["rate"], "service"), **_by(results["calls"], "service")}
@@ -98,7 +101,7 @@ def collect(prometheus_url: str, health_targets: dict[str, str]) -> Status:
         assert isinstance(metric, dict)
         where = metric.get("service") or metric.get("job") or ""
         status.alerts.append(f"{metric.get('alertname')} ({where})" if where else str(metric.get("alertname")))
-    status.health = {stage: grpc_health(target) for stage, target in health_targets.items()}
+    status.health = {stage: grpc_health(target, credentials) for stage, target in health_targets.items()}
     return status
 
 

@@ -189,3 +189,24 @@ def test_manifest_contract(base_bundle: Path) -> None:
         assert -1 < kind["match"] <= kind["duplicate"] < 1 and kind["platt_a"] > 0
     assert manifest["calibration"]["platt_a"] > 0  # higher cosine, likelier duplicate
     assert (base_bundle / "tokenizer.json").is_file() and len(manifest["preprocessing_digest"]) == 64
+
+
+def test_triton_serves_grpc_over_tls_and_refuses_a_plain_text_client(base_bundle: Path,
+                                                                      tmp_path: Path) -> None:
+    from twinstream.common.encoding import TritonTLS
+    from twinstream.common.errors import TransientError
+    from twinstream.devcerts import DevSecurity
+
+    material = DevSecurity.create(tmp_path / "security")
+    bundle = ModelBundle.load(base_bundle)
+    repo = tmp_path / "repo"
+    write_repository([base_bundle], repo)
+    prepared = [ItemEncoder(bundle, InProcessEncoder(bundle)).model_input(items_pb2.TEXT, b"a note")]
+    tls = (material.server_cert_file, material.server_key_file, material.ca_file)
+    with TritonServer(repo, log_path=tmp_path / "triton.log", tls=tls) as server:
+        secure = TritonEncoder(bundle, server.grpc_url, timeout_s=20,
+                               tls=TritonTLS(str(material.ca_file)))
+        assert ItemEncoder(bundle, secure).encode(prepared).vectors.shape[0] == 1
+        plain = TritonEncoder(bundle, server.grpc_url, timeout_s=5)
+        with pytest.raises(TransientError, match="Triton unavailable"):
+            ItemEncoder(bundle, plain).encode(prepared)

@@ -126,13 +126,25 @@ raw,accepted,embedded,decisions,dlq
 {{- end }}
 {{- end }}
 
-{{/* The Secret holding the Milvus token, or "" when Milvus needs none. */}}
+{{/* The Secret holding the Milvus token, or "" when Milvus needs none (never from values). */}}
 {{- define "twinstream.milvusSecretName" -}}
-{{- if .Values.externalMilvus.existingSecret }}
 {{- .Values.externalMilvus.existingSecret }}
-{{- else if .Values.externalMilvus.token }}
-{{- include "twinstream.componentName" (dict "root" . "component" "milvus-token") }}
 {{- end }}
+
+{{/* The kubernetes.io/tls Secret the services serve gRPC TLS from. */}}
+{{- define "twinstream.tlsSecretName" -}}
+{{- .Values.security.tls.existingSecret | default (include "twinstream.componentName" (dict "root" . "component" "grpc-tls")) }}
+{{- end }}
+
+{{/* The Secret holding the bearer-token signing key. */}}
+{{- define "twinstream.authSecretName" -}}
+{{- .Values.security.auth.existingSecret | default (include "twinstream.componentName" (dict "root" . "component" "token-key")) }}
+{{- end }}
+
+{{/* The port kubelet probes and `helm test` reach health on: its own plain-text server and
+     thread pool (runtime.healthPort), beside the TLS gRPC port. */}}
+{{- define "twinstream.probePort" -}}
+{{- .root.Values.runtime.healthPort }}
 {{- end }}
 
 {{- define "twinstream.tritonUrl" -}}
@@ -193,4 +205,53 @@ grpc:
 periodSeconds: {{ .probe.periodSeconds }}
 timeoutSeconds: {{ .probe.timeoutSeconds }}
 failureThreshold: {{ .probe.failureThreshold }}
+{{- end }}
+
+{{/* Secret volumes (read-only, 0400) a service needs: gRPC TLS, the token key, backend CAs. (dict "root" $ "trait" $trait) */}}
+{{- define "twinstream.secretVolumes" -}}
+{{- $v := .root.Values }}
+{{- if $v.security.tls.enabled }}
+- name: grpc-tls
+  secret: {secretName: {{ include "twinstream.tlsSecretName" .root }}, defaultMode: 0400}
+{{- end }}
+{{- if $v.security.auth.enabled }}
+- name: token-key
+  secret: {secretName: {{ include "twinstream.authSecretName" .root }}, defaultMode: 0400}
+{{- end }}
+{{- if and (or .trait.kafka .trait.produces) $v.externalKafka.tls.existingSecret }}
+- name: kafka-tls
+  secret: {secretName: {{ $v.externalKafka.tls.existingSecret }}, defaultMode: 0400}
+{{- end }}
+{{- if and .trait.milvus $v.externalMilvus.tls.existingSecret }}
+- name: milvus-tls
+  secret: {secretName: {{ $v.externalMilvus.tls.existingSecret }}, defaultMode: 0400}
+{{- end }}
+{{- end }}
+
+{{- define "twinstream.secretMounts" -}}
+{{- $v := .root.Values }}
+{{- if $v.security.tls.enabled }}
+- {name: grpc-tls, mountPath: /etc/twinstream/tls, readOnly: true}
+{{- end }}
+{{- if $v.security.auth.enabled }}
+- {name: token-key, mountPath: /etc/twinstream/auth, readOnly: true}
+{{- end }}
+{{- if and (or .trait.kafka .trait.produces) $v.externalKafka.tls.existingSecret }}
+- {name: kafka-tls, mountPath: /etc/twinstream/kafka-tls, readOnly: true}
+{{- end }}
+{{- if and .trait.milvus $v.externalMilvus.tls.existingSecret }}
+- {name: milvus-tls, mountPath: /etc/twinstream/milvus-tls, readOnly: true}
+{{- end }}
+{{- end }}
+
+{{/* One egress rule: the peers (none = any address) on the ports. (.Values.networkPolicy.egress.kafka) */}}
+{{- define "twinstream.egressRule" -}}
+- ports:
+    {{- range .ports }}
+    - {port: {{ . }}, protocol: TCP}
+    {{- end }}
+  {{- with .to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
 {{- end }}

@@ -37,6 +37,8 @@ NOT_SETTINGS = {
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 EncoderBackend = Literal["triton", "inprocess"]
+KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 # Kafka's own rule for topic names.
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
@@ -111,6 +113,21 @@ class KafkaSettings(_Section):
                                    gt=0)
     max_poll_interval_ms: int = _env("KAFKA_MAX_POLL_INTERVAL_MS", 120_000,
                                      "longest a batch may take before the member is dropped (ms)", gt=0)
+    # Client security, in kafka-python's terms (docs/security.md: tansu 0.6 serves neither).
+    security_protocol: KafkaSecurityProtocol = _env("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT",
+                                                    "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+    sasl_mechanism: SaslMechanism = _env("KAFKA_SASL_MECHANISM", "",
+                                         "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (SASL_* protocols)")
+    sasl_username: str = _env("KAFKA_SASL_USERNAME", "", "SASL user")
+    sasl_password: SecretStr = _env("KAFKA_SASL_PASSWORD", SecretStr(""), "SASL password")
+    ssl_ca_file: str = _env("KAFKA_SSL_CA_FILE", "", "CA the brokers' certificates are verified with")
+    ssl_cert_file: str = _env("KAFKA_SSL_CERT_FILE", "", "client certificate (mutual TLS)")
+    ssl_key_file: str = _env("KAFKA_SSL_KEY_FILE", "", "client key (mutual TLS)")
+
+    @field_validator("security_protocol", "sasl_mechanism", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
     # kafka-python's 16 KiB default sent a flushed batch as several requests one after another,
     # each a storage write on an S3-backed tansu (docs/bench/throughput.md).
     producer_batch_bytes: int = _env("KAFKA_PRODUCER_BATCH_BYTES", 1_048_576,
@@ -180,6 +197,11 @@ class MilvusSettings(_Section):
 
     uri: str = _env("MILVUS_URI", "var/milvus.db", "Milvus server URI or Milvus Lite file")
     token: SecretStr = _env("MILVUS_TOKEN", SecretStr(""), "Milvus token (user:password or API key)")
+    user: str = _env("MILVUS_USER", "", "Milvus user (with password; else the token is used)")
+    password: SecretStr = _env("MILVUS_PASSWORD", SecretStr(""), "Milvus password")
+    # TLS when the URI is https://.
+    ca_file: str = _env("MILVUS_CA_FILE", "", "CA the Milvus server's certificate is verified with")
+    server_name: str = _env("MILVUS_SERVER_NAME", "", "name the Milvus certificate must carry")
     collection_prefix: str = _env("MILVUS_COLLECTION_PREFIX", "twinstream",
                                   "prefix of every collection and alias")
     # Only Milvus Lite needs it (it searches unflushed rows slowly; the local stack sets 2000 for
@@ -193,6 +215,8 @@ class EncoderSettings(_Section):
     backend: EncoderBackend = _env("ENCODER_BACKEND", "triton",
                                    "triton, or inprocess: run the bundle's TorchScript encoder here")
     triton_url: str = _env("TRITON_URL", "127.0.0.1:8001", "Triton gRPC address")
+    triton_tls: bool = _env("TRITON_TLS", False,
+                            "dial Triton with TLS (its --grpc-use-ssl), verified with TLS_CA_FILE")
     model_dirs: tuple[Path, ...] = _env("MODEL_DIR", (Path("var/models/twinstream_text/1"),),
                                         "model bundle folders, comma-separated", min_length=1)
 
@@ -283,6 +307,30 @@ class RetentionSettings(_Section):
         return next((r.seconds for r in self.ttl_rules() if r.matches(tenant, collection)), 0)
 
 
+class TlsSettings(_Section):
+    """gRPC TLS of the servers and the services' own clients (docs/security.md)."""
+
+    plaintext: bool = _env("GRPC_PLAINTEXT", False,
+                           "serve and dial gRPC in plain text (only when asked: TLS is the default)")
+    cert_file: str = _env("TLS_CERT_FILE", "", "the server's certificate (PEM)")
+    key_file: str = _env("TLS_KEY_FILE", "", "the server's private key (PEM)")
+    ca_file: str = _env("TLS_CA_FILE", "",
+                        "CA that servers are verified with (and client certificates, with client_auth)")
+    client_auth: bool = _env("TLS_CLIENT_AUTH", False,
+                             "mutual TLS: servers require a client certificate signed by TLS_CA_FILE")
+    client_cert_file: str = _env("TLS_CLIENT_CERT_FILE", "", "the certificate this service's clients present")
+    client_key_file: str = _env("TLS_CLIENT_KEY_FILE", "", "the key this service's clients present")
+
+
+class AuthSettings(_Section):
+    """Bearer tokens (HS256 JWT) and tenant authorisation (docs/security.md)."""
+
+    token_key_file: str = _env("AUTH_TOKEN_KEY_FILE", "",
+                               "file with the key tokens are verified with; a server without it "
+                               "refuses to start unless AUTH_DISABLED")
+    disabled: bool = _env("AUTH_DISABLED", False, "accept calls without a token (only when asked)")
+
+
 class Settings(BaseModel):
     """Everything a service reads from its environment, one section per concern."""
 
@@ -298,6 +346,8 @@ class Settings(BaseModel):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     search: SearchSettings = Field(default_factory=SearchSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
 
     @property
     def consumer_group(self) -> str:

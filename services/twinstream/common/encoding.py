@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 from tokenizers import Tokenizer
 
+from twinstream.common.config import Settings
 from twinstream.common.errors import TransientError
 from twinstream.common.metrics import Metrics
 from twinstream.model.bundle import ModelBundle
@@ -109,14 +110,16 @@ class TritonEncoder:
     # the model's max batch; each is padded only to its own longest row.
     request_size = 16
 
-    def __init__(self, bundle: ModelBundle, url: str, timeout_s: float = 60.0) -> None:
+    def __init__(self, bundle: ModelBundle, url: str, timeout_s: float = 60.0,
+                 tls: TritonTLS | None = None) -> None:
         import tritonclient.grpc as triton_grpc
 
         self._grpc = triton_grpc
         self.bundle = bundle
         # gRPC's reconnect backoff grows to 120 s by default: after a Triton restart the stream
         # would wait up to that long. 2 s keeps recovery quick (a retry is cheap here).
-        self.client = triton_grpc.InferenceServerClient(url, channel_args=[
+        self.client = triton_grpc.InferenceServerClient(url, **(tls.client_options() if tls else {}),
+                                                        channel_args=[
             ("grpc.max_send_message_length", 2**31 - 1),
             ("grpc.max_receive_message_length", 2**31 - 1),
             ("grpc.initial_reconnect_backoff_ms", 200),
@@ -309,11 +312,32 @@ class ItemEncoder:
         }
 
 
+@dataclass(frozen=True)
+class TritonTLS:
+    """TLS to Triton (``--grpc-use-ssl``): the CA that signed its certificate and, for mutual
+    TLS, this client's certificate and key (PEM file paths)."""
+
+    ca_file: str
+    cert_file: str = ""
+    key_file: str = ""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TritonTLS | None:
+        if not settings.encoder.triton_tls:
+            return None
+        return cls(settings.tls.ca_file, settings.tls.client_cert_file,
+                   settings.tls.client_key_file)
+
+    def client_options(self) -> dict[str, Any]:
+        return {"ssl": True, "root_certificates": self.ca_file or None,
+                "private_key": self.key_file or None, "certificate_chain": self.cert_file or None}
+
+
 def make_encoder(bundle: ModelBundle, backend: str, triton_url: str,
-                 metrics: Metrics | None = None) -> ItemEncoder:
+                 metrics: Metrics | None = None, triton_tls: TritonTLS | None = None) -> ItemEncoder:
     """Build the configured encoder backend for a bundle."""
     if backend == "triton":
-        return ItemEncoder(bundle, TritonEncoder(bundle, triton_url), metrics)
+        return ItemEncoder(bundle, TritonEncoder(bundle, triton_url, tls=triton_tls), metrics)
     if backend == "inprocess":
         return ItemEncoder(bundle, InProcessEncoder(bundle), metrics)
     raise ValueError(f"unknown encoder backend {backend!r}: use 'triton' or 'inprocess'")

@@ -43,6 +43,7 @@ from kafka.structs import OffsetAndMetadata
 from twinstream.common.config import Settings
 from twinstream.common.errors import PermanentError, TransientError
 from twinstream.common.metrics import Metrics
+from twinstream.common.security import kafka_client_options
 from twinstream.v1 import items_pb2
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ def make_producer(settings: Settings) -> KafkaProducer:
     """
     return KafkaProducer(
         bootstrap_servers=list(settings.kafka.bootstrap),
+        **kafka_client_options(settings),
         client_id=f"{settings.service}-{settings.server.instance_id}",
         acks="all",
         linger_ms=5,
@@ -145,7 +147,8 @@ def ensure_topics(settings: Settings, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=list(settings.kafka.bootstrap))
+            admin = KafkaAdminClient(bootstrap_servers=list(settings.kafka.bootstrap),
+                                     **kafka_client_options(settings))
             break
         except KafkaError:
             if time.monotonic() > deadline:
@@ -284,6 +287,7 @@ class ConsumeLoop:
     def _consumer(settings: Settings) -> KafkaConsumer:
         return KafkaConsumer(
             bootstrap_servers=list(settings.kafka.bootstrap),
+            **kafka_client_options(settings),
             group_id=settings.consumer_group,
             client_id=f"{settings.service}-{settings.server.instance_id}",
             enable_auto_commit=False,
@@ -549,6 +553,7 @@ class GroupLag:
         self.topic = topic
         self.consumer = consumer or KafkaConsumer(
             bootstrap_servers=list(settings.kafka.bootstrap),
+            **kafka_client_options(settings),
             group_id=group, client_id=f"{settings.service}-{settings.server.instance_id}-lag",
             enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=10,
             max_partition_fetch_bytes=1024,
@@ -584,6 +589,7 @@ class TopicReader:
     def __init__(self, settings: Settings, topic: str) -> None:
         self.consumer = KafkaConsumer(
             bootstrap_servers=list(settings.kafka.bootstrap),
+            **kafka_client_options(settings),
             enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=100,
         )
         partitions = None

@@ -30,6 +30,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from twinstream.common.config import Settings
 from twinstream.common.metrics import Metrics, serve_metrics
+from twinstream.common.security import add_server_port, server_interceptors
 from twinstream.common.status import InvalidArgument, status_for
 
 log = logging.getLogger(__name__)
@@ -167,11 +168,6 @@ def build_server(settings: Settings, interceptors: Sequence[grpc.ServerIntercept
     )
 
 
-def bind(server: grpc.Server, host: str, port: int) -> int:
-    """Listen on ``host:port`` (0: any free port); returns the bound port."""
-    return server.add_insecure_port(f"{host}:{port}")
-
-
 class ServiceRuntime:
     """Runs one service: /metrics, gRPC with health + reflection, health for the probes.
 
@@ -203,16 +199,20 @@ class ServiceRuntime:
         if self.server is not None:
             raise RuntimeError("the runtime is started already")
         settings = self.settings
-        server = build_server(settings, [StatusInterceptor(self.metrics)])
+        # Auth runs inside the status mapping, so its refusals are answered and counted.
+        server = build_server(settings, [StatusInterceptor(self.metrics),
+                                         *server_interceptors(settings, self.registry)])
         for register in self.registrations:
             register(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(self.service_names, server)
-        self.grpc_port = bind(server, settings.server.grpc_host, settings.server.grpc_port)
+        self.grpc_port = add_server_port(
+            server, f"{settings.server.grpc_host}:{settings.server.grpc_port}", settings)
         probes = grpc.server(futures.ThreadPoolExecutor(max_workers=HEALTH_WORKERS,
                                                         thread_name_prefix="health"),
                              options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, probes)
+        # Plain text: kubelet gRPC probes cannot speak TLS, and health carries no data.
         self.health_port = probes.add_insecure_port(f"{settings.server.grpc_host}:{settings.server.health_port}")
         self._metrics_http, self.metrics_port = serve_metrics(
             settings.server.metrics_port, settings.server.grpc_host, self.registry)

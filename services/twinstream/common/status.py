@@ -47,6 +47,18 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Unauthenticated(ServiceError):
+    """No token, or one that is forged, expired or malformed (``common/security.py``)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServiceError):
+    """A valid token that does not grant this method's scope or the request's tenant."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 _OUTAGE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 

@@ -13,7 +13,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -111,12 +111,15 @@ class VectorStore:
     """A thin, typed layer over MilvusClient for twinstream's schema."""
 
     def __init__(self, uri: str, token: str = "", prefix: str = "twinstream",
-                 index_type: str = "HNSW", ef: int = DEFAULT_EF, metrics: Metrics | None = None) -> None:
+                 index_type: str = "HNSW", ef: int = DEFAULT_EF, metrics: Metrics | None = None,
+                 connection: Mapping[str, Any] | None = None) -> None:
         self.metrics = metrics or Metrics.unexported()
         # pymilvus pings every 10 s, even idle; gRPC servers built on grpcio (Milvus Lite's) answer
         # pings more often than every 5 min without traffic with GOAWAY "too_many_pings".
         options = {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": False}
+        # ``connection``: credentials and TLS (``security.milvus_client_options``)
         extra: dict[str, Any] = {"token": token} if token else {}
+        extra.update(connection or {})
         # Unavailable-server errors become TransientError on every call (common/errors.py).
         self.client = guarded(MilvusClient(uri=uri, grpc_options=options, **extra),
                               milvus_transient, "Milvus")

@@ -31,8 +31,11 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from twinstream.client import TwinstreamClient
 from twinstream.common.config import Settings, environment
+from twinstream.common.security import SCOPES, ClientCredentials
 from twinstream.dashboard import CONSOLE_PATH, CONSOLES
+from twinstream.devcerts import DevSecurity
 from twinstream.devstack.process import REPO_ROOT, ManagedProcess, free_port
 from twinstream.model.bundle import Manifest
 
@@ -279,6 +282,8 @@ class StackConfig:
     # "server": Milvus 2.3 standalone (HNSW, the production engine); "lite": Milvus Lite, the
     # smallest footprint, exact scans whose time grows with the collection.
     milvus: Literal["server", "lite"] = "server"
+    # TLS + bearer tokens on every gRPC API (devcerts.py); False serves plain text without auth.
+    security: bool = True
 
 
 class LocalStack:
@@ -304,6 +309,7 @@ class LocalStack:
                    if config.broker_storage == "s3" else None)
         self.milvus_server = (MilvusServer(self.root / "milvus", self.milvus_port)
                               if config.milvus == "server" else None)
+        self.security = DevSecurity(self.root / "security") if config.security else None
 
     # -- addresses ---------------------------------------------------------------------------
     @property
@@ -319,6 +325,23 @@ class LocalStack:
 
     def metrics_url(self, service: str) -> str:
         return f"http://127.0.0.1:{self.metrics_ports[service]}/metrics"
+
+    def credentials(self, tenants: tuple[str, ...] = ("*",),
+                    scopes: tuple[str, ...] = SCOPES) -> ClientCredentials:
+        """What a client of this stack dials with: its CA and a token for ``tenants``."""
+        if self.security is None:
+            return ClientCredentials.plaintext()
+        return self.security.client_credentials(self.security.token(tenants, scopes))
+
+    def client(self, **options: Any) -> TwinstreamClient:
+        """A client of this stack's ingestion and matching, by default with an all-tenant token."""
+        options.setdefault("credentials", self.credentials())
+        return TwinstreamClient(self.grpc_target("ingestion"), self.grpc_target("matching"),
+                                **options)
+
+    def channel(self, service: str) -> grpc.Channel:
+        """A channel to ``service`` (TLS and an all-tenant token when the stack has them)."""
+        return self.credentials().channel(self.grpc_target(service))
 
     def settings(self, service: str = "client") -> Settings:
         """What a client of this stack uses: this process's environment, with the stack's
@@ -337,6 +360,8 @@ class LocalStack:
         if self.config.fresh and self.root.exists():
             shutil.rmtree(self.root)
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
+        if self.security is not None:
+            DevSecurity.create(self.security.root)
         try:
             if self.s3 is not None:
                 self.start_storage()
@@ -429,7 +454,9 @@ class LocalStack:
 
         repo = self.root / "triton-repository"
         write_repository(list(self.config.bundles), repo, runtime=self.config.triton_runtime)
-        server = TritonServer(repo, log_path=self.root / "logs" / "triton.log")
+        tls = None if self.security is None else (
+            self.security.server_cert_file, self.security.server_key_file, self.security.ca_file)
+        server = TritonServer(repo, log_path=self.root / "logs" / "triton.log", tls=tls)
         server.start()
         self.triton = server
         self.triton_url = server.grpc_url
@@ -449,6 +476,9 @@ class LocalStack:
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
         })
+        env.update({**self.security.service_env(), "TWINSTREAM_TRITON_TLS": "true"}
+                   if self.security is not None else
+                   {"TWINSTREAM_GRPC_PLAINTEXT": "true", "TWINSTREAM_AUTH_DISABLED": "true"})
         env.update(self.config.extra_env)
         return env
 
@@ -555,7 +585,7 @@ class LocalStack:
         """Wait until the service's gRPC health check says SERVING."""
         process = self.processes[service]
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.grpc_target(service)) as channel:
+        with self.channel(service) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if not process.alive:

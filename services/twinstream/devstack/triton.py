@@ -17,7 +17,8 @@ class TritonServer:
 
     def __init__(self, repository: Path, log_path: Path | None = None, venv: Path | None = None,
                  threads: int = 2, ready_timeout_s: float = 180.0, grpc_port: int | None = None,
-                 http_port: int | None = None, metrics_port: int | None = None) -> None:
+                 http_port: int | None = None, metrics_port: int | None = None,
+                 tls: tuple[Path, Path, Path] | None = None) -> None:
         """Ports left as None are picked free on 127.0.0.1; the venv defaults to
         ``$TWINSTREAM_TRITON_VENV`` or ``<repo root>/.venv-triton``. Nothing starts here."""
         self.repository = Path(repository)
@@ -29,6 +30,8 @@ class TritonServer:
         self.http_port = http_port or free_port()
         self.metrics_port = metrics_port or free_port()
         self.process: ManagedProcess | None = None
+        # (certificate, key, CA): gRPC serves TLS (HTTP and metrics stay on loopback only)
+        self.tls = tls
 
     @property
     def grpc_url(self) -> str:
@@ -78,6 +81,10 @@ class TritonServer:
             "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false", "--log-verbose=0",
         ]
+        if self.tls is not None:
+            cert, key, ca = self.tls
+            argv += ["--grpc-use-ssl=true", f"--grpc-server-cert={cert}",
+                     f"--grpc-server-key={key}", f"--grpc-root-cert={ca}"]
         env = {**os.environ, "PYTHONPATH": str(site), "TWINSTREAM_TRITON_SITE": str(site),
                "OMP_NUM_THREADS": str(self.threads), "TWINSTREAM_TRITON_THREADS": str(self.threads)}
         self.process = ManagedProcess("triton", argv, env, self.log_path, term_grace_s=30.0)
@@ -87,7 +94,8 @@ class TritonServer:
     def wait_ready(self) -> None:
         import tritonclient.grpc as triton_grpc
 
-        client = triton_grpc.InferenceServerClient(self.grpc_url)
+        tls = {} if self.tls is None else {"ssl": True, "root_certificates": str(self.tls[2])}
+        client = triton_grpc.InferenceServerClient(self.grpc_url, **tls)
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if self.process is not None and self.process.popen is not None and not self.process.alive:

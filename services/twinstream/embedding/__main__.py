@@ -7,7 +7,7 @@ import threading
 from prometheus_client import REGISTRY
 
 from twinstream.common.config import Settings, load_settings
-from twinstream.common.encoding import TritonEncoder, make_encoder
+from twinstream.common.encoding import TritonEncoder, TritonTLS, make_encoder
 from twinstream.common.kafka import ConsumeLoop
 from twinstream.common.logs import configure_logging
 from twinstream.common.metrics import Metrics
@@ -23,7 +23,8 @@ def main(settings: Settings | None = None) -> None:
     configure_logging(settings.service, settings.server.log_level)
     metrics = Metrics.create(REGISTRY)
     runtime = ServiceRuntime(settings, metrics)
-    encoders = [make_encoder(b, settings.encoder.backend, settings.encoder.triton_url, metrics)
+    encoders = [make_encoder(b, settings.encoder.backend, settings.encoder.triton_url, metrics,
+                             TritonTLS.from_settings(settings))
                 for b in load_bundles(settings.encoder.model_dirs)]
     for encoder in encoders:
         if isinstance(encoder.encoder, TritonEncoder):

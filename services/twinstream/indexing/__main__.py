@@ -11,6 +11,7 @@ from twinstream.common.kafka import ConsumeLoop, make_producer, publish
 from twinstream.common.logs import configure_logging
 from twinstream.common.metrics import Metrics
 from twinstream.common.runtime import ServiceRuntime
+from twinstream.common.security import milvus_client_options
 from twinstream.common.usage import parse_service_args
 from twinstream.common.vectorstore import VectorStore
 from twinstream.indexing.reaper import Reaper
@@ -24,8 +25,8 @@ def main(settings: Settings | None = None) -> None:
     configure_logging(settings.service, settings.server.log_level)
     metrics = Metrics.create(REGISTRY)
     runtime = ServiceRuntime(settings, metrics)
-    store = VectorStore(settings.milvus.uri, settings.milvus.token.get_secret_value(),
-                        settings.milvus.collection_prefix, metrics=metrics)
+    store = VectorStore(settings.milvus.uri, prefix=settings.milvus.collection_prefix,
+                        metrics=metrics, connection=milvus_client_options(settings))
     indexer = Indexer(settings, store, load_bundles(settings.encoder.model_dirs), metrics=metrics)
     loop = ConsumeLoop(settings, settings.topics.embedded, indexer,
                        on_health=runtime.health_hook("stream"), metrics=metrics,

@@ -5,11 +5,12 @@ from __future__ import annotations
 from prometheus_client import REGISTRY
 
 from twinstream.common.config import Settings, load_settings
-from twinstream.common.encoding import make_encoder
+from twinstream.common.encoding import TritonTLS, make_encoder
 from twinstream.common.kafka import make_producer, publish
 from twinstream.common.logs import configure_logging
 from twinstream.common.metrics import Metrics
 from twinstream.common.runtime import ServiceRuntime
+from twinstream.common.security import milvus_client_options
 from twinstream.common.usage import parse_service_args
 from twinstream.common.vectorstore import VectorStore
 from twinstream.matching.service import Matching
@@ -22,9 +23,10 @@ def main(settings: Settings | None = None) -> None:
     settings = settings or load_settings("matching")
     configure_logging(settings.service, settings.server.log_level)
     metrics = Metrics.create(REGISTRY)
-    store = VectorStore(settings.milvus.uri, settings.milvus.token.get_secret_value(),
-                        settings.milvus.collection_prefix, metrics=metrics)
-    encoders = [make_encoder(b, settings.encoder.backend, settings.encoder.triton_url, metrics)
+    store = VectorStore(settings.milvus.uri, prefix=settings.milvus.collection_prefix,
+                        metrics=metrics, connection=milvus_client_options(settings))
+    encoders = [make_encoder(b, settings.encoder.backend, settings.encoder.triton_url, metrics,
+                             TritonTLS.from_settings(settings))
                 for b in load_bundles(settings.encoder.model_dirs)]
     producer = make_producer(settings)  # store commands (Delete) to indexing
     service = Matching(settings, store, encoders, lambda messages: publish(producer, messages))

@@ -67,7 +67,8 @@ def make_runtime(blocking: Blocking) -> Iterator[MakeRuntime]:
 
     def make(**overrides: Any) -> ServiceRuntime:
         server = {"grpc_max_workers": 2, "grpc_max_concurrent_rpcs": 0, **overrides}
-        settings = Settings(service="lifecycle", server=server)
+        settings = Settings(service="lifecycle", server=server, tls={"plaintext": True},
+                            auth={"disabled": True})
         registry = CollectorRegistry()
         runtime = ServiceRuntime(settings, Metrics.create(registry), ["test.Blocking"],
                                  [blocking.register], registry=registry)
@@ -210,7 +211,8 @@ def test_a_call_in_flight_finishes_within_the_grace(make_runtime: MakeRuntime, b
 
 def test_sigterm_turns_not_serving_while_the_work_loop_finishes_then_stops() -> None:
     registry = CollectorRegistry()
-    runtime = ServiceRuntime(Settings(service="lifecycle"), Metrics.create(registry), registry=registry)
+    runtime = ServiceRuntime(Settings(service="lifecycle", tls={"plaintext": True}, auth={"disabled": True}),
+                             Metrics.create(registry), registry=registry)
     seen: list[int] = []
 
     def work(stopping: threading.Event) -> None:

@@ -15,6 +15,7 @@ from kafka.errors import KafkaTimeoutError
 
 from twinstream.client import TwinstreamClient, pushback_s, text_item
 from twinstream.common.config import Settings
+from twinstream.common.security import ClientCredentials
 from twinstream.ingestion.service import Backpressure, Ingestion
 from twinstream.ingestion.store import AcceptedIds
 from twinstream.v1 import ingestion_pb2_grpc, items_pb2
@@ -65,7 +66,8 @@ def served(tmp_path: Path) -> Iterator[Served]:
     ingestion_pb2_grpc.add_IngestionServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    client = TwinstreamClient(f"127.0.0.1:{port}", timeout_s=10, retry_budget_s=0)
+    client = TwinstreamClient(f"127.0.0.1:{port}", timeout_s=10, retry_budget_s=0,
+                              credentials=ClientCredentials.plaintext())
     try:
         yield Served(client, producer, gate, health)
     finally:
