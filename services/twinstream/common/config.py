@@ -82,6 +82,12 @@ class Settings:
     # How long Delete waits for indexing to apply it before answering pending=true.
     delete_wait_s: float = 10.0
     topics: Topics = field(default_factory=Topics)
+    # Dependency probes (common/probes.py, issue 11): every service checks the broker / Milvus /
+    # Triton it needs this often, each call bounded by the timeout; health turns NOT_SERVING
+    # after this many failures in a row, so an idle service shows an outage too.
+    probe_interval_s: float = 2.0
+    probe_timeout_s: float = 2.0
+    probe_failures: int = 2
 
     @classmethod
     def from_env(cls, service: str, **overrides: Any) -> Settings:

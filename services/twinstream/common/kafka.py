@@ -38,6 +38,7 @@ from kafka.errors import (
     KafkaError,
     TopicAlreadyExistsError,
 )
+from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
 
 from twinstream.common.config import Settings
@@ -51,6 +52,7 @@ from twinstream.common.metrics import (
     ERRORS,
     ITEMS_PROCESSED,
     PAUSED_PARTITIONS,
+    PRODUCER_REBUILDS,
     SECONDS_WITHOUT_PROGRESS,
 )
 from twinstream.v1 import items_pb2
@@ -124,15 +126,16 @@ class BatchHandler(Protocol):
     def __call__(self, records: Sequence[ConsumerRecord]) -> BatchResult: ...
 
 
-def make_producer(settings: Settings) -> KafkaProducer:
-    """A producer that waits for the broker to acknowledge every write.
+def make_producer(settings: Settings) -> Producer:
+    """A producer that waits for the broker to acknowledge every write, and is rebuilt after a
+    non-retriable error (see ``Producer``).
 
     Idempotence is off: kafka-python 3 turns it on by default, and a broker that loses its
     producer state (a restart) leaves such a producer failing for good. Every downstream write
     is idempotent, so a duplicate from a retried send costs nothing; one request in flight per
     connection keeps each partition's order through retries.
     """
-    return KafkaProducer(
+    return Producer(lambda: KafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap.split(","),
         client_id=f"{settings.service}-{settings.instance_id}",
         acks="all",
@@ -141,7 +144,55 @@ def make_producer(settings: Settings) -> KafkaProducer:
         enable_idempotence=False,
         max_in_flight_requests_per_connection=1,
         max_request_size=MAX_REQUEST_BYTES,
-    )
+    ), settings.service)
+
+
+class Producer:
+    """A KafkaProducer that ``publish`` closes and builds afresh after a non-retriable error.
+
+    kafka-python gives up on a send for good when the broker answers with an error it does not
+    class as retriable (``UnknownError`` while the broker's storage is down, a fenced or
+    aborted producer state): a producer in that state can stay broken after the broker is
+    healthy again. A fresh one costs a reconnect, so ``publish`` rebuilds on every such error
+    and the caller retries the whole batch (at-least-once; downstream writes are idempotent).
+    Shared between threads (ingestion's API and its stream loop): sends go to the current
+    producer; one rebuild at a time.
+    """
+
+    def __init__(self, build: Callable[[], KafkaProducer], service: str = "") -> None:
+        self._build = build
+        self._service = service
+        self._lock = threading.Lock()
+        self._producer = build()
+
+    def send(self, topic: str, key: bytes | None = None, value: bytes | None = None,
+             headers: list[tuple[str, bytes]] | None = None) -> FutureRecordMetadata:
+        return self._producer.send(topic, key=key, value=value, headers=headers)
+
+    def flush(self, timeout: float | None = None) -> None:
+        self._producer.flush(timeout=timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        self._producer.close(timeout=timeout)
+
+    def rebuild(self, broken: KafkaProducer | None = None) -> None:
+        """Close the current producer (without waiting) and build a new one; a no-op when
+        ``broken`` was already replaced by another thread."""
+        with self._lock:
+            if broken is not None and broken is not self._producer:
+                return
+            old = self._producer
+            self._producer = self._build()
+        PRODUCER_REBUILDS.labels(self._service).inc()
+        log.warning("producer rebuilt after a non-retriable error")
+        try:
+            old.close(timeout=0)
+        except Exception:  # a producer in a broken state may fail to close; it is dropped anyway
+            log.debug("closing the broken producer failed", exc_info=True)
+
+    @property
+    def current(self) -> KafkaProducer:
+        return self._producer
 
 
 def ensure_topics(settings: Settings, timeout_s: float = 60.0) -> None:
@@ -201,11 +252,14 @@ def dead_letter(settings: Settings, rejected: Rejected) -> Outgoing:
     return Outgoing(settings.topics.dlq, key, letter.SerializeToString())
 
 
-def publish(producer: KafkaProducer, messages: Sequence[Outgoing], timeout_s: float = 30.0) -> None:
+def publish(producer: Producer, messages: Sequence[Outgoing], timeout_s: float = 30.0) -> None:
     """Produce ``messages`` and wait until the broker acknowledged every one.
 
-    Raises TransientError when the broker did not take them (down, restarting, timed out).
+    Raises TransientError when the broker did not take them (down, restarting, timed out); after
+    an error kafka-python does not retry itself (not ``retriable``), the producer is rebuilt
+    first, so the caller's retry runs on a fresh one.
     """
+    current = producer.current
     try:
         futures = [producer.send(m.topic, key=m.key, value=m.value,
                                   headers=list(m.headers) or None) for m in messages]
@@ -213,6 +267,8 @@ def publish(producer: KafkaProducer, messages: Sequence[Outgoing], timeout_s: fl
         for future in futures:
             future.get(timeout=timeout_s)  # re-raises the send error, if any
     except (KafkaError, TimeoutError) as exc:
+        if isinstance(exc, KafkaError) and not exc.retriable:
+            producer.rebuild(current)
         raise TransientError(f"the broker did not acknowledge the batch: {exc!r}") from exc
 
 
@@ -233,7 +289,7 @@ class ConsumeLoop:
     """Polls ``topic`` in batches, runs the handler, produces, flushes, then commits."""
 
     def __init__(self, settings: Settings, topic: str, handler: BatchHandler,
-                 producer: KafkaProducer | None = None, consumer: KafkaConsumer | None = None,
+                 producer: Producer | None = None, consumer: KafkaConsumer | None = None,
                  on_health: Callable[[bool], None] | None = None) -> None:
         self.settings = settings
         self.topic = topic

@@ -62,6 +62,20 @@ ENCODER_SECONDS = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 
+# Dependency probes (common/probes.py) and producer rebuilds (common/kafka.py).
+DEPENDENCY_UP = Gauge(
+    "twinstream_dependency_up", "1 while a dependency (broker, milvus, triton) answers its probe",
+    ["service", "dependency"],
+)
+DEPENDENCY_PROBE_FAILURES = Counter(
+    "twinstream_dependency_probe_failures", "Dependency probes that failed or timed out",
+    ["service", "dependency"],
+)
+PRODUCER_REBUILDS = Counter(
+    "twinstream_producer_rebuilds", "Kafka producers closed and rebuilt after a non-retriable error",
+    ["service"],
+)
+
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> int:
     """Start the /metrics HTTP endpoint; returns the bound port (useful with port 0)."""

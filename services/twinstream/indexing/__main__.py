@@ -7,6 +7,7 @@ import threading
 from twinstream.common.bundle import load_bundles
 from twinstream.common.config import Settings
 from twinstream.common.kafka import ConsumeLoop, make_producer, publish
+from twinstream.common.probes import DependencyMonitor, broker_probe, milvus_probe
 from twinstream.common.runtime import ServiceRuntime
 from twinstream.common.vectorstore import VectorStore
 from twinstream.indexing.reaper import Reaper
@@ -23,7 +24,11 @@ def main() -> None:
 
     reaper_producer = make_producer(settings)
 
+    monitor = DependencyMonitor(settings, [broker_probe(settings, settings.topics.embedded),
+                                           milvus_probe(store.client)], runtime.health_hook)
+
     def work(stopping: threading.Event) -> None:
+        monitor.start(stopping)
         reaper = threading.Thread(
             target=Reaper(settings, store, lambda messages: publish(reaper_producer, messages)).run,
             args=(stopping,), name="reaper", daemon=True)

@@ -6,6 +6,7 @@ import threading
 
 from twinstream.common.config import Settings
 from twinstream.common.kafka import ConsumeLoop, GroupLag, make_producer
+from twinstream.common.probes import DependencyMonitor, broker_probe
 from twinstream.common.runtime import ServiceRuntime
 from twinstream.ingestion.service import Backpressure, Ingestion
 from twinstream.ingestion.store import AcceptedIds
@@ -34,7 +35,11 @@ def main() -> None:
     gate = threading.Thread(target=backpressure.run, args=(runtime.stopping,),
                             name="backpressure", daemon=True)
 
+    monitor = DependencyMonitor(settings, [broker_probe(settings, settings.topics.raw)],
+                                runtime.health_hook)
+
     def work(stopping: threading.Event) -> None:
+        monitor.start(stopping)
         if settings.ingest_max_lag > 0:
             gate.start()
         loop.run(stopping)

@@ -6,6 +6,7 @@ from twinstream.common.bundle import load_bundles
 from twinstream.common.config import Settings
 from twinstream.common.encoding import make_encoder
 from twinstream.common.kafka import make_producer, publish
+from twinstream.common.probes import DependencyMonitor, milvus_probe
 from twinstream.common.runtime import ServiceRuntime
 from twinstream.common.vectorstore import VectorStore
 from twinstream.matching.service import Matching
@@ -24,6 +25,8 @@ def main() -> None:
         [matching_pb2.DESCRIPTOR.services_by_name["Matching"].full_name],
         [lambda server: matching_pb2_grpc.add_MatchingServicer_to_server(service, server)],
     )
+    # Milvus only: Match by id needs no Triton, so a Triton outage does not take matching out.
+    DependencyMonitor(settings, [milvus_probe(store.client)], runtime.health_hook).start(runtime.stopping)
     runtime.run_until_stopped()
 
 

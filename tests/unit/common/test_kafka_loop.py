@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaTimeoutError
+from kafka.errors import KafkaTimeoutError, UnknownError
 from prometheus_client import REGISTRY
 
 from twinstream.common.config import Settings
@@ -20,6 +20,7 @@ from twinstream.common.kafka import (
     BatchResult,
     ConsumeLoop,
     Outgoing,
+    Producer,
     Rejected,
     dead_letter,
     publish,
@@ -134,7 +135,7 @@ def make_loop(settings: Settings) -> MakeLoop:
              ) -> tuple[ConsumeLoop, FakeConsumer, FakeProducer]:
         consumer, producer = FakeConsumer(logs), FakeProducer()
         loop = ConsumeLoop(Settings(**{**settings.__dict__, **overrides}), TOPIC, handler,
-                           producer=producer, consumer=consumer)
+                           producer=Producer(lambda: producer), consumer=consumer)
         return loop, consumer, producer
     return make
 
@@ -295,4 +296,28 @@ def test_a_dead_letter_of_a_huge_record_fits_the_producer_request_limit(settings
 def test_a_broker_that_does_not_acknowledge_is_a_transient_error() -> None:
     producer = FakeProducer(fail_with=KafkaTimeoutError("no ack"))
     with pytest.raises(TransientError, match="did not acknowledge"):
+        publish(Producer(lambda: producer), [Outgoing("t", b"k", b"v")])
+
+
+def test_a_non_retriable_broker_error_rebuilds_the_producer_before_the_retry() -> None:
+    # UnknownError is what tansu answers while its S3 storage is down; kafka-python does not
+    # retry it, and the batch's retry must not run on a producer left in that state.
+    built = [FakeProducer(fail_with=UnknownError()), FakeProducer()]
+    producer = Producer(lambda: built.pop(0))
+    with pytest.raises(TransientError):
         publish(producer, [Outgoing("t", b"k", b"v")])
+    publish(producer, [Outgoing("t", b"k", b"v")])
+    assert not built, "a second producer was built"
+    assert producer.current.sent == [("t", b"v")], "the retry went out on the fresh producer"
+
+
+def test_a_retriable_broker_error_keeps_the_producer() -> None:
+    builds: list[FakeProducer] = []
+
+    def build() -> FakeProducer:
+        builds.append(FakeProducer(fail_with=KafkaTimeoutError("no ack")))
+        return builds[-1]
+
+    with pytest.raises(TransientError):
+        publish(Producer(build), [Outgoing("t", b"k", b"v")])
+    assert len(builds) == 1
