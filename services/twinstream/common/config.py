@@ -88,6 +88,9 @@ class Settings:
     probe_interval_s: float = 2.0
     probe_timeout_s: float = 2.0
     probe_failures: int = 2
+    # A stream loop whose polls return nothing while records wait this long makes its Kafka
+    # consumer again (common/kafka.py, ConsumeLoop._check_fetching).
+    loop_fetch_stall_s: float = 15.0
 
     @classmethod
     def from_env(cls, service: str, **overrides: Any) -> Settings:

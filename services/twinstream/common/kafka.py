@@ -290,14 +290,29 @@ class ConsumeLoop:
 
     def __init__(self, settings: Settings, topic: str, handler: BatchHandler,
                  producer: Producer | None = None, consumer: KafkaConsumer | None = None,
-                 on_health: Callable[[bool], None] | None = None) -> None:
+                 on_health: Callable[[bool], None] | None = None,
+                 consumer_factory: Callable[[], KafkaConsumer] | None = None) -> None:
         self.settings = settings
         self.topic = topic
         self.handler = handler
         self.on_health = on_health or (lambda healthy: None)
         self._owns_producer = producer is None
         self.producer = producer or make_producer(settings)
-        self.consumer = consumer or KafkaConsumer(
+        # How to make the consumer again when its fetching is stuck (see _check_fetching); an
+        # injected consumer without a factory is only reported.
+        self._consumer_factory = consumer_factory or (None if consumer else lambda: self._new_consumer(topic))
+        self.consumer = consumer or self._new_consumer(topic)
+        self._lag_checked = 0.0
+        self._lag_partitions: set[TopicPartition] = set()
+        self._backoff = 0.0               # the delay before the next retry; 0 after a success
+        self._resume_at = 0.0             # when the paused partitions are retried
+        self._failing_since: float | None = None
+        self._behind_since: float | None = None   # records wait, yet polls return none
+        self._healthy = True
+
+    def _new_consumer(self, topic: str) -> KafkaConsumer:
+        settings = self.settings
+        return KafkaConsumer(
             topic,
             bootstrap_servers=settings.kafka_bootstrap.split(","),
             group_id=settings.consumer_group,
@@ -311,12 +326,6 @@ class ConsumeLoop:
             request_timeout_ms=max(30_000, settings.kafka_session_timeout_ms + 5_000),
             fetch_max_wait_ms=50,
         )
-        self._lag_checked = 0.0
-        self._lag_partitions: set[TopicPartition] = set()
-        self._backoff = 0.0               # the delay before the next retry; 0 after a success
-        self._resume_at = 0.0             # when the paused partitions are retried
-        self._failing_since: float | None = None
-        self._healthy = True
 
     def run(self, stopping: threading.Event, on_ready: Callable[[], None] = lambda: None) -> None:
         """Process batches until ``stopping`` is set, then close cleanly."""
@@ -330,7 +339,7 @@ class ConsumeLoop:
                     on_ready()
                 if records:
                     self.step(records)
-                elif not self.consumer.paused():
+                elif not self.consumer.paused() and not self._check_fetching():
                     self._progressed()  # idle with nothing pending is not a stall
                 self._update_lag()
                 self._report_stall()
@@ -503,6 +512,48 @@ class ConsumeLoop:
                 self.consumer.seek(tp, offset)
                 sought.append(tp)
         return sought
+
+    def _check_fetching(self) -> bool:
+        """Whether an unpaused partition has had records waiting (position below its high
+        watermark) for ``loop_fetch_stall_s`` while every poll came back empty.
+
+        kafka-python 3.0 can leave a partition unfetched for good after it was sought back,
+        paused and resumed (seen after a Triton restart: lag 212, no fetch for minutes, the loop
+        idle). Such a stall counts as no progress (health), and the consumer is closed and made
+        again: it rejoins the group and resumes from the committed offsets (at-least-once).
+        """
+        behind = False
+        for tp in self.consumer.assignment():
+            try:
+                high, position = self.consumer.highwater(tp), self.consumer.position(tp)
+            except (KafkaError, IllegalStateError):
+                continue
+            if high is not None and position is not None and position < high:
+                behind = True
+                break
+        now = time.monotonic()
+        if not behind:
+            self._behind_since = None
+            return False
+        if self._behind_since is None:
+            self._behind_since = now
+        if self._failing_since is None:
+            self._failing_since = now
+        if now - self._behind_since < self.settings.loop_fetch_stall_s:
+            return True
+        ERRORS.labels(self.settings.service, "fetch_stalled").inc()
+        log.error("records wait but no poll returns them; making the consumer again",
+                  extra={"stalled_s": round(now - self._behind_since, 1)})
+        self._behind_since = None
+        if self._consumer_factory is not None:
+            try:
+                fresh = self._consumer_factory()
+            except KafkaError:  # the broker is unreachable now: keep the old one, try again later
+                log.warning("could not make a new consumer", exc_info=True)
+                return True
+            self.consumer.close(autocommit=False)
+            self.consumer = fresh
+        return True
 
     def _update_lag(self) -> None:
         """Lag = high watermark - position, from the fetch responses' high watermarks.

@@ -3,6 +3,7 @@ one class: the live-stack tests in tests/test_stream_faults.py prove the same en
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -321,3 +322,39 @@ def test_a_retriable_broker_error_keeps_the_producer() -> None:
     with pytest.raises(TransientError):
         publish(Producer(build), [Outgoing("t", b"k", b"v")])
     assert len(builds) == 1
+
+
+class StuckConsumer(FakeConsumer):
+    """Knows records wait (its high watermark is ahead) but no poll returns them: what
+    kafka-python 3.0 did to a partition sought back, paused and resumed after a Triton restart."""
+
+    closed = False
+
+    def poll(self, timeout_ms: int = 0, max_records: int = 500) -> dict[TopicPartition, list[Any]]:
+        return {}
+
+    def close(self, autocommit: bool = False) -> None:
+        self.closed = True
+
+
+def test_a_consumer_whose_polls_stay_empty_while_records_wait_is_made_again(settings: Settings) -> None:
+    stuck, fresh = StuckConsumer({0: [b"a", b"b"]}), FakeConsumer({0: [b"a", b"b"]})
+    loop = ConsumeLoop(Settings(**{**settings.__dict__, "loop_fetch_stall_s": 0.0}), TOPIC,
+                       echo_unless(lambda v: None), producer=Producer(FakeProducer), consumer=stuck,
+                       consumer_factory=lambda: fresh)
+    assert loop._poll_batch(threading.Event()) == []
+    assert loop._check_fetching(), "waiting records that never come are no progress"
+    assert stuck.closed and loop.consumer is fresh
+    drive(loop)
+    assert fresh.committed == {TopicPartition(TOPIC, 0): 2}, "the new consumer processed them"
+
+
+def test_a_consumer_at_the_end_of_its_partitions_is_idle_not_stuck(settings: Settings) -> None:
+    made: list[FakeConsumer] = []
+    consumer = FakeConsumer({0: [b"a"]})
+    loop = ConsumeLoop(Settings(**{**settings.__dict__, "loop_fetch_stall_s": 0.0}), TOPIC,
+                       echo_unless(lambda v: None), producer=Producer(FakeProducer), consumer=consumer,
+                       consumer_factory=lambda: made.append(FakeConsumer({})) or made[-1])
+    drive(loop)
+    assert not loop._check_fetching()
+    assert loop.consumer is consumer and not made
