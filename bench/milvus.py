@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build-timeout", type=float, default=3600.0,
                         help="seconds to wait for the HNSW build before measuring what is built")
     parser.add_argument("--name", default="milvus", help="file stem of the outputs")
+    parser.add_argument("--root", type=Path, default=REPO_ROOT / "var" / "bench-milvus-server",
+                        help="the Milvus server's data directory (wiped first)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / f"{stem}.json").write_text(json.dumps(asdict(result), indent=2))
         (args.out / f"{stem}.md").write_text(markdown(result))
 
-    result = run(args.vectors, args.dims, args.ef, REPO_ROOT / "var" / "bench-milvus-server", args.seed,
+    result = run(args.vectors, args.dims, args.ef, args.root, args.seed,
                  args.latency_queries, args.recall_queries, args.ingest_rate, args.build_timeout,
                  progress=lambda partial: write(partial, f"{args.name}.partial"))
     write(result, args.name)
