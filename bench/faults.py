@@ -24,9 +24,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from kafka import KafkaProducer
 
-from twinstream.common.kafka import TopicReader, make_producer
+from twinstream.common.kafka import Producer, TopicReader, make_producer
 from twinstream.common.vectorstore import VectorStore
 from twinstream.demo import febrl_items
 from twinstream.devstack import REPO_ROOT, SERVICES, LocalStack, StackConfig
@@ -101,7 +100,7 @@ class Streamer(threading.Thread):
 
     def run(self) -> None:
         settings = self.stack.settings()
-        producer: KafkaProducer | None = None
+        producer: Producer | None = None
         pending = list(self.records)
         chunk = max(1, int(self.rate / 5))
         while pending and time.monotonic() < self.deadline:

@@ -93,9 +93,10 @@ def _rss_mib(process: ManagedProcess) -> float:
 
 
 def _rows(vectors: np.ndarray, start: int) -> list[dict[str, object]]:
+    # every field of the store's schema: Milvus 2.3 ignores nullable, so "signals" must be set
     return [{"pk": row_key(TENANT, COLLECTION, str(start + i)), "item_id": str(start + i), "tenant": TENANT,
              "collection": COLLECTION, "content_hash": "", "cluster_id": str(start + i), "ingest_ms": 0,
-             "event_ms": 0, "metadata": {}, "decision": "", "deleted_ms": 0, "vector": v}
+             "event_ms": 0, "metadata": {}, "decision": "", "deleted_ms": 0, "signals": {}, "vector": v}
             for i, v in enumerate(vectors)]
 
 

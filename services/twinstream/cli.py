@@ -12,6 +12,8 @@
                                        own items, no labels (docs/learn.md)
   twinstream reembed --bundle DIR      fill a new model version's collection from items.accepted
   twinstream promote --model M --version V   switch the live alias to that version
+  twinstream dlq redrive --reason R    re-publish dead letters' bytes to their source topic
+                                       (--tenant T, --dry-run; docs/failures.md)
   twinstream token issue --tenant T --scopes ingest,match --ttl 1h   print a bearer token
 
 ingest/match/status speak TLS and send a token (docs/security.md): --ca-file (or
@@ -343,6 +345,12 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from twinstream.dlq import main as dlq_main
+
+    return dlq_main(args.kafka, args.reason, args.tenant, args.dry_run)
+
+
 def _delegate(module: str, argv: list[str]) -> int:
     entry = importlib.import_module(module)
     return int(entry.main(argv) or 0)
@@ -432,6 +440,14 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--key-file", default="",
                        help="signing key (default $TWINSTREAM_AUTH_TOKEN_KEY_FILE, else the local stack's)")
     token.set_defaults(run=cmd_token)
+
+    dlq = commands.add_parser("dlq", help="dead letters: `dlq redrive --reason R`")
+    dlq.add_argument("action", choices=["redrive"])
+    dlq.add_argument("--reason", required=True, help="e.g. unknown_model_version")
+    dlq.add_argument("--tenant", default="", help="only this tenant's letters")
+    dlq.add_argument("--dry-run", action="store_true", help="count what would be re-driven; publish nothing")
+    dlq.add_argument("--kafka", default="127.0.0.1:9092", help="broker bootstrap address")
+    dlq.set_defaults(run=cmd_dlq)
     args = parser.parse_args(argv)
     if getattr(args, "bundle", "unset") is None:
         args.bundle = [DEFAULT_BUNDLE]

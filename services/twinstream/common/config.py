@@ -187,6 +187,10 @@ class LoopSettings(_Section):
                           "no progress this long with records pending turns health NOT_SERVING", ge=0)
     max_backoff_s: float = _env("LOOP_MAX_BACKOFF_S", 10.0,
                                 "retry backoff cap for a failed batch (it doubles from 0.2 s)", gt=0)
+    # Polls that return nothing while records wait this long make the Kafka consumer again
+    # (ConsumeLoop._check_fetching).
+    fetch_stall_s: float = _env("LOOP_FETCH_STALL_S", 15.0,
+                                "records wait but polls return none this long: rebuild the consumer", ge=0)
     dead_letter_max_bytes: int = _env("DEAD_LETTER_MAX_BYTES", 1_048_576,
                                       "payload bytes a dead letter keeps (the rest is cut, and it says so)",
                                       gt=0)
@@ -307,6 +311,14 @@ class RetentionSettings(_Section):
         return next((r.seconds for r in self.ttl_rules() if r.matches(tenant, collection)), 0)
 
 
+class ProbeSettings(_Section):
+    """Dependency probes (common/probes.py): an idle service shows a broker, Milvus or Triton outage."""
+
+    interval_s: float = _env("PROBE_INTERVAL_S", 2.0, "seconds between probes of each dependency", gt=0)
+    timeout_s: float = _env("PROBE_TIMEOUT_S", 2.0, "longest one probe call may take", gt=0)
+    failures: int = _env("PROBE_FAILURES", 2, "failures in a row that turn health NOT_SERVING", gt=0)
+
+
 class TlsSettings(_Section):
     """gRPC TLS of the servers and the services' own clients (docs/security.md)."""
 
@@ -346,6 +358,7 @@ class Settings(BaseModel):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     search: SearchSettings = Field(default_factory=SearchSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    probes: ProbeSettings = Field(default_factory=ProbeSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
 

@@ -40,6 +40,7 @@ class PermanentError(Exception):
 
 def milvus_transient(exc: BaseException) -> bool:
     """Whether a pymilvus/gRPC error means Milvus is unreachable, overloaded or restarting."""
+    from pymilvus.client.types import Status
     from pymilvus.exceptions import (
         ConnectError,
         ConnectionNotExistException,
@@ -54,8 +55,11 @@ def milvus_transient(exc: BaseException) -> bool:
     if isinstance(exc, grpc.RpcError):
         return exc.code() in _TRANSIENT_CODES
     if isinstance(exc, MilvusException):
-        # pymilvus gives up retrying with the gRPC status as the code; a rate limit is an int
-        return exc.code in _TRANSIENT_CODES or exc.code == ErrorCode.RATE_LIMIT
+        # pymilvus gives up retrying with the gRPC status as the code; a rate limit is an int;
+        # its reconnect after a server restart fails with Status.CONNECT_FAILED while the server
+        # is still down (the fault matrix dead-lettered a batch as handler_error on it)
+        return (exc.code in _TRANSIENT_CODES or exc.code == ErrorCode.RATE_LIMIT
+                or exc.code == Status.CONNECT_FAILED)
     return False
 
 

@@ -38,6 +38,7 @@ from kafka.errors import (
     KafkaError,
     TopicAlreadyExistsError,
 )
+from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
 
 from twinstream.common.config import Settings
@@ -115,8 +116,9 @@ class BatchHandler(Protocol):
     def __call__(self, records: Sequence[ConsumerRecord]) -> BatchResult: ...
 
 
-def make_producer(settings: Settings) -> KafkaProducer:
-    """A producer that waits for the broker to acknowledge every write.
+def make_producer(settings: Settings, metrics: Metrics | None = None) -> Producer:
+    """A producer that waits for the broker to acknowledge every write, and is rebuilt after a
+    non-retriable error (see ``Producer``).
 
     Idempotence is off: kafka-python 3 turns it on by default, and a broker that loses its
     producer state (a restart) leaves such a producer failing for good. Every downstream write
@@ -128,7 +130,7 @@ def make_producer(settings: Settings) -> KafkaProducer:
     several requests one after another (one in flight), each a storage write on an S3-backed
     tansu (docs/bench/throughput.md).
     """
-    return KafkaProducer(
+    return Producer(lambda: KafkaProducer(
         bootstrap_servers=list(settings.kafka.bootstrap),
         **kafka_client_options(settings),
         client_id=f"{settings.service}-{settings.server.instance_id}",
@@ -139,7 +141,55 @@ def make_producer(settings: Settings) -> KafkaProducer:
         max_in_flight_requests_per_connection=1,
         max_request_size=MAX_REQUEST_BYTES,
         batch_size=settings.kafka.producer_batch_bytes,
-    )
+    ), metrics)
+
+
+class Producer:
+    """A KafkaProducer that ``publish`` closes and builds afresh after a non-retriable error.
+
+    kafka-python gives up on a send for good when the broker answers with an error it does not
+    class as retriable (``UnknownError`` while the broker's storage is down, a fenced or
+    aborted producer state): a producer in that state can stay broken after the broker is
+    healthy again. A fresh one costs a reconnect, so ``publish`` rebuilds on every such error
+    and the caller retries the whole batch (at-least-once; downstream writes are idempotent).
+    Shared between threads (ingestion's API and its stream loop): sends go to the current
+    producer; one rebuild at a time.
+    """
+
+    def __init__(self, build: Callable[[], KafkaProducer], metrics: Metrics | None = None) -> None:
+        self._build = build
+        self.metrics = metrics or Metrics.unexported()
+        self._lock = threading.Lock()
+        self._producer = build()
+
+    def send(self, topic: str, key: bytes | None = None, value: bytes | None = None,
+             headers: list[tuple[str, bytes]] | None = None) -> FutureRecordMetadata:
+        return self._producer.send(topic, key=key, value=value, headers=headers)
+
+    def flush(self, timeout: float | None = None) -> None:
+        self._producer.flush(timeout=timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        self._producer.close(timeout=timeout)
+
+    def rebuild(self, broken: KafkaProducer | None = None) -> None:
+        """Close the current producer (without waiting) and build a new one; a no-op when
+        ``broken`` was already replaced by another thread."""
+        with self._lock:
+            if broken is not None and broken is not self._producer:
+                return
+            old = self._producer
+            self._producer = self._build()
+        self.metrics.producer_rebuilds.inc()
+        log.warning("producer rebuilt after a non-retriable error")
+        try:
+            old.close(timeout=0)
+        except Exception:  # a producer in a broken state may fail to close; it is dropped anyway
+            log.debug("closing the broken producer failed", exc_info=True)
+
+    @property
+    def current(self) -> KafkaProducer:
+        return self._producer
 
 
 def ensure_topics(settings: Settings, timeout_s: float = 60.0) -> None:
@@ -200,11 +250,14 @@ def dead_letter(settings: Settings, rejected: Rejected) -> Outgoing:
     return Outgoing(settings.topics.dlq, key, letter.SerializeToString())
 
 
-def publish(producer: KafkaProducer, messages: Sequence[Outgoing], timeout_s: float = 30.0) -> None:
+def publish(producer: Producer, messages: Sequence[Outgoing], timeout_s: float = 30.0) -> None:
     """Produce ``messages`` and wait until the broker acknowledged every one.
 
-    Raises TransientError when the broker did not take them (down, restarting, timed out).
+    Raises TransientError when the broker did not take them (down, restarting, timed out); after
+    an error kafka-python does not retry itself (not ``retriable``), the producer is rebuilt
+    first, so the caller's retry runs on a fresh one.
     """
+    current = producer.current
     try:
         futures = [producer.send(m.topic, key=m.key, value=m.value,
                                   headers=list(m.headers) or None) for m in messages]
@@ -212,6 +265,8 @@ def publish(producer: KafkaProducer, messages: Sequence[Outgoing], timeout_s: fl
         for future in futures:
             future.get(timeout=timeout_s)  # re-raises the send error, if any
     except (KafkaError, TimeoutError) as exc:
+        if isinstance(exc, KafkaError) and not exc.retriable:
+            producer.rebuild(current)
         raise TransientError(f"the broker did not acknowledge the batch: {exc!r}") from exc
 
 
@@ -253,10 +308,11 @@ class ConsumeLoop:
     """
 
     def __init__(self, settings: Settings, topic: str, handler: BatchHandler,
-                 producer: KafkaProducer | None = None, consumer: KafkaConsumer | None = None,
+                 producer: Producer | None = None, consumer: KafkaConsumer | None = None,
                  on_health: Callable[[bool], None] | None = None,
                  metrics: Metrics | None = None,
-                 on_rebalance: Callable[[], None] | None = None) -> None:
+                 on_rebalance: Callable[[], None] | None = None,
+                 consumer_factory: Callable[[], KafkaConsumer] | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics.unexported()
         self.topic = topic
@@ -265,15 +321,16 @@ class ConsumeLoop:
         self._owns_producer = producer is None
         self.producer = producer or make_producer(settings)
         self._on_rebalance = on_rebalance or (lambda: None)
-        if consumer is None:
-            consumer = self._consumer(settings)
-            consumer.subscribe([topic], listener=_OnRebalance(self._rebalanced))
-        self.consumer = consumer
+        # How to make the consumer again when its fetching is stuck (see _check_fetching); an
+        # injected consumer without a factory is only reported.
+        self._consumer_factory = consumer_factory or (None if consumer else lambda: self._new_consumer(topic))
+        self.consumer = consumer or self._new_consumer(topic)
         self._lag_checked = 0.0
         self._lag_partitions: set[TopicPartition] = set()
         self._backoff = 0.0               # the delay before the next retry; 0 after a success
         self._resume_at = 0.0             # when the paused partitions are retried
         self._failing_since: float | None = None
+        self._behind_since: float | None = None   # records wait, yet polls return none
         self._healthy = True
         self._uncommitted: dict[TopicPartition, OffsetAndMetadata] = {}  # sent async, unanswered
 
@@ -283,9 +340,10 @@ class ConsumeLoop:
         self._uncommitted.clear()
         self._on_rebalance()
 
-    @staticmethod
-    def _consumer(settings: Settings) -> KafkaConsumer:
-        return KafkaConsumer(
+    def _new_consumer(self, topic: str) -> KafkaConsumer:
+        """A consumer in this loop's group, subscribed to ``topic`` with the rebalance listener."""
+        settings = self.settings
+        consumer = KafkaConsumer(
             bootstrap_servers=list(settings.kafka.bootstrap),
             **kafka_client_options(settings),
             group_id=settings.consumer_group,
@@ -299,6 +357,8 @@ class ConsumeLoop:
             request_timeout_ms=max(30_000, settings.kafka.session_timeout_ms + 5_000),
             fetch_max_wait_ms=50,
         )
+        consumer.subscribe([topic], listener=_OnRebalance(self._rebalanced))
+        return consumer
 
     def run(self, stopping: threading.Event, on_ready: Callable[[], None] = lambda: None) -> None:
         """Process batches until ``stopping`` is set, then close cleanly."""
@@ -312,7 +372,7 @@ class ConsumeLoop:
                     on_ready()
                 if records:
                     self.step(records)
-                elif not self.consumer.paused():
+                elif not self.consumer.paused() and not self._check_fetching():
                     self._progressed()  # idle with nothing pending is not a stall
                 self._update_lag()
                 self._report_stall()
@@ -513,6 +573,48 @@ class ConsumeLoop:
                 self.consumer.seek(tp, offset)
                 sought.append(tp)
         return sought
+
+    def _check_fetching(self) -> bool:
+        """Whether an unpaused partition has had records waiting (position below its high
+        watermark) for ``loop_fetch_stall_s`` while every poll came back empty.
+
+        kafka-python 3.0 can leave a partition unfetched for good after it was sought back,
+        paused and resumed (seen after a Triton restart: lag 212, no fetch for minutes, the loop
+        idle). Such a stall counts as no progress (health), and the consumer is closed and made
+        again: it rejoins the group and resumes from the committed offsets (at-least-once).
+        """
+        behind = False
+        for tp in self.consumer.assignment():
+            try:
+                high, position = self.consumer.highwater(tp), self.consumer.position(tp)
+            except (KafkaError, IllegalStateError):
+                continue
+            if high is not None and position is not None and position < high:
+                behind = True
+                break
+        now = time.monotonic()
+        if not behind:
+            self._behind_since = None
+            return False
+        if self._behind_since is None:
+            self._behind_since = now
+        if self._failing_since is None:
+            self._failing_since = now
+        if now - self._behind_since < self.settings.loop.fetch_stall_s:
+            return True
+        self.metrics.errors.labels("fetch_stalled").inc()
+        log.error("records wait but no poll returns them; making the consumer again",
+                  extra={"stalled_s": round(now - self._behind_since, 1)})
+        self._behind_since = None
+        if self._consumer_factory is not None:
+            try:
+                fresh = self._consumer_factory()
+            except KafkaError:  # the broker is unreachable now: keep the old one, try again later
+                log.warning("could not make a new consumer", exc_info=True)
+                return True
+            self.consumer.close(autocommit=False)
+            self.consumer = fresh
+        return True
 
     def _update_lag(self) -> None:
         """Lag = high watermark - position, from the fetch responses' high watermarks.

@@ -40,6 +40,9 @@ class Metrics:
     grpc_handling: Histogram
     milvus_search: Histogram
     encoder_batch: Histogram
+    dependency_up: Gauge
+    dependency_probe_failures: Counter
+    producer_rebuilds: Counter
     registry: CollectorRegistry  # what they are registered on (tests read samples from it)
 
     @classmethod
@@ -98,6 +101,17 @@ class Metrics:
             encoder_batch=Histogram(
                 "twinstream_encoder_batch_seconds", "Encoder call latency per batch", ["backend"],
                 buckets=_LATENCY_BUCKETS, registry=r),
+            # Dependency probes (common/probes.py) and producer rebuilds (common/kafka.py).
+            dependency_up=Gauge(
+                "twinstream_dependency_up",
+                "1 while a dependency (broker, milvus, triton) answers its probe", ["dependency"],
+                registry=r),
+            dependency_probe_failures=Counter(
+                "twinstream_dependency_probe_failures", "Dependency probes that failed or timed out",
+                ["dependency"], registry=r),
+            producer_rebuilds=Counter(
+                "twinstream_kafka_producer_rebuilds",
+                "Kafka producers closed and rebuilt after a non-retriable error", registry=r),
             registry=r,
         )
 
@@ -106,6 +120,7 @@ class Metrics:
         """Metrics on a private registry nothing serves: the default of a component built
         outside a service (tools, benchmarks, tests), which has no /metrics to count for."""
         return cls.create(CollectorRegistry())
+
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1",

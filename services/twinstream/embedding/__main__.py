@@ -11,6 +11,7 @@ from twinstream.common.encoding import TritonEncoder, TritonTLS, make_encoder
 from twinstream.common.kafka import ConsumeLoop
 from twinstream.common.logs import configure_logging
 from twinstream.common.metrics import Metrics
+from twinstream.common.probes import DependencyMonitor, broker_probe, triton_probe
 from twinstream.common.runtime import ServiceRuntime
 from twinstream.common.usage import parse_service_args
 from twinstream.embedding.service import Embedder
@@ -32,7 +33,11 @@ def main(settings: Settings | None = None) -> None:
     loop = ConsumeLoop(settings, settings.topics.accepted, Embedder(settings, encoders),
                        on_health=runtime.health_hook("stream"), metrics=metrics)
 
+    monitor = DependencyMonitor(settings, [broker_probe(settings, settings.topics.accepted),
+                                           triton_probe(encoders)], runtime.health_hook, metrics)
+
     def work(stopping: threading.Event) -> None:
+        monitor.start(stopping)
         loop.run(stopping, on_ready=lambda: runtime.set_serving(True))
 
     runtime.run_until_stopped(work)

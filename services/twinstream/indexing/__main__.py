@@ -10,6 +10,7 @@ from twinstream.common.config import Settings, load_settings
 from twinstream.common.kafka import ConsumeLoop, make_producer, publish
 from twinstream.common.logs import configure_logging
 from twinstream.common.metrics import Metrics
+from twinstream.common.probes import DependencyMonitor, broker_probe, milvus_probe
 from twinstream.common.runtime import ServiceRuntime
 from twinstream.common.security import milvus_client_options
 from twinstream.common.usage import parse_service_args
@@ -32,9 +33,13 @@ def main(settings: Settings | None = None) -> None:
                        on_health=runtime.health_hook("stream"), metrics=metrics,
                        on_rebalance=indexer.on_rebalance)
 
-    reaper_producer = make_producer(settings)
+    reaper_producer = make_producer(settings, metrics)
+
+    monitor = DependencyMonitor(settings, [broker_probe(settings, settings.topics.embedded),
+                                           milvus_probe(store.client)], runtime.health_hook, metrics)
 
     def work(stopping: threading.Event) -> None:
+        monitor.start(stopping)
         reaper = threading.Thread(
             target=Reaper(settings, store, lambda messages: publish(reaper_producer, messages)).run,
             args=(stopping,), name="reaper", daemon=True)

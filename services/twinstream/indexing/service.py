@@ -45,8 +45,14 @@ from twinstream.v1 import decisions_pb2, items_pb2
 log = logging.getLogger(__name__)
 
 
-class UnknownModel(RuntimeError):
-    """An item was embedded by a model version this indexer has no bundle for (retry later)."""
+# The dead-letter reason of an item embedded by a model version this indexer has no bundle for:
+# it waits in items.dlq, untouched, until the version is deployed and the letter re-driven.
+UNKNOWN_MODEL_VERSION = "unknown_model_version"
+
+
+def unknown_model_detail(model: items_pb2.ModelRef) -> str:
+    return (f"no bundle for model {model.name}:{model.version} in this indexer; deploy it, then "
+            f"`twinstream dlq redrive --reason {UNKNOWN_MODEL_VERSION}`")
 
 
 class Indexer:
@@ -112,8 +118,10 @@ class Indexer:
                                                 item.accepted.item.item_id))
                 continue
             bundle = self.bundles.get((item.model.name, item.model.version))
-            if bundle is None:
-                raise UnknownModel(f"no bundle for model {item.model.name}:{item.model.version}")
+            if bundle is None:  # deploy the bundle to indexing, then `twinstream dlq redrive`
+                result.rejected.append(Rejected(record, UNKNOWN_MODEL_VERSION, unknown_model_detail(item.model),
+                                                item.accepted.item.item_id))
+                continue
             collection = self.store.ensure_collection(item.model, len(item.vector))
             it = item.accepted.item
             key = (collection, it.tenant, it.collection)

@@ -10,6 +10,7 @@ from twinstream.common.config import Settings, load_settings
 from twinstream.common.kafka import ConsumeLoop, GroupLag, make_producer
 from twinstream.common.logs import configure_logging
 from twinstream.common.metrics import Metrics
+from twinstream.common.probes import DependencyMonitor, broker_probe
 from twinstream.common.runtime import ServiceRuntime
 from twinstream.common.usage import parse_service_args
 from twinstream.ingestion.service import Backpressure, Ingestion
@@ -25,7 +26,7 @@ def main(settings: Settings | None = None) -> None:
     settings = settings or load_settings("ingestion")
     configure_logging(settings.service, settings.server.log_level)
     metrics = Metrics.create(REGISTRY)
-    producer = make_producer(settings)
+    producer = make_producer(settings, metrics)
     ids = AcceptedIds(settings.server.data_dir / "ingestion-accepted.sqlite")
     lag = GroupLag(settings, settings.topics.accepted, EMBEDDING_GROUP)
     backpressure = Backpressure(settings.limits.ingest_max_lag, lag.measure, metrics=metrics)
@@ -42,7 +43,11 @@ def main(settings: Settings | None = None) -> None:
     gate = threading.Thread(target=backpressure.run, args=(runtime.stopping,),
                             name="backpressure", daemon=True)
 
+    monitor = DependencyMonitor(settings, [broker_probe(settings, settings.topics.raw)],
+                                runtime.health_hook, metrics)
+
     def work(stopping: threading.Event) -> None:
+        monitor.start(stopping)
         if settings.limits.ingest_max_lag > 0:
             gate.start()
         loop.run(stopping)

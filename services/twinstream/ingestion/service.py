@@ -9,12 +9,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
-from kafka import KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 
 from twinstream.common.commands import scope_key
 from twinstream.common.config import Settings
-from twinstream.common.kafka import BatchResult, Outgoing, Rejected, publish
+from twinstream.common.kafka import BatchResult, Outgoing, Producer, Rejected, publish
 from twinstream.common.metrics import Metrics
 from twinstream.ingestion.store import AcceptedIds, Reservation
 from twinstream.ingestion.validation import (
@@ -93,7 +92,7 @@ def partition_key(item: items_pb2.Item) -> bytes:
 
 
 class Ingestion(ingestion_pb2_grpc.IngestionServicer):
-    def __init__(self, settings: Settings, ids: AcceptedIds, producer: KafkaProducer,
+    def __init__(self, settings: Settings, ids: AcceptedIds, producer: Producer,
                  backpressure: Backpressure | None = None,
                  on_broker_health: Callable[[bool], None] = lambda healthy: None,
                  metrics: Metrics | None = None) -> None:

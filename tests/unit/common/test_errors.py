@@ -41,3 +41,10 @@ def test_an_unreachable_milvus_becomes_transient_and_bad_input_passes_through() 
 ])
 def test_triton_errors_are_classified(status: str, message: str, transient: bool) -> None:
     assert triton_transient(InferenceServerException(msg=message, status=status)) is transient
+
+
+def test_a_failed_milvus_reconnect_is_transient() -> None:
+    # what pymilvus 3.0 raises from its reconnect while a restarted Milvus is not up yet
+    failed = MilvusException(2, "Fail connecting to server on 127.0.0.1:19530, illegal connection "
+                                "params or server unavailable")
+    assert milvus_transient(failed)

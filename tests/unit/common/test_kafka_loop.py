@@ -3,6 +3,7 @@ one class: the live-stack tests in tests/test_stream_faults.py prove the same en
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaTimeoutError
+from kafka.errors import KafkaTimeoutError, UnknownError
 
 from twinstream.common.config import Settings
 from twinstream.common.errors import PermanentError, TransientError
@@ -19,6 +20,7 @@ from twinstream.common.kafka import (
     BatchResult,
     ConsumeLoop,
     Outgoing,
+    Producer,
     Rejected,
     dead_letter,
     publish,
@@ -151,7 +153,7 @@ def make_loop(settings: Settings) -> MakeLoop:
         consumer = FakeConsumer(logs)
         producer = FakeProducer(events=consumer.events)
         loop = ConsumeLoop(settings.replace(**overrides), TOPIC, handler,
-                           producer=producer, consumer=consumer)
+                           producer=Producer(lambda: producer), consumer=consumer)
         return loop, consumer, producer
     return make
 
@@ -312,7 +314,19 @@ def test_a_dead_letter_of_a_huge_record_fits_the_producer_request_limit(settings
 def test_a_broker_that_does_not_acknowledge_is_a_transient_error() -> None:
     producer = FakeProducer(fail_with=KafkaTimeoutError("no ack"))
     with pytest.raises(TransientError, match="did not acknowledge"):
+        publish(Producer(lambda: producer), [Outgoing("t", b"k", b"v")])
+
+
+def test_a_non_retriable_broker_error_rebuilds_the_producer_before_the_retry() -> None:
+    # UnknownError is what tansu answers while its S3 storage is down; kafka-python does not
+    # retry it, and the batch's retry must not run on a producer left in that state.
+    built = [FakeProducer(fail_with=UnknownError()), FakeProducer()]
+    producer = Producer(lambda: built.pop(0))
+    with pytest.raises(TransientError):
         publish(producer, [Outgoing("t", b"k", b"v")])
+    publish(producer, [Outgoing("t", b"k", b"v")])
+    assert not built, "a second producer was built"
+    assert producer.current.sent == [("t", b"v")], "the retry went out on the fresh producer"
 
 
 def test_offsets_are_committed_only_after_the_outputs_are_acknowledged_and_after_flush_ran(
@@ -320,7 +334,7 @@ def test_offsets_are_committed_only_after_the_outputs_are_acknowledged_and_after
     consumer = FakeConsumer({0: [b"a", b"b"]})
     events = consumer.events
 
-    class Producer(FakeProducer):
+    class RecordingProducer(FakeProducer):
         def send(self, topic: str, key: bytes, value: bytes,
                  headers: list[tuple[str, bytes]] | None = None) -> FakeFuture:
             events.append("send")
@@ -330,7 +344,8 @@ def test_offsets_are_committed_only_after_the_outputs_are_acknowledged_and_after
         return BatchResult(outputs=[Outgoing("items.out", r.key, r.value) for r in records],
                            after_flush=lambda: events.append("after_flush"))
 
-    drive(ConsumeLoop(settings, TOPIC, handle, producer=Producer(events=events), consumer=consumer), 1)
+    producer = Producer(lambda: RecordingProducer(events=events))  # type: ignore[arg-type, return-value]
+    drive(ConsumeLoop(settings, TOPIC, handle, producer=producer, consumer=consumer), 1)
     assert events == ["send", "send", "flush", "after_flush", "commit_async"]
     assert consumer.committed[TopicPartition(TOPIC, 0)] == 2
 
@@ -384,3 +399,52 @@ def test_a_rebalance_forgets_unanswered_commits_and_tells_the_handler(make_loop:
     loop.close()
     assert calls == ["rebalanced"]
     assert consumer.committed == {}  # partition 0 may be another member's now
+
+
+
+def test_a_retriable_broker_error_keeps_the_producer() -> None:
+    builds: list[FakeProducer] = []
+
+    def build() -> FakeProducer:
+        builds.append(FakeProducer(fail_with=KafkaTimeoutError("no ack")))
+        return builds[-1]
+
+    with pytest.raises(TransientError):
+        publish(Producer(build), [Outgoing("t", b"k", b"v")])
+    assert len(builds) == 1
+
+
+class StuckConsumer(FakeConsumer):
+    """Knows records wait (its high watermark is ahead) but no poll returns them: what
+    kafka-python 3.0 did to a partition sought back, paused and resumed after a Triton restart."""
+
+    closed = False
+
+    def poll(self, timeout_ms: int = 0, max_records: int = 500) -> dict[TopicPartition, list[Any]]:
+        return {}
+
+    def close(self, autocommit: bool = False) -> None:
+        self.closed = True
+
+
+def test_a_consumer_whose_polls_stay_empty_while_records_wait_is_made_again(settings: Settings) -> None:
+    stuck, fresh = StuckConsumer({0: [b"a", b"b"]}), FakeConsumer({0: [b"a", b"b"]})
+    loop = ConsumeLoop(settings.replace(loop={"fetch_stall_s": 0.0}), TOPIC,
+                       echo_unless(lambda v: None), producer=Producer(FakeProducer), consumer=stuck,
+                       consumer_factory=lambda: fresh)
+    assert loop._poll_batch(threading.Event()) == []
+    assert loop._check_fetching(), "waiting records that never come are no progress"
+    assert stuck.closed and loop.consumer is fresh
+    drive(loop)
+    assert fresh.committed == {TopicPartition(TOPIC, 0): 2}, "the new consumer processed them"
+
+
+def test_a_consumer_at_the_end_of_its_partitions_is_idle_not_stuck(settings: Settings) -> None:
+    made: list[FakeConsumer] = []
+    consumer = FakeConsumer({0: [b"a"]})
+    loop = ConsumeLoop(settings.replace(loop={"fetch_stall_s": 0.0}), TOPIC,
+                       echo_unless(lambda v: None), producer=Producer(FakeProducer), consumer=consumer,
+                       consumer_factory=lambda: made.append(FakeConsumer({})) or made[-1])
+    drive(loop)
+    assert not loop._check_fetching()
+    assert loop.consumer is consumer and not made

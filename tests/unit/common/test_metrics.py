@@ -3,6 +3,7 @@ subsystem and unit, without a ``service`` label."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -10,7 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from twinstream.common.metrics import Metrics
 
-NAME = re.compile(r"^twinstream_(items|errors|dead_letters|stream|indexing|grpc_server|milvus|encoder)"
+NAME = re.compile(r"^twinstream_(items|errors|dead_letters|stream|indexing|grpc_server|milvus|encoder|dependency|kafka)"
                   r"(_[a-z]+)*$")
 
 
@@ -18,7 +19,7 @@ def test_every_metric_is_registered_on_the_given_registry_and_nowhere_else() -> 
     registry = CollectorRegistry()
     metrics = Metrics.create(registry)
     names = {m.name for m in registry.collect()}
-    assert len(names) == 16
+    assert len(names) == len(dataclasses.fields(Metrics)) - 1  # every field but the registry
     assert all(NAME.match(name) for name in names), sorted(names)
     metrics.items_processed.labels("ok").inc(3)
     assert registry.get_sample_value("twinstream_items_processed_total", {"outcome": "ok"}) == 3
@@ -41,7 +42,8 @@ def test_timings_and_sizes_carry_their_unit_in_the_name() -> None:
     Metrics.create(registry)
     gauges_and_histograms = [m.name for m in registry.collect() if m.type in ("gauge", "histogram")]
     assert gauges_and_histograms
-    assert all(name.endswith(("_seconds", "_records", "_partitions"))
+    # ``_up``: a 0/1 gauge, Prometheus' own convention (``up``)
+    assert all(name.endswith(("_seconds", "_records", "_partitions", "_up"))
                for name in gauges_and_histograms), gauges_and_histograms
 
 

@@ -24,7 +24,7 @@ from twinstream.indexing.plan import (
     plan_steps,
     triage,
 )
-from twinstream.indexing.service import Indexer, UnknownModel
+from twinstream.indexing.service import UNKNOWN_MODEL_VERSION, Indexer
 from twinstream.v1 import decisions_pb2, items_pb2
 
 from .conftest import TENANT, FakeCalibrations, FakeStore, MakeItem, MakeRecord, hit
@@ -289,11 +289,14 @@ def test_a_version_being_backfilled_writes_rows_but_publishes_no_decision(
     assert result.outputs == [] and list(store.rows["unit_unit_v1"]) == ["acme/default/a"]
 
 
-def test_an_item_of_an_unknown_model_version_is_retried_not_dead_lettered(
+def test_an_item_of_an_unknown_model_version_is_dead_lettered_with_its_redrive_command(
         make_indexer: Callable[..., Indexer], make_item: MakeItem, make_record: MakeRecord) -> None:
     item = make_item("a", model=items_pb2.ModelRef(name="unit", version="9"))
-    with pytest.raises(UnknownModel, match="unit:9"):
-        make_indexer()([make_record(item, 0)])
+    result = make_indexer()([make_record(item, 0), make_record(make_item("b"), 1)])
+    (rejected,) = result.rejected
+    assert rejected.reason == UNKNOWN_MODEL_VERSION and rejected.item_id == "a"
+    assert "unit:9" in rejected.detail and "twinstream dlq redrive" in rejected.detail
+    assert len(result.outputs) == 1, "the rest of the batch is decided"
 
 
 def test_an_item_without_a_finite_vector_is_dead_lettered(make_indexer: Callable[..., Indexer],

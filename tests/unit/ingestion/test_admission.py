@@ -15,6 +15,7 @@ from kafka.errors import KafkaTimeoutError
 
 from twinstream.client import TwinstreamClient, pushback_s, text_item
 from twinstream.common.config import Settings
+from twinstream.common.kafka import Producer
 from twinstream.common.security import ClientCredentials
 from twinstream.ingestion.service import Backpressure, Ingestion
 from twinstream.ingestion.store import AcceptedIds
@@ -61,7 +62,7 @@ def served(tmp_path: Path) -> Iterator[Served]:
     gate = Backpressure(settings.limits.ingest_max_lag, lambda: None)
     health: list[bool] = []
     ids = AcceptedIds(tmp_path / "ids.sqlite")
-    service = Ingestion(settings, ids, producer, gate, health.append)
+    service = Ingestion(settings, ids, Producer(lambda: producer), gate, health.append)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     ingestion_pb2_grpc.add_IngestionServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")

@@ -15,6 +15,7 @@ import pytest
 from kafka.consumer.fetcher import ConsumerRecord
 
 from twinstream.common.config import Settings
+from twinstream.common.kafka import Producer
 from twinstream.common.metrics import Metrics
 from twinstream.common.runtime import StatusInterceptor
 from twinstream.ingestion.service import Ingestion
@@ -58,7 +59,7 @@ def producer() -> RecordingProducer:
 @pytest.fixture
 def ingestion(tmp_path: Path, producer: RecordingProducer) -> Iterator[Ingestion]:
     ids = AcceptedIds(tmp_path / "ids.sqlite")
-    yield Ingestion(Settings(service="ingestion"), ids, producer)
+    yield Ingestion(Settings(service="ingestion"), ids, Producer(lambda: producer))
     ids.close()
 
 

@@ -14,6 +14,7 @@ from kafka.errors import KafkaTimeoutError
 from prometheus_client import CollectorRegistry
 
 from twinstream.common.config import Settings
+from twinstream.common.kafka import Producer
 from twinstream.common.metrics import Metrics
 from twinstream.ingestion.service import Ingestion
 from twinstream.ingestion.store import AcceptedIds
@@ -58,7 +59,8 @@ def make_ingestion(tmp_path: Path) -> Iterator[MakeServed]:
     def make(down: bool = False) -> Served:
         broker, metrics = FakeBroker(down=down), Metrics.create(CollectorRegistry())
         stores.append(AcceptedIds(tmp_path / f"ids-{len(stores)}.sqlite"))
-        service = Ingestion(Settings(service="ingestion"), stores[-1], broker, metrics=metrics)
+        service = Ingestion(Settings(service="ingestion"), stores[-1], Producer(lambda: broker),  # type: ignore[arg-type, return-value]
+                            metrics=metrics)
         return serve(service, SERVICE, metrics), broker, metrics
     yield make
     for store in stores:
