@@ -404,7 +404,7 @@ def test_network_policies_let_only_the_needed_traffic_through(default: list[Mani
 def test_only_the_chart_binds_all_addresses() -> None:
     from twinstream.common.config import Settings
 
-    assert Settings().grpc_host == "127.0.0.1"
+    assert Settings().server.grpc_host == "127.0.0.1"
     with helm.Chart.load(CHART) as chart:
         assert chart.values["config"]["bindAddress"] == "0.0.0.0"
 
