@@ -136,6 +136,45 @@ def test_links_to_canonical_items_join_and_merge_their_clusters() -> None:
     assert decision.cluster_id == "x" and linked == {"x"}  # "a" and "w": links to members only
 
 
+def test_a_link_to_two_lone_canonical_items_merges_their_clusters() -> None:
+    """A and B were both decided novel (a missed pair); C links to both: the split is mended."""
+    decision, linked = clustered("new", [Candidate("a", 0.95, "a", 10), Candidate("b", 0.93, "b", 11)])
+    assert decision.cluster_id == "a" and linked == {"a", "b"}
+
+
+def test_one_item_never_merges_two_grown_clusters() -> None:
+    """Links to the canonical items of {a, a2} and {b}: the item joins "a" and nothing merges, so
+    two clusters never fuse on one item's word (their cross pairs would rest on one link)."""
+    decision, linked = clustered("new", [Candidate("a", 0.96, "a", 10), Candidate("a2", 0.95, "a", 12),
+                                         Candidate("b", 0.94, "b", 11)])
+    assert decision.cluster_id == "a" and linked == {"a"}
+    decision, linked = clustered("new", [Candidate("b", 0.96, "b", 11), Candidate("a", 0.94, "a", 10),
+                                         Candidate("a2", 0.5, "a", 12)])
+    assert decision.cluster_id == "b" and linked == {"b"}  # "a" shows two members: it stays apart
+
+
+def test_merged_clusters_stay_small_along_a_stream_of_bridges() -> None:
+    """Pairs (p_i, q_i) linked inside, and a bridge item after each pair linking to its own pair
+    and the previous pair's canonical: old rule fused everything, this one keeps pairs apart."""
+    cluster: dict[str, str] = {}
+    order: list[str] = []
+
+    def add(item_id: str, scores: dict[str, float]) -> None:
+        candidates = [Candidate(k, scores.get(k, 0.5), cluster[k], order.index(k)) for k in order]
+        decision, linked = clustered(item_id, candidates)
+        winner = min(linked, key=order.index) if linked else decision.cluster_id
+        for k, c in list(cluster.items()):
+            cluster[k] = winner if c in linked else c
+        cluster[item_id] = winner
+        order.append(item_id)
+
+    for i in range(8):
+        add(f"p{i}", {})
+        add(f"q{i}", {f"p{i}": 0.95})
+        add(f"r{i}", {f"p{i}": 0.97, f"q{i}": 0.96, **({f"p{i - 1}": 0.95} if i else {})})
+    assert max(Counter(cluster.values()).values()) == 3
+
+
 def test_an_ood_item_never_joins_a_cluster() -> None:
     decision, linked = clustered("new", [Candidate("a", 0.99, "a", 10)], ood=0.9)
     assert decision.kind == decisions_pb2.OUT_OF_DISTRIBUTION

@@ -183,29 +183,39 @@ def observation(decision: decisions_pb2.Decision, candidates: Sequence[Candidate
 def linked_clusters(decision: decisions_pb2.Decision, candidates: Sequence[Candidate]) -> set[str]:
     """The clusters a duplicate joins and merges; sets ``decision.cluster_id`` to the one it joins.
 
-    A cluster takes the item only when it links to the cluster's canonical item (the one whose
-    id the cluster bears), not merely to some member; a link is the pair model's P(duplicate)
-    >= 0.5 where it scored the pair, else the cosine at the decision's duplicate threshold. So a
-    chain A~B~C~... cannot pull a whole collection into one cluster (single-link did); measured
-    against "canonical or two members" it kept clusters as complete and more precise. Exact
-    copies join and merge only their copies' clusters. An item that links to no canonical item
-    keeps its own cluster (its pairwise decision stands).
-    Items not decided as duplicates (OOD, match, novel) never join or merge anything, and
-    links to refused (OOD) items do not count.
+    Join: a cluster takes the item only when it links to the cluster's canonical item (the one
+    whose id the cluster bears), not merely to some member; a link is the pair model's
+    P(duplicate) >= 0.5 where it scored the pair, else the cosine at the decision's duplicate
+    threshold. So a chain A~B~C~... cannot pull a whole collection into one cluster.
+    Merge: an item linking to the canonical items of several clusters merges them only when each
+    of them shows a single item, its canonical, among the item's neighbours. That mends a pair the
+    stream missed (A and B both novel, then C links to both) but never fuses two grown clusters on
+    one item's word: their |A|·|B| cross pairs would rest on one link, and on the bench streams
+    such merges added more false pairs than true ones (docs/calibration.md).
+    An item that links to no canonical item keeps its own cluster (its pairwise decision, and
+    the neighbour it names, stand). Exact copies join and merge only their copies' clusters.
+    Items not decided as duplicates (OOD, match, novel) never join or merge anything, and links
+    to refused (OOD) items do not count.
     """
     if decision.kind not in DUPLICATE_KINDS:
         return set()
     exact = {c.cluster_id for c in candidates if c.exact}
     if decision.kind == decisions_pb2.EXACT_DUPLICATE:  # its copy already made its links
         return {decision.cluster_id} | exact
+    seen: dict[str, int] = {}  # neighbours per cluster
     links: dict[str, list[Candidate]] = {}
     for c in candidates:
-        if not c.exact and c.links(decision.thresholds):
+        if c.exact or c.refused:
+            continue
+        seen[c.cluster_id] = seen.get(c.cluster_id, 0) + 1
+        if c.links(decision.thresholds):
             links.setdefault(c.cluster_id, []).append(c)
-    supported = {cluster for cluster, members in links.items() if any(m.item_id == cluster for m in members)}
-    if decision.cluster_id not in supported:
-        ranked = sorted(supported, key=lambda k: (-max(m.score for m in links[k]), k))
+    canonical = {cluster for cluster, members in links.items() if any(m.item_id == cluster for m in members)}
+    if decision.cluster_id not in canonical:
+        ranked = sorted(canonical, key=lambda k: (-max(m.score for m in links[k]), k))
         decision.cluster_id = ranked[0] if ranked else decision.item_id
     if decision.cluster_id == decision.item_id:
         return set()
-    return {decision.cluster_id} | supported
+    if seen[decision.cluster_id] > 1:
+        return {decision.cluster_id}
+    return {cluster for cluster in canonical if seen[cluster] == 1}
