@@ -3,6 +3,8 @@ tests/stack/test_faults.py proves it on real outages)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from prometheus_client import REGISTRY
 
@@ -27,10 +29,10 @@ def reports() -> dict[str, list[bool]]:
 
 
 def monitor(switch: Switch, reports: dict[str, list[bool]], failures: int = 2) -> DependencyMonitor:
-    def hook(component: str) -> object:
+    def hook(component: str) -> Callable[[bool], None]:
         return reports.setdefault(component, []).append
     settings = Settings(service="probetest", probe_failures=failures)
-    return DependencyMonitor(settings, [Probe("broker", switch.check)], hook)  # type: ignore[arg-type]
+    return DependencyMonitor(settings, [Probe("broker", switch.check)], hook)
 
 
 def test_health_turns_unhealthy_after_consecutive_failures_and_back_on_the_first_success(
