@@ -110,7 +110,7 @@ class Metrics:
                 "twinstream_dependency_probe_failures", "Dependency probes that failed or timed out",
                 ["dependency"], registry=r),
             producer_rebuilds=Counter(
-                "twinstream_kafka_producer_rebuilds",
+                "twinstream_producer_rebuilds",
                 "Kafka producers closed and rebuilt after a non-retriable error", registry=r),
             registry=r,
         )

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from twinstream.common.metrics import Metrics
 
-NAME = re.compile(r"^twinstream_(items|errors|dead_letters|stream|indexing|grpc_server|milvus|encoder|dependency|kafka)"
+NAME = re.compile(r"^twinstream_(items|errors|dead_letters|stream|indexing|grpc_server|milvus|encoder|dependency|producer)"
                   r"(_[a-z]+)*$")
 
 

@@ -3,6 +3,8 @@ tests/stack/test_faults.py proves it on real outages)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -28,10 +30,10 @@ def reports() -> dict[str, list[bool]]:
 
 
 def monitor(switch: Switch, reports: dict[str, list[bool]], failures: int = 2) -> DependencyMonitor:
-    def hook(component: str) -> object:
+    def hook(component: str) -> Callable[[bool], None]:
         return reports.setdefault(component, []).append
     settings = Settings(service="probetest", probes={"failures": failures})
-    return DependencyMonitor(settings, [Probe("broker", switch.check)], hook,  # type: ignore[arg-type]
+    return DependencyMonitor(settings, [Probe("broker", switch.check)], hook,
                              Metrics.create(CollectorRegistry()))
 
 
