@@ -14,6 +14,8 @@ from stack_helpers import read_decisions, record
 from twinstream.client import TwinstreamClient
 from twinstream.devstack import SERVICES, LocalStack
 
+pytestmark = pytest.mark.stack
+
 Sample = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
