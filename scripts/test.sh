@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what is missing (scripts/setup.sh), then runs the whole test suite: unit tests, the
 # real local stack (tansu on SeaweedFS, a Milvus server, Triton, the four services, Prometheus), crash/rebalance
-# recovery, Helm and Prometheus config checks, and the learning tests. Extra args go to pytest.
+# recovery, Helm and Prometheus config checks, and the learning tests (layout: docs/testing.md:
+# tests/unit start nothing, tests/stack start processes). Extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -1,45 +1,26 @@
-"""Shared fixtures: the base model bundle and a real local stack (tansu on SeaweedFS, a Milvus
-server, Triton, the four services, Prometheus). Helpers live in stack_helpers.py."""
+"""Fixtures every folder may use, and the test order. The stack's fixtures (the base bundle, a
+shared local stack, a tenant per test) are in stack/conftest.py; unit tests start nothing
+(unit/conftest.py); docs/testing.md says which folder holds what."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from stack_helpers import BASE_BUNDLE, start_stack
-from twinstream.devstack import LocalStack
-
 
 @pytest.fixture(scope="session")
-def base_bundle() -> Path:
-    """The untrained MiniLM bundle (built once, about a minute on 2 cores)."""
-    if not (BASE_BUNDLE / "manifest.json").exists():
-        from twinstream.learn.base import build_base_bundle
+def tiny_base_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small base bundle (about 15 s on two cores) for the learning and Triton tests."""
+    from twinstream.learn.base import build_base_bundle
+    from twinstream.learn.modalities import DataSizes
 
-        build_base_bundle(BASE_BUNDLE)
-    return BASE_BUNDLE
-
-
-@pytest.fixture(scope="session")
-def stack(base_bundle: Path) -> Iterator[LocalStack]:
-    """One shared stack for the tests that do not break it; each test uses its own tenant."""
-    running = start_stack(base_bundle, "shared", extra_env={
-        "TWINSTREAM_COLLECTION_TTLS": "*/ephemeral=3", "TWINSTREAM_REAPER_INTERVAL_S": "1"})
-    yield running
-    running.stop()
-
-
-@pytest.fixture
-def tenant() -> str:
-    return "t" + uuid.uuid4().hex[:10]
+    return build_base_bundle(tmp_path_factory.mktemp("base") / "twinstream_text" / "1", sizes=DataSizes.tiny())
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run the Helm tests first. helm-python-sdk loads a Go runtime into this process, and loading
     it after OpenVINO's thread pool has run here (the bench's in-process encoder in
-    tests/test_bench.py) kills the interpreter with SIGSEGV; loaded first, both work (reproduced
+    tests/stack/test_bench.py) kills the interpreter with SIGSEGV; loaded first, both work (reproduced
     both ways on 2026-11-29). The sort is stable: every other test keeps its order."""
     items.sort(key=lambda item: item.path.name != "test_helm.py")

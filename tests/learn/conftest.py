@@ -1,4 +1,4 @@
-"""Shared fixtures: one small base bundle per session (building it takes ~15 s on two cores)."""
+"""Shared fixtures: the tiny base bundle (tests/conftest.py) is this folder's base bundle."""
 
 from __future__ import annotations
 
@@ -10,13 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from twinstream.learn.modalities import DataSizes
-
-TINY = DataSizes.tiny()
-
 
 @pytest.fixture(scope="session")
-def base_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from twinstream.learn.base import build_base_bundle
-
-    return build_base_bundle(tmp_path_factory.mktemp("base") / "twinstream_text" / "1", sizes=TINY)
+def base_bundle(tiny_base_bundle: Path) -> Path:
+    return tiny_base_bundle

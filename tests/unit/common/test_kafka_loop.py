@@ -1,5 +1,5 @@
 """ConsumeLoop's failure handling, driven by an in-memory consumer and producer (a unit test of
-one class: the live-stack tests in tests/test_stream_faults.py prove the same end to end)."""
+one class: the live-stack tests in tests/stack/test_stream_faults.py prove the same end to end)."""
 
 from __future__ import annotations
 

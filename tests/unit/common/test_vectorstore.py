@@ -1,5 +1,5 @@
 """Milvus string literals: raw UTF-8 with only the escapes Milvus' parsers accept (the live
-round trip through Milvus is in tests/test_bad_input.py)."""
+round trip through Milvus is in tests/stack/test_bad_input.py)."""
 
 from __future__ import annotations
 

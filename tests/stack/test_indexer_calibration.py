@@ -11,12 +11,14 @@ from typing import Any
 import numpy as np
 import pytest
 from kafka.consumer.fetcher import ConsumerRecord
-from test_decide import BUNDLE
+from unit.indexing.test_decide import BUNDLE
 
 from twinstream.common.config import Settings
 from twinstream.common.vectorstore import VectorStore
 from twinstream.indexing.service import Indexer
 from twinstream.v1 import decisions_pb2, items_pb2
+
+pytestmark = pytest.mark.stack
 
 DIM = 16
 NAMES = ["anna", "bruno", "carla", "dieter", "emma", "fritz", "greta", "hans", "ines", "jonas"]

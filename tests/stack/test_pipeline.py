@@ -17,6 +17,8 @@ from twinstream.common.vectorstore import VectorStore
 from twinstream.devstack import LocalStack
 from twinstream.v1 import decisions_pb2, items_pb2, matching_pb2
 
+pytestmark = pytest.mark.stack
+
 # FEBRL-shaped records: the base bundle is calibrated (and its OOD score fitted) on FEBRL.
 ORIGINAL = {"given_name": "margaret", "surname": "thompson", "street_number": "12",
             "address_1": "acacia avenue", "suburb": "kingston", "postcode": "2604", "state": "act",

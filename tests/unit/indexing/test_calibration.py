@@ -8,7 +8,6 @@ import random
 from dataclasses import replace
 
 import pytest
-from test_decide import BUNDLE, embedded
 
 from twinstream.indexing.calibration import (
     AGREE,
@@ -29,6 +28,8 @@ from twinstream.indexing.calibration import (
 )
 from twinstream.indexing.decide import Candidate, compare_fields, decide
 from twinstream.v1 import decisions_pb2, items_pb2
+
+from .test_decide import BUNDLE, embedded
 
 
 def dedup_stream(items: int, duplicates: float, seed: int = 1) -> list[Observation]:

@@ -14,6 +14,8 @@ from twinstream.common.kafka import TopicReader, make_producer
 from twinstream.devstack import LocalStack
 from twinstream.v1 import ingestion_pb2, items_pb2
 
+pytestmark = pytest.mark.stack
+
 
 @pytest.fixture
 def client(stack: LocalStack) -> Iterator[TwinstreamClient]:

@@ -13,6 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from stack_helpers import read_decisions, record
 from twinstream.devstack import SERVICES, LocalStack
 
+pytestmark = pytest.mark.stack
+
 Sample = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 

@@ -18,6 +18,8 @@ from twinstream.common.vectorstore import VectorStore
 from twinstream.devstack import LocalStack
 from twinstream.v1 import matching_pb2, matching_pb2_grpc
 
+pytestmark = pytest.mark.stack
+
 T = TypeVar("T")
 ADA = {"given_name": "ada", "surname": "lovelace", "postcode": "1815", "suburb": "marylebone"}
 ALAN = {"given_name": "alan", "surname": "turing", "postcode": "1912", "suburb": "maida vale"}

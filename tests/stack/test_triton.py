@@ -20,9 +20,17 @@ from twinstream.model.bundle import ModelBundle
 from twinstream.model.triton_repo import write_repository
 from twinstream.v1 import items_pb2
 
+pytestmark = pytest.mark.stack
+
 TOLERANCE = 1e-4  # absolute, on embeddings and OOD scores (float32, same weights, other process)
 AGREEMENT = 0.9999  # least mean cosine of a served embedding with fp32 torch's (issue 13)
 OOD_TOLERANCE = 0.005  # most an OOD score may move (bf16 measured <= 0.005 on 1000 FEBRL records)
+
+
+@pytest.fixture(scope="module")
+def base_bundle(tiny_base_bundle: Path) -> Path:
+    """The tiny bundle the learning tests build, not the stack's MiniLM (tests/stack/conftest.py)."""
+    return tiny_base_bundle
 
 
 def _cpu_has_bf16() -> bool:

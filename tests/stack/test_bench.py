@@ -15,6 +15,8 @@ from bench.metrics import Link
 from bench.run import main
 from twinstream.devstack import LocalStack
 
+pytestmark = pytest.mark.stack
+
 QUICK_QUERIES = ["--vectors", "500", "1500", "--dims", "8"]
 
 
@@ -78,7 +80,6 @@ def test_quick_quality_and_queries_write_a_well_formed_report(tmp_path: Path, ba
     assert "| vectors | insert s |" in text
 
 
-@pytest.mark.stack
 def test_quick_pipeline_on_the_shared_stack(tmp_path: Path, stack: LocalStack, base_bundle: Path) -> None:
     out = tmp_path / "report"
     code = main(["--quick", "--items", "24", "--skip", "text", "images", "queries", "--no-discover",

@@ -19,6 +19,8 @@ from twinstream.common.vectorstore import VectorStore, decode_decision
 from twinstream.devstack import LocalStack
 from twinstream.v1 import items_pb2
 
+pytestmark = pytest.mark.stack
+
 TENANT = "versions"
 
 

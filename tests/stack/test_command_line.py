@@ -11,6 +11,8 @@ from stack_helpers import read_decisions
 from twinstream.cli import main
 from twinstream.devstack import LocalStack
 
+pytestmark = pytest.mark.stack
+
 
 def test_ingest_file_then_match(stack: LocalStack, tenant: str, tmp_path: Path,
                                 capsys: pytest.CaptureFixture[str]) -> None:

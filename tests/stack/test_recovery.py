@@ -22,6 +22,8 @@ from twinstream.demo import febrl_items
 from twinstream.devstack import LocalStack
 from twinstream.v1 import decisions_pb2, items_pb2
 
+pytestmark = pytest.mark.stack
+
 ITEMS = 450
 
 

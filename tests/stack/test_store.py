@@ -31,6 +31,8 @@ from twinstream.matching.service import Matching
 from twinstream.model.bundle import ModelBundle
 from twinstream.v1 import decisions_pb2, items_pb2, matching_pb2
 
+pytestmark = pytest.mark.stack
+
 DIM = 4
 TENANT = "acme"
 BUNDLE = ModelBundle(

@@ -20,6 +20,8 @@ from twinstream.common.vectorstore import VectorStore
 from twinstream.devstack import LocalStack
 from twinstream.v1 import decisions_pb2, items_pb2, matching_pb2
 
+pytestmark = pytest.mark.stack
+
 DIM = 384
 
 

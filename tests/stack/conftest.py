@@ -1,0 +1,38 @@
+"""Fixtures of the tests that start processes: the base model bundle and a real local stack
+(tansu on SeaweedFS, a Milvus server, Triton, the four services, Prometheus). Helpers live in
+stack_helpers.py. Every module here sets ``pytestmark = pytest.mark.stack``."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stack_helpers import BASE_BUNDLE, start_stack
+from twinstream.devstack import LocalStack
+
+
+@pytest.fixture(scope="session")
+def base_bundle() -> Path:
+    """The untrained MiniLM bundle (built once, about a minute on 2 cores)."""
+    if not (BASE_BUNDLE / "manifest.json").exists():
+        from twinstream.learn.base import build_base_bundle
+
+        build_base_bundle(BASE_BUNDLE)
+    return BASE_BUNDLE
+
+
+@pytest.fixture(scope="session")
+def stack(base_bundle: Path) -> Iterator[LocalStack]:
+    """One shared stack for the tests that do not break it; each test uses its own tenant."""
+    running = start_stack(base_bundle, "shared", extra_env={
+        "TWINSTREAM_COLLECTION_TTLS": "*/ephemeral=3", "TWINSTREAM_REAPER_INTERVAL_S": "1"})
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def tenant() -> str:
+    return "t" + uuid.uuid4().hex[:10]
