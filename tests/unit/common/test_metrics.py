@@ -11,8 +11,8 @@ from prometheus_client import CollectorRegistry
 
 from twinstream.common.metrics import Metrics
 
-NAME = re.compile(r"^twinstream_(items|errors|dead_letters|stream|indexing|grpc_server|milvus|encoder|dependency|producer)"
-                  r"(_[a-z]+)*$")
+NAME = re.compile(r"^twinstream_(items|errors|dead_letters|stream|indexing|grpc_server|milvus|encoder"
+                  r"|dependency|producer)(_[a-z]+)*$")
 
 
 def test_every_metric_is_registered_on_the_given_registry_and_nowhere_else() -> None:

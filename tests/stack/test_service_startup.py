@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.stack
+
 
 @pytest.mark.parametrize("service", ["matching", "ingestion"])
 def test_a_service_with_a_misspelled_variable_exits_at_start_naming_it(service: str) -> None:

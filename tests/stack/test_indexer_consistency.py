@@ -23,6 +23,8 @@ from twinstream.indexing.calibration_store import CalibrationStore
 from twinstream.indexing.service import Indexer
 from twinstream.v1 import decisions_pb2, items_pb2
 
+pytestmark = pytest.mark.stack
+
 
 class ReadLevels:
     """Wraps a MilvusClient and records the consistency level each query and search asks for
