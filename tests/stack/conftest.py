@@ -4,6 +4,8 @@ stack_helpers.py. Every module here sets ``pytestmark = pytest.mark.stack``."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,16 @@ def base_bundle() -> Path:
 
         build_base_bundle(BASE_BUNDLE)
     return BASE_BUNDLE
+
+
+@pytest.fixture(scope="session")
+def version_two(base_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the base bundle published as version 2 (model rollouts, re-drives)."""
+    bundle = tmp_path_factory.mktemp("bundles") / "twinstream_text" / "2"
+    shutil.copytree(base_bundle, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (bundle / "manifest.json").write_text(json.dumps({**manifest, "version": "2"}))
+    return bundle
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,6 @@ makes it live while queries keep running; the two versions' vectors never meet."
 
 from __future__ import annotations
 
-import json
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -22,15 +20,6 @@ from twinstream.v1 import items_pb2
 pytestmark = pytest.mark.stack
 
 TENANT = "versions"
-
-
-@pytest.fixture(scope="module")
-def version_two(base_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    bundle = tmp_path_factory.mktemp("bundles") / "twinstream_text" / "2"
-    shutil.copytree(base_bundle, bundle)
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    (bundle / "manifest.json").write_text(json.dumps({**manifest, "version": "2"}))
-    return bundle
 
 
 @pytest.fixture(scope="module")

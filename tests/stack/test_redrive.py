@@ -4,8 +4,6 @@ letter's untouched bytes back to items.embedded and the item is decided once."""
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,15 +23,6 @@ pytestmark = pytest.mark.stack
 TENANT = "redrive"
 IDS = ["r0", "r1", "r2"]
 REASON = "unknown_model_version"
-
-
-@pytest.fixture(scope="module")
-def version_two(base_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    bundle = tmp_path_factory.mktemp("bundles") / "twinstream_text" / "2"
-    shutil.copytree(base_bundle, bundle)
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    (bundle / "manifest.json").write_text(json.dumps({**manifest, "version": "2"}))
-    return bundle
 
 
 @pytest.fixture(scope="module")
