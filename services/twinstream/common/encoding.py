@@ -18,7 +18,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from twinstream.common.config import Settings
-from twinstream.common.errors import TransientError
+from twinstream.common.errors import TransientError, triton_transient
 from twinstream.common.metrics import Metrics
 from twinstream.model.bundle import ModelBundle
 from twinstream.model.encoder_runtime import Runtime, TorchScriptRuntime
@@ -200,23 +200,6 @@ class TritonEncoder:
         if embedding is None or ood is None:
             raise RuntimeError(f"Triton returned no outputs for {self.bundle.name}")
         return embedding.astype(np.float32), ood.reshape(-1).astype(np.float32)
-
-
-def triton_transient(exc: BaseException) -> bool:
-    """Whether a tritonclient error means the server (or its model's backend) is down."""
-    from tritonclient.utils import InferenceServerException
-
-    if isinstance(exc, ConnectionError | TimeoutError):
-        return True
-    if not isinstance(exc, InferenceServerException):
-        return False
-    status = str(exc.status() or "")
-    # a crashed python-backend stub answers INTERNAL until Triton restarts it
-    return (status.rsplit(".", 1)[-1] in _TRITON_TRANSIENT
-            or "Stub process" in str(exc.message()))
-
-
-_TRITON_TRANSIENT = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
 
 
 class InProcessEncoder:

@@ -59,8 +59,25 @@ def milvus_transient(exc: BaseException) -> bool:
         # its reconnect after a server restart fails with Status.CONNECT_FAILED while the server
         # is still down (the fault matrix dead-lettered a batch as handler_error on it)
         return (exc.code in _TRANSIENT_CODES or exc.code == ErrorCode.RATE_LIMIT
-                or exc.code == Status.CONNECT_FAILED)
+                or exc.code == Status.CONNECT_FAILED or bool(getattr(exc, "retriable", False)))
     return False
+
+
+def triton_transient(exc: BaseException) -> bool:
+    """Whether a tritonclient error means the server (or its model's backend) is down."""
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    if not isinstance(exc, InferenceServerException):
+        return False
+    status = str(exc.status() or "")
+    # a crashed python-backend stub answers INTERNAL until Triton restarts it
+    return (status.rsplit(".", 1)[-1] in _TRITON_TRANSIENT
+            or "Stub process" in str(exc.message()))
+
+
+_TRITON_TRANSIENT = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
 
 
 def guarded(target: T, is_transient: Callable[[BaseException], bool], what: str) -> T:

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import grpc
 
-from twinstream.common.errors import PermanentError, TransientError
+from twinstream.common.errors import PermanentError, TransientError, milvus_transient, triton_transient
 
 
 class ServiceError(Exception):
@@ -78,17 +78,17 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
 
 
 def _library_status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """A Milvus or Triton client error: an outage by the same rule the stream loops retry on
+    (``common/errors.py``), or a missing collection."""
     # Imported here: a service that has neither client never pays for the import.
-    from pymilvus.client.types import Status
-    from pymilvus.exceptions import ErrorCode, MilvusException, MilvusUnavailableException
-    from tritonclient.utils import InferenceServerException
+    from pymilvus.exceptions import ErrorCode, MilvusException
 
-    if isinstance(exc, MilvusException):
-        if isinstance(exc, MilvusUnavailableException) or exc.code == Status.CONNECT_FAILED \
-                or exc.retriable:
+    if triton_transient(exc) and not isinstance(exc, ConnectionError | TimeoutError):
+        return grpc.StatusCode.UNAVAILABLE, f"the encoder (Triton) is unavailable: {exc}"
+    if milvus_transient(exc):
+        if isinstance(exc, MilvusException):
             return grpc.StatusCode.UNAVAILABLE, f"Milvus is unavailable: {exc.message}"
-        if exc.code == ErrorCode.COLLECTION_NOT_FOUND:
-            return grpc.StatusCode.NOT_FOUND, f"nothing indexed yet: {exc.message}"
-    if isinstance(exc, InferenceServerException) and str(exc.status()) in {str(c) for c in _OUTAGE_CODES}:
-        return grpc.StatusCode.UNAVAILABLE, f"the encoder (Triton) is unavailable: {exc.message()}"
+        return grpc.StatusCode.UNAVAILABLE, f"a backend is unavailable: {exc}"
+    if isinstance(exc, MilvusException) and exc.code == ErrorCode.COLLECTION_NOT_FOUND:
+        return grpc.StatusCode.NOT_FOUND, f"nothing indexed yet: {exc.message}"
     return None

@@ -7,8 +7,8 @@ import pytest
 from pymilvus.exceptions import MilvusException
 from tritonclient.utils import InferenceServerException
 
-from twinstream.common.encoding import triton_transient
-from twinstream.common.errors import TransientError, guarded, milvus_transient
+from twinstream.common.errors import TransientError, guarded, milvus_transient, triton_transient
+from twinstream.common.status import status_for
 
 
 class Flaky:
@@ -48,3 +48,18 @@ def test_a_failed_milvus_reconnect_is_transient() -> None:
     failed = MilvusException(2, "Fail connecting to server on 127.0.0.1:19530, illegal connection "
                                 "params or server unavailable")
     assert milvus_transient(failed)
+
+
+@pytest.mark.parametrize(("error", "code"), [
+    (InferenceServerException(msg="Stub process 'm_0_0' is not healthy.", status="StatusCode.INTERNAL"),
+     grpc.StatusCode.UNAVAILABLE),
+    (MilvusException(2, "Fail connecting to server on 127.0.0.1:19530"), grpc.StatusCode.UNAVAILABLE),
+    (ConnectionRefusedError("connection refused"), grpc.StatusCode.UNAVAILABLE),
+    (InferenceServerException(msg="unexpected shape", status="StatusCode.INVALID_ARGUMENT"), None),
+], ids=["triton-stub-down", "milvus-reconnect", "refused", "triton-bad-request"])
+def test_an_api_call_maps_an_outage_by_the_rule_the_stream_loops_retry_on(
+        error: BaseException, code: grpc.StatusCode | None) -> None:
+    """One classification for both: an outage a loop retries is UNAVAILABLE to a caller, never
+    UNKNOWN (status.py had its own, narrower copy: a crashed Triton stub reached callers as UNKNOWN)."""
+    mapped = status_for(error)
+    assert (mapped[0] if mapped else None) == code
