@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_decide import BUNDLE
 from test_indexer_calibration import message, records
+from unit.indexing.test_decide import BUNDLE
 
 from twinstream.common.config import Settings
 from twinstream.common.vectorstore import VectorStore

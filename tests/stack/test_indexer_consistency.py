@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 from kafka.consumer.fetcher import ConsumerRecord
-from test_decide import BUNDLE
 from test_indexer_calibration import DIM
 from test_indexer_calibration import message as embedded
+from unit.indexing.test_decide import BUNDLE
 
 from twinstream.common.config import Settings
 from twinstream.common.vectorstore import VectorStore
