@@ -12,7 +12,6 @@ import pytest
 
 from stack_helpers import read_decisions, record, start_stack
 from twinstream.cli import main as cli_main
-from twinstream.client import TwinstreamClient
 from twinstream.common.vectorstore import VectorStore
 from twinstream.devstack import LocalStack
 from twinstream.dlq import read_letters, select
@@ -54,7 +53,7 @@ def test_an_unknown_model_version_is_dead_lettered_then_redriven_and_decided_onc
         embedding_ahead: LocalStack, base_bundle: Path, version_two: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     stack = embedding_ahead
-    with TwinstreamClient(stack.grpc_target("ingestion"), stack.grpc_target("matching")) as client:
+    with stack.client() as client:
         client.ingest_many([record(item_id, {"given_name": f"name{n}", "surname": "redrive",
                                              "postcode": str(3000 + n)}, TENANT)
                             for n, item_id in enumerate(IDS)])

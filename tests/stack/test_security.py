@@ -269,8 +269,9 @@ def _group_pids(leaders: set[int]) -> set[int]:
 def _stack_sockets(stack: LocalStack, names: set[str] | None = None) -> list[tuple[int, str]]:
     leaders = {p.popen.pid for n, p in stack.processes.items()
                if p.popen is not None and (names is None or n in names)}
-    if names is None and stack.triton is not None and stack.triton.process is not None:
-        leaders.add(stack.triton.process.pid)
+    if names is None and stack.triton is not None and stack.triton.process is not None \
+            and stack.triton.process.popen is not None:
+        leaders.add(stack.triton.process.popen.pid)
     return _listening(_group_pids(leaders))
 
 

@@ -209,6 +209,12 @@ def test_a_triton_outage_shows_in_lag_retries_and_health_and_recovers(
                and time.monotonic() < deadline):
             time.sleep(0.5)
         assert health(faults, "embedding") == health_pb2.HealthCheckResponse.NOT_SERVING
+        # Health may turn first on the Triton probe (common/probes.py, ~4 s); the loop's own stall
+        # time reaches the 5 s threshold soon after.
+        stall_deadline = time.monotonic() + 30
+        while (scrape(faults, "embedding", "twinstream_stream_stalled_seconds") < 5
+               and time.monotonic() < stall_deadline):
+            time.sleep(0.5)
         assert scrape(faults, "embedding", "twinstream_stream_batch_retries_total", kind="transient") > 0
         assert scrape(faults, "embedding", "twinstream_stream_stalled_seconds") >= 5
         lag_deadline = time.monotonic() + 30

@@ -218,7 +218,12 @@ def test_sigterm_turns_not_serving_while_the_work_loop_finishes_then_stops() -> 
     def work(stopping: threading.Event) -> None:
         runtime.set_serving(True)
         seen.append(check(runtime.health_port))
-        os.kill(os.getpid(), signal.SIGTERM)
+        # The handler run_until_stopped installed, called as the interpreter would on SIGTERM: a
+        # real signal to the pytest process kills it when helm-python-sdk's Go runtime is loaded
+        # (tests/test_helm.py runs first in the suite; the Go runtime owns signal delivery).
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler), "run_until_stopped installs a SIGTERM handler"
+        handler(signal.SIGTERM, None)
         assert stopping.wait(10)
         deadline = time.monotonic() + 10  # the loop's last batch: probes already see NOT_SERVING
         while check(runtime.health_port) != NOT_SERVING and time.monotonic() < deadline:
