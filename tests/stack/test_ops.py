@@ -123,8 +123,10 @@ def test_dashboard_page_shows_every_panel_with_data(ops_stack: LocalStack, traff
 
 def test_status_shows_rates_lag_decisions_dead_letters_and_health(ops_stack: LocalStack,
                                                                    traffic: None) -> None:
+    assert ops_stack.security is not None
     argv = ["--ingestion", ops_stack.grpc_target("ingestion"), "--matching",
-            ops_stack.grpc_target("matching"), "status", "--prometheus", ops_stack.prometheus_url,
+            ops_stack.grpc_target("matching"), "--ca-file", str(ops_stack.security.ca_file),
+            "status", "--prometheus", ops_stack.prometheus_url,
             "--health", f"embedding={ops_stack.grpc_target('embedding')}",
             "--health", f"indexing={ops_stack.grpc_target('indexing')}"]
     out = io.StringIO()
