@@ -6,18 +6,52 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
+_handed_out: set[int] = set()
+_lock = threading.Lock()
+
+
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel hands out for port-0 binds and outgoing connections."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A loopback port nothing listens on, for a process that binds it later.
+
+    Chosen below the kernel's ephemeral range: a port picked now and bound seconds later by a
+    child can otherwise be taken in between by any outgoing connection's local port or any
+    port-0 bind (a fresh-clone CI run lost a service to exactly that), and never twice per run.
+    """
+    floor = _ephemeral_floor()
+    low = max(1024, min(20000, floor - 2000))
+    with _lock:
+        for _ in range(200):
+            port = random.randint(low, floor - 1)
+            if port in _handed_out:
+                continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+    with socket.socket() as sock:  # nothing free below the range: the kernel's choice
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
