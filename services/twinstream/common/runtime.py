@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from twinstream.common.config import Settings
+from twinstream.common.handlers import CALL_TYPES, wrap_behaviour
 from twinstream.common.metrics import Metrics, serve_metrics
 from twinstream.common.security import add_server_port, server_interceptors
 from twinstream.common.status import InvalidArgument, status_for
@@ -41,8 +42,6 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 HEALTH_WORKERS = 4
 # Health and reflection (any version) are neither mapped nor counted.
 _UNCOUNTED = ("grpc.health.", "grpc.reflection.")
-_TYPES = {"unary_unary": "unary", "unary_stream": "server_stream",
-          "stream_unary": "client_stream", "stream_stream": "bidi_stream"}
 
 
 class StatusInterceptor(grpc.ServerInterceptor):
@@ -63,15 +62,12 @@ class StatusInterceptor(grpc.ServerInterceptor):
         if handler is None or service.startswith(_UNCOUNTED):
             return handler
         deserialize = handler.request_deserializer
-        for kind, grpc_type in _TYPES.items():
-            inner = getattr(handler, kind)
-            if inner is not None:
-                wrapped = self._wrap(inner, (grpc_type, service, method),
-                                     streaming_in=kind.startswith("stream"),
-                                     streaming_out=kind.endswith("stream"))
-                return handler._replace(**{  # type: ignore[attr-defined]
-                    kind: wrapped, "request_deserializer": deserialize and _tolerant(deserialize)})
-        return handler
+        return wrap_behaviour(
+            handler,
+            lambda inner, kind: self._wrap(inner, (CALL_TYPES[kind], service, method),
+                                           streaming_in=kind.startswith("stream"),
+                                           streaming_out=kind.endswith("stream")),
+            request_deserializer=deserialize and _tolerant(deserialize))
 
     def _wrap(self, inner: Callable[..., Any], labels: tuple[str, str, str], streaming_in: bool,
               streaming_out: bool) -> Callable[..., Any]:

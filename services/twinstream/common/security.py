@@ -21,6 +21,7 @@ import jwt
 from prometheus_client import CollectorRegistry, Counter
 
 from twinstream.common.config import Settings
+from twinstream.common.handlers import wrap_behaviour
 from twinstream.common.status import PermissionDenied, Unauthenticated
 
 log = logging.getLogger(__name__)
@@ -179,12 +180,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if handler is None or full.lstrip("/").rsplit("/", 1)[0] in OPEN_SERVICES:
             return handler
         policy = self.policies.get(full)
-        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-            inner = getattr(handler, kind)
-            if inner is not None:
-                wrapped = self._wrap(inner, full, policy, kind.startswith("stream"))
-                return handler._replace(**{kind: wrapped})  # type: ignore[attr-defined]
-        return handler
+        return wrap_behaviour(handler, lambda inner, kind: self._wrap(inner, full, policy, kind.startswith("stream")))
 
     def _wrap(self, inner: Callable[..., Any], method: str, policy: MethodPolicy | None,
               streaming_in: bool) -> Callable[..., Any]:
