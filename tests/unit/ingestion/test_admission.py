@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -20,31 +20,7 @@ from twinstream.common.security import ClientCredentials
 from twinstream.ingestion.service import Backpressure, Ingestion
 from twinstream.ingestion.store import AcceptedIds
 from twinstream.v1 import ingestion_pb2_grpc, items_pb2
-
-
-@dataclass
-class FakeFuture:
-    error: Exception | None
-
-    def get(self, timeout: float | None = None) -> None:
-        if self.error is not None:
-            raise self.error
-
-
-@dataclass
-class FakeProducer:
-    sent: list[bytes] = field(default_factory=list)
-    down: bool = False
-
-    def send(self, topic: str, key: bytes, value: bytes,
-             headers: list[tuple[str, bytes]] | None = None) -> FakeFuture:
-        if self.down:
-            return FakeFuture(KafkaTimeoutError("no ack"))
-        self.sent.append(value)
-        return FakeFuture(None)
-
-    def flush(self, timeout: float | None = None) -> None:
-        pass
+from unit.fake_kafka import FakeProducer
 
 
 @dataclass
@@ -112,15 +88,15 @@ def test_the_client_waits_the_retry_after_and_retries(served: Served) -> None:
 
 def test_a_failed_publish_is_not_marked_published_and_a_retry_publishes_again(
         served: Served) -> None:
-    served.producer.down = True
+    served.producer.fail_with = KafkaTimeoutError("no ack")
     with pytest.raises(grpc.RpcError) as outage:
         served.client.ingest(item("x"))
     assert outage.value.code() == grpc.StatusCode.UNAVAILABLE
     assert served.health == [False]
-    served.producer.down = False
+    served.producer.fail_with = None
     first = served.client.ingest(item("x"))
     assert not first.already_accepted, "the failed attempt left no published mark"
     again = served.client.ingest(item("x"))
     assert again.already_accepted and served.health[-1] is True, "healthy once it publishes"
     assert len(served.producer.sent) == 2, "a retry publishes again (the broker may have lost it)"
-    assert served.producer.sent[0] == served.producer.sent[1], "identical each time"
+    assert served.producer.values()[0] == served.producer.values()[1], "identical each time"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from twinstream.common.runtime import StatusInterceptor
 from twinstream.ingestion.service import Ingestion
 from twinstream.ingestion.store import AcceptedIds
 from twinstream.v1 import ingestion_pb2, ingestion_pb2_grpc, items_pb2
+from unit.fake_kafka import FakeProducer
 
 POISON = {
     "nested_5000_deep": b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}",
@@ -31,33 +31,13 @@ POISON = {
 }
 
 
-class _Sent:
-    def get(self, timeout: float | None = None) -> None:
-        return None
-
-
-@dataclass
-class RecordingProducer:
-    """Acknowledges every send at once and keeps what was sent."""
-
-    sent: list[tuple[str, bytes, bytes]] = field(default_factory=list)
-
-    def send(self, topic: str, key: bytes, value: bytes,
-             headers: list[tuple[str, bytes]] | None = None) -> _Sent:
-        self.sent.append((topic, key, value))
-        return _Sent()
-
-    def flush(self, timeout: float | None = None) -> None:
-        return None
+@pytest.fixture
+def producer() -> FakeProducer:
+    return FakeProducer()
 
 
 @pytest.fixture
-def producer() -> RecordingProducer:
-    return RecordingProducer()
-
-
-@pytest.fixture
-def ingestion(tmp_path: Path, producer: RecordingProducer) -> Iterator[Ingestion]:
+def ingestion(tmp_path: Path, producer: FakeProducer) -> Iterator[Ingestion]:
     ids = AcceptedIds(tmp_path / "ids.sqlite")
     yield Ingestion(Settings(service="ingestion"), ids, Producer(lambda: producer))
     ids.close()
@@ -106,14 +86,14 @@ def test_an_id_conflict_is_already_exists(stub: ingestion_pb2_grpc.IngestionStub
 
 @pytest.mark.parametrize("case", sorted(POISON))
 def test_one_bad_item_in_a_stream_of_ten_leaves_the_nine_accepted(
-        stub: ingestion_pb2_grpc.IngestionStub, producer: RecordingProducer, case: str) -> None:
+        stub: ingestion_pb2_grpc.IngestionStub, producer: FakeProducer, case: str) -> None:
     items = [record_item(f"r{i}", json.dumps({"name": f"n{i}"}).encode()) for i in range(10)]
     items[4] = record_item("r4", POISON[case])
     summary = stub.IngestStream(iter([ingestion_pb2.IngestRequest(item=i) for i in items]), timeout=30)
     assert summary.accepted == 9 and summary.rejected == 1
     assert list(summary.item_ids) == [f"r{i}" for i in range(10) if i != 4]
     assert [(r.index, r.item_id, r.reason) for r in summary.rejections] == [(4, "r4", "invalid_record")]
-    published = {items_pb2.AcceptedItem.FromString(value).item.item_id for _, _, value in producer.sent}
+    published = {items_pb2.AcceptedItem.FromString(value).item.item_id for value in producer.values()}
     assert published == set(summary.item_ids)
 
 

@@ -4,7 +4,6 @@ broker from a factory fixture and the real SQLite id store in a temporary folder
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -19,35 +18,16 @@ from twinstream.common.metrics import Metrics
 from twinstream.ingestion.service import Ingestion
 from twinstream.ingestion.store import AcceptedIds
 from twinstream.v1 import ingestion_pb2, items_pb2
+from unit.fake_kafka import FakeProducer
 from unit.in_process import serve, stream_in, unary
 
 SERVICE = ingestion_pb2.DESCRIPTOR.services_by_name["Ingestion"]
 
 
-class _Acked:
-    def get(self, timeout: float | None = None) -> None:
-        return None
+# kafka-python raises this from send() when the broker cannot be reached
+UNREACHABLE = KafkaTimeoutError("Failed to update metadata after 15.0 secs.")
 
-
-@dataclass
-class FakeBroker:
-    """A producer: acknowledges every send, or (``down``) times out like an unreachable broker."""
-
-    down: bool = False
-    sent: list[tuple[str, bytes]] = field(default_factory=list)
-
-    def send(self, topic: str, key: bytes, value: bytes,
-             headers: list[tuple[str, bytes]] | None = None) -> _Acked:
-        if self.down:
-            raise KafkaTimeoutError("Failed to update metadata after 15.0 secs.")
-        self.sent.append((topic, value))
-        return _Acked()
-
-    def flush(self, timeout: float | None = None) -> None:
-        return None
-
-
-Served = tuple[grpc_testing.Server, FakeBroker, Metrics]
+Served = tuple[grpc_testing.Server, FakeProducer, Metrics]
 MakeServed = Callable[..., Served]
 
 
@@ -57,7 +37,7 @@ def make_ingestion(tmp_path: Path) -> Iterator[MakeServed]:
     stores: list[AcceptedIds] = []
 
     def make(down: bool = False) -> Served:
-        broker, metrics = FakeBroker(down=down), Metrics.create(CollectorRegistry())
+        broker, metrics = FakeProducer(refuse_with=UNREACHABLE if down else None), Metrics.create(CollectorRegistry())
         stores.append(AcceptedIds(tmp_path / f"ids-{len(stores)}.sqlite"))
         service = Ingestion(Settings(service="ingestion"), stores[-1], Producer(lambda: broker),  # type: ignore[arg-type, return-value]
                             metrics=metrics)
@@ -83,8 +63,8 @@ def test_a_valid_item_is_published_and_counted(make_ingestion: MakeServed) -> No
     response, code, _details = unary(server, SERVICE, "Ingest", text("i1"))
     assert code == grpc.StatusCode.OK
     assert response.item_id == "i1" and not response.already_accepted
-    assert [topic for topic, _ in broker.sent] == ["items.accepted"]
-    assert items_pb2.AcceptedItem.FromString(broker.sent[0][1]).item.item_id == "i1"
+    assert [s.topic for s in broker.sent] == ["items.accepted"]
+    assert items_pb2.AcceptedItem.FromString(broker.sent[0].value).item.item_id == "i1"
     assert handled(metrics, "Ingest", "OK") == 1
     assert metrics.registry.get_sample_value("twinstream_items_processed_total",
                                              {"outcome": "accepted"}) == 1
@@ -104,7 +84,7 @@ def test_a_broker_outage_is_unavailable_and_the_id_stays_free(make_ingestion: Ma
     _response, code, details = unary(server, SERVICE, "Ingest", text("i1"))
     assert code == grpc.StatusCode.UNAVAILABLE
     assert "broker" in details
-    broker.down = False
+    broker.refuse_with = None
     response, code, _details = unary(server, SERVICE, "Ingest", text("i1"))
     assert code == grpc.StatusCode.OK and not response.already_accepted
 
