@@ -29,7 +29,7 @@ from bench.metrics import percentiles
 from bench.queries import Synthetic, _rows, _rss_mib, exact_top_k, wait_indexed
 from twinstream.common.vectorstore import MATCH_CONSISTENCY, VectorStore, scope_filter
 from twinstream.devstack import REPO_ROOT, running_milvus
-from twinstream.matching.service import _RESULT_FIELDS as MATCH_FIELDS
+from twinstream.matching.service import RESULT_FIELDS as MATCH_FIELDS
 from twinstream.v1 import items_pb2
 
 TENANT, COLLECTION = "bench", "synthetic"

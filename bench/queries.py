@@ -24,7 +24,7 @@ from bench.metrics import percentiles
 from bench.speed import hwm_kib
 from twinstream.common.vectorstore import MATCH_CONSISTENCY, VectorStore, row_key, scope_filter
 from twinstream.devstack import ManagedProcess, running_milvus
-from twinstream.matching.service import _RESULT_FIELDS as MATCH_FIELDS  # what a Match request reads
+from twinstream.matching.service import RESULT_FIELDS as MATCH_FIELDS  # what a Match request reads
 from twinstream.v1 import items_pb2
 
 TENANT, COLLECTION = "bench", "synthetic"

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -26,8 +27,9 @@ from bench.methods import Stream
 from bench.metrics import percentiles
 from twinstream.common.encoding import InProcessEncoder, ItemEncoder
 from twinstream.common.kafka import TopicReader
-from twinstream.common.vectorstore import VectorStore, row_key, scope_filter
+from twinstream.common.vectorstore import MATCH_CONSISTENCY, VectorStore, quote, row_key, scope_filter
 from twinstream.devstack import LocalStack
+from twinstream.matching.service import RESULT_FIELDS
 from twinstream.model.bundle import ModelBundle
 from twinstream.model.encoder_runtime import SUB_BATCH, load_runtime
 from twinstream.v1 import decisions_pb2, matching_pb2
@@ -243,33 +245,61 @@ def freshness(stack: LocalStack, stream: Stream, tenant: str, probes: int,
 
 @dataclass
 class MatchingLatency:
-    grpc_match: Latency
-    milvus_search: Latency
+    """Each Match shape next to the bare Milvus calls it wraps, made in alternation per query
+    (so load changes hit both alike): by vector vs the search alone; by item id vs the Strong
+    lookup of the item's row plus the search (what Match by id must do: ``docs/design.md``)."""
+
+    grpc_match: Latency  # by item id
+    milvus_search: Latency  # the bare lookup + search a Match by id wraps
     collection_rows: int
+    grpc_match_vector: Latency | None = None
+    milvus_search_vector: Latency | None = None
 
 
 def matching_latency(stack: LocalStack, bundle_name: str, tenant: str, item_ids: Sequence[str],
                      queries: int, seed: int) -> MatchingLatency:
-    """Match by item id over gRPC (k=10) vs the Milvus search it wraps, on the same items."""
+    """Match over gRPC (k=10) vs the Milvus calls it wraps, on the same items, alternating:
+    the same filter, limit (k+1), output fields and consistency levels as the servicer."""
     rng = np.random.default_rng(seed)
     chosen = [str(x) for x in rng.choice(list(item_ids), size=min(queries, len(item_ids)), replace=False)]
-    grpc_s, milvus_s = [], []
-    with stack.client() as client:
-        for item_id in chosen:
-            started = time.perf_counter()
-            client.match(tenant, item_id=item_id, collection=COLLECTION, k=10)
-            grpc_s.append(time.perf_counter() - started)
     store = VectorStore(stack.milvus_uri)
     alias = store.alias_name(bundle_name)
-    rows = store.get(alias, [row_key(tenant, COLLECTION, i) for i in chosen], ["pk", "vector"])
-    expr = scope_filter(tenant, COLLECTION)
-    for stored in rows.values():
+    scope = scope_filter(tenant, COLLECTION)
+    fields = list(RESULT_FIELDS)
+    lookup = ["pk", "vector", *fields, "content_hash", "event_ms", "deleted_ms"]
+    vectors = {str(row["pk"]): row["vector"]
+               for row in store.get(alias, [row_key(tenant, COLLECTION, i) for i in chosen], ["pk", "vector"]).values()}
+    timings: dict[str, list[float]] = {"id": [], "bare_id": [], "vector": [], "bare_vector": []}
+
+    def timed(key: str, call: Callable[[], object]) -> None:
         started = time.perf_counter()
-        store.search(alias, [stored["vector"]], 11, expr)
-        milvus_s.append(time.perf_counter() - started)
-    count = store.count(alias, expr)
+        call()
+        timings[key].append(time.perf_counter() - started)
+
+    def bare_by_id(item_id: str) -> None:
+        row = store.get(alias, [row_key(tenant, COLLECTION, item_id)], lookup)
+        vector = next(iter(row.values()))["vector"]
+        store.search(alias, [vector], 11, f"{scope} and (item_id != {quote(item_id)})", fields,
+                     consistency=MATCH_CONSISTENCY)
+
+    with stack.client() as client:
+        for n, item_id in enumerate(chosen):
+            vector = vectors[row_key(tenant, COLLECTION, item_id)]
+            by_vector = matching_pb2.MatchRequest(tenant=tenant, collection=COLLECTION, k=10,
+                                                  vector=matching_pb2.QueryVector(values=vector))
+            calls: list[tuple[str, Callable[[], object]]] = [
+                ("id", partial(client.match, tenant, item_id=item_id, collection=COLLECTION, k=10)),
+                ("bare_id", partial(bare_by_id, item_id)),
+                ("vector", partial(client.matching.Match, by_vector, timeout=10)),
+                ("bare_vector", partial(store.search, alias, [vector], 11, scope, fields,
+                                        consistency=MATCH_CONSISTENCY)),
+            ]
+            for key, call in (calls if n % 2 == 0 else calls[::-1]):  # alternate which goes first
+                timed(key, call)
+    count = store.count(alias, scope)
     store.client.close()
-    return MatchingLatency(Latency.of(grpc_s), Latency.of(milvus_s), count)
+    return MatchingLatency(Latency.of(timings["id"]), Latency.of(timings["bare_id"]), count,
+                           Latency.of(timings["vector"]), Latency.of(timings["bare_vector"]))
 
 
 # -- memory ----------------------------------------------------------------------------------------

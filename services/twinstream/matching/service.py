@@ -36,7 +36,7 @@ DEFAULT_K = 10
 MAX_WINDOW = 16384
 # Ids of one Delete are looked up in one Milvus query, whose limit is also 16384.
 MAX_DELETE_IDS = 10_000
-_RESULT_FIELDS = ["item_id", "cluster_id", "ingest_ms", "metadata", "decision"]
+RESULT_FIELDS = ["item_id", "cluster_id", "ingest_ms", "metadata", "decision"]
 
 
 class NotFound(status.NotFound):
@@ -72,10 +72,15 @@ class Matching(matching_pb2_grpc.MatchingServicer):
         pk = row_key(tenant, collection, item_id)
         for encoder in self.encoders:
             live = self._live(encoder.bundle)
-            if not self.store.exists(live):  # the model has indexed nothing yet
+            try:
+                rows = self.store.get(live, [pk], ["pk", "vector", *RESULT_FIELDS, "content_hash",
+                                                   "event_ms", "deleted_ms"])
+            except Exception:
+                # The model has indexed nothing yet (no collection): checked only after a failure,
+                # so a lookup costs one round trip to Milvus, not three.
+                if self.store.exists(live):
+                    raise
                 continue
-            rows = self.store.get(live, [pk], ["pk", "vector", *_RESULT_FIELDS, "content_hash",
-                                               "event_ms", "deleted_ms"])
             if pk in rows and self._visible(rows[pk], tenant, collection):
                 return encoder, rows[pk]
         raise NotFound(f"item {item_id!r} not found in tenant {tenant!r} collection {collection!r}")
@@ -150,7 +155,7 @@ class Matching(matching_pb2_grpc.MatchingServicer):
         live = self._live(encoder.bundle)
         try:
             hits = self.store.search(
-                live, [vector], limit=k + 1, expr=expr, fields=_RESULT_FIELDS,
+                live, [vector], limit=k + 1, expr=expr, fields=RESULT_FIELDS,
                 min_score=request.min_score or None, offset=offset,
                 consistency=MATCH_CONSISTENCY,
             )[0]

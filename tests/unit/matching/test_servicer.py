@@ -42,6 +42,8 @@ class FakeStore:
     hits: list[Hit] = field(default_factory=list)
     down: bool = False
     searched: list[str] = field(default_factory=list)
+    rows: dict[str, dict[str, Any]] | None = field(default_factory=dict)  # None: no collection yet
+    calls: list[str] = field(default_factory=list)  # the Milvus round trips made
 
     def is_live(self, model: items_pb2.ModelRef) -> bool:
         return True
@@ -50,10 +52,18 @@ class FakeStore:
         return f"unit_{model_name}"
 
     def exists(self, name: str) -> bool:
-        return True
+        self.calls.append("exists")
+        return self.rows is not None
+
+    def get(self, collection: str, pks: Sequence[str], fields: Sequence[str]) -> dict[str, dict[str, Any]]:
+        self.calls.append("get")
+        if self.rows is None:
+            raise RuntimeError(f"collection not found[collection={collection}]")  # as pymilvus says it
+        return {pk: self.rows[pk] for pk in pks if pk in self.rows}
 
     def search(self, collection: str, vectors: Sequence[Sequence[float]], limit: int, expr: str,
                **options: Any) -> list[list[Hit]]:
+        self.calls.append("search")
         if self.down:
             raise TransientError("Milvus is unavailable: connection refused")
         self.searched.append(expr)
@@ -152,3 +162,29 @@ def test_an_encoder_outage_is_unavailable(make_matching: MakeServed) -> None:
     encoder.down = True
     _response, code, details = unary(server, SERVICE, "Match", by_content())
     assert code == grpc.StatusCode.UNAVAILABLE and "Triton" in details
+
+
+def stored(item_id: str) -> dict[str, Any]:
+    return {"pk": f"acme/default/{item_id}", "item_id": item_id, "vector": [1.0, 0.0, 0.0, 0.0],
+            "cluster_id": item_id, "ingest_ms": 1, "event_ms": 1, "deleted_ms": 0, "metadata": {},
+            "decision": "", "content_hash": "h"}
+
+
+def test_match_by_item_id_is_one_lookup_and_one_search(make_matching: MakeServed) -> None:
+    # Checking that the collection exists before each lookup cost one or two more round trips
+    # to Milvus per call; it is asked only after a lookup failed.
+    server, store, _encoder, _metrics = make_matching([hit("b", 0.9)])
+    store.rows = {"acme/default/a": stored("a")}
+    response, code, _details = unary(server, SERVICE, "Match",
+                                     matching_pb2.MatchRequest(tenant="acme", item_id="a", k=3))
+    assert code == grpc.StatusCode.OK and [r.item_id for r in response.results] == ["b"]
+    assert store.calls == ["get", "search"]
+    assert 'item_id != "a"' in store.searched[0], "the item itself is left out"
+
+
+def test_an_item_of_a_model_that_has_indexed_nothing_is_not_found(make_matching: MakeServed) -> None:
+    server, store, _encoder, _metrics = make_matching()
+    store.rows = None
+    _response, code, details = unary(server, SERVICE, "Get", matching_pb2.GetRequest(tenant="acme", item_id="a"))
+    assert code == grpc.StatusCode.NOT_FOUND and "'a' not found" in details
+    assert store.calls == ["get", "exists"]
