@@ -14,6 +14,7 @@ from twinstream.indexing.calibration import (
     DISAGREE,
     MISSING,
     SIMILAR,
+    TEXT_SIGNALS,
     WARMUP_ITEMS,
     Calibration,
     CollectionState,
@@ -179,6 +180,29 @@ def test_the_field_model_overrules_a_close_cosine() -> None:
     assert decision.neighbours[0].comparison == DISAGREE + AGREE + DISAGREE + DISAGREE
 
 
+def test_a_young_collection_without_duplicates_calls_no_shared_first_name_a_duplicate() -> None:
+    # FEBRL3's first fit (50 items): its candidate pairs held no duplicates, some shared a common
+    # first name, and EM made "agree on the first name only" P(duplicate) 1.0 (16 false calls)
+    fields = ["address", "given_name", "surname", "cosine"]
+    model = fit_fields({"3332": 300, "3333": 100, "3032": 12, "3232": 20, "2332": 15}, fields)
+    assert model is not None
+    assert model.probability("3032") < 0.5
+    assert model.probability("0000") > 0.99  # a pair agreeing on everything still is one
+
+
+def test_a_missing_record_field_leaves_the_probability_where_the_other_fields_put_it() -> None:
+    # copies drop the phone 7 times in 8, other records always have one: the old model took a
+    # missing phone as evidence of a duplicate
+    fields = ["address", "name", "phone", "cosine"]
+    model = fit_fields({"0000": 10, "0020": 70, "3333": 400, "3323": 10, "0332": 8}, fields)
+    assert model is not None
+    without_phone = FieldModel(("address", "name", "cosine"), (model.m[0], model.m[1], model.m[3]),
+                               (model.u[0], model.u[1], model.u[3]), model.prior)
+    for pattern in ("0020", "3320", "0321", "3021"):
+        assert model.probability(pattern) == pytest.approx(without_phone.probability(pattern[:2] + pattern[3]))
+    assert model.probability("0222") != model.probability("0000")  # the cosine's level 2 still counts
+
+
 # -- text: cosine, shingle Jaccard and containment -------------------------------------------------
 PARAGRAPH = ("Return a new array of given shape and type, filled with zeros. The array is laid out in "
              "row-major order unless another order is asked for, and its values are not copied.")
@@ -192,3 +216,17 @@ def test_a_texts_copy_agrees_on_shingles_and_another_text_does_not() -> None:
     assert compare_texts(original, copy, 0.93)[2] == AGREE  # the copy is contained in the original
     assert compare_texts(original, other, 0.55)[1:] == DISAGREE + DISAGREE
     assert compare_texts(original, {}, 0.85) == SIMILAR + MISSING + MISSING  # stored before signals
+
+
+def test_a_text_collection_decides_by_shingles_during_warm_up() -> None:
+    # before its first fit a text collection's pairs were decided by the bundle's cosine threshold
+    # alone: on the readmes set that called boilerplate licences copies and missed typo'd copies
+    copy = Candidate("copy", 0.66, "copy", 1, signals=text_signals(PARAGRAPH.replace("zeros", "zeroes")))
+    other = Candidate("other", 0.77, "other", 2, signals=text_signals(
+        "Build an array of ones: the values come in the layout you choose, and nothing is shared."))
+    scored = compare_fields(text_signals(PARAGRAPH), [copy, other], TEXT_SIGNALS, None)
+    assert [c.item_id for c in scored if c.probability >= 0.5] == ["copy"]
+    item = embedded()
+    item.accepted.item.modality = items_pb2.TEXT
+    decision = decide(item, scored, BUNDLE, 3, 5, Calibration())
+    assert decision.kind == decisions_pb2.NEAR_DUPLICATE and decision.duplicate_of == "copy"
