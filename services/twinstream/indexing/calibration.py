@@ -51,9 +51,13 @@ AGREE, SIMILAR, MISSING, DISAGREE = "0", "1", "2", "3"  # a field comparison's l
 LEVELS = 4
 EM_ITERATIONS = 200
 MIN_PATTERNS = 200  # candidate pairs seen before a field model is fitted
-# EM's pseudo-count per level, in pairs: a level no pair of a class showed yet stays possible
-# (without it one young fit gave agreement on nothing P(duplicate) 1.0: docs/calibration.md)
+# EM's pseudo-count per level of each class: PSEUDO_PAIRS pairs plus PSEUDO_SHARE of the class's
+# weight, so a level no pair of a class showed yet stays possible in proportion to the class.
+# Without the first, one young fit gave agreement on nothing P(duplicate) 1.0 (FEBRL3); without
+# the second, the thousands of non-duplicate pairs left an intermediate level (texts sharing a
+# few sentences) odds of ~700 for a duplicate (readmes): docs/calibration.md.
 PSEUDO_PAIRS = 0.3
+PSEUDO_SHARE = 0.003
 COSINE = "cosine"  # records are compared on their fields and the learned cosine
 TEXT_SIGNALS = (COSINE, "jaccard", "containment")  # what texts are compared on
 COSINE_LEVELS = (0.9, 0.8, 0.7)  # level 0 at or above the first cut, 3 below the last
@@ -337,7 +341,7 @@ def model_levels(pattern: str, fields: Sequence[str]) -> list[int]:
 
 def fit_fields(patterns: Mapping[str, int], fields: Sequence[str]) -> FieldModel | None:
     """EM for the two-class Fellegi-Sunter model over pattern counts (no labels), over the
-    levels ``model_levels`` reads; every level keeps ``PSEUDO_PAIRS``."""
+    levels ``model_levels`` reads; every level keeps a pseudo-count (``PSEUDO_PAIRS``, ``PSEUDO_SHARE``)."""
     keys = [p for p in patterns if len(p) == len(fields)]
     if not keys or not fields:
         return None
@@ -352,10 +356,12 @@ def fit_fields(patterns: Mapping[str, int], fields: Sequence[str]) -> FieldModel
         log_u = math.log(1 - prior) + np.log(u[k, x]).sum(axis=1)
         g = 1.0 / (1.0 + np.exp(np.clip(log_u - log_m, -700, 700)))
         prior = float(np.clip((g * weight).sum() / weight.sum(), 1e-4, 1 - 1e-4))
+        smooth_m = PSEUDO_PAIRS + PSEUDO_SHARE * (g * weight).sum()
+        smooth_u = PSEUDO_PAIRS + PSEUDO_SHARE * ((1 - g) * weight).sum()
         for level in range(LEVELS):
             at = (x == level)
-            m[:, level] = ((g * weight)[:, None] * at).sum(axis=0) + PSEUDO_PAIRS
-            u[:, level] = (((1 - g) * weight)[:, None] * at).sum(axis=0) + PSEUDO_PAIRS
+            m[:, level] = ((g * weight)[:, None] * at).sum(axis=0) + smooth_m
+            u[:, level] = (((1 - g) * weight)[:, None] * at).sum(axis=0) + smooth_u
         m /= m.sum(axis=1, keepdims=True)
         u /= u.sum(axis=1, keepdims=True)
     if m[:, int(AGREE)].mean() < u[:, int(AGREE)].mean():  # the classes came out swapped

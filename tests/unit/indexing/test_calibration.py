@@ -246,3 +246,15 @@ def test_a_records_collection_decides_by_its_fields_during_warm_up() -> None:
     scored = compare_fields({"fields": book}, near, fields, None)
     assert [c.item_id for c in scored if c.probability >= 0.5] == ["copy"]
     assert warm_up_model(["name", "cosine"]) is None  # one free-text field: the cosine decides
+
+
+def test_an_intermediate_level_the_non_duplicates_never_showed_does_not_decide_alone() -> None:
+    # the readmes set's pair patterns at its fit at 200 items: two texts sharing a sentence or
+    # two (Jaccard 0.2-0.4, containment 0.5-0.8, cosine below 0.7) were called copies at 0.92,
+    # as 0.3 pairs of pseudo-count among ~1900 non-duplicate pairs left that level odds of ~700
+    counts = {"333": 1825, "000": 46, "100": 22, "233": 15, "200": 9, "332": 7, "311": 4, "010": 4, "322": 4,
+              "310": 2, "300": 1, "111": 1, "321": 1, "132": 1, "001": 1, "211": 1, "133": 1}
+    model = fit_fields(counts, TEXT_SIGNALS)
+    assert model is not None
+    assert model.probability("321") < 0.5
+    assert model.probability("100") > 0.99 and model.probability("000") > 0.99
