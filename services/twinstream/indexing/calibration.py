@@ -281,11 +281,12 @@ def text_signals(text: str) -> dict[str, object]:
 
 
 def compare_texts(a: Mapping[str, object], b: Mapping[str, object], cosine: float) -> str:
-    """The pair's levels of cosine, estimated shingle Jaccard and containment."""
+    """The pair's levels of cosine, estimated shingle Jaccard and containment (both missing for a
+    text of a single shingle, ``SHINGLE`` characters or fewer: equal or not, it says nothing)."""
     sig_a, sig_b = a.get("minhash"), b.get("minhash")
     size_a, size_b = a.get("shingles"), b.get("shingles")
     if not isinstance(sig_a, list) or not isinstance(sig_b, list) or len(sig_a) != len(sig_b) \
-            or not isinstance(size_a, int) or not isinstance(size_b, int) or not size_a or not size_b:
+            or not isinstance(size_a, int) or not isinstance(size_b, int) or min(size_a, size_b) < 2:
         return _level(cosine, COSINE_LEVELS) + MISSING + MISSING
     jaccard = float(np.mean(np.asarray(sig_a) == np.asarray(sig_b)))
     shared = jaccard * (size_a + size_b) / (1 + jaccard)

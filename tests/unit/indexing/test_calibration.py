@@ -216,6 +216,8 @@ def test_a_texts_copy_agrees_on_shingles_and_another_text_does_not() -> None:
     assert compare_texts(original, copy, 0.93)[2] == AGREE  # the copy is contained in the original
     assert compare_texts(original, other, 0.55)[1:] == DISAGREE + DISAGREE
     assert compare_texts(original, {}, 0.85) == SIMILAR + MISSING + MISSING  # stored before signals
+    # a text of one shingle (5 characters or fewer) says nothing by its shingles: the cosine decides
+    assert compare_texts(text_signals("A"), text_signals("C"), 0.87) == SIMILAR + MISSING + MISSING
 
 
 def test_a_text_collection_decides_by_shingles_during_warm_up() -> None:
