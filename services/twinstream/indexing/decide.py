@@ -8,7 +8,14 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from twinstream.indexing.calibration import Calibration, FieldModel, Observation, compare, text_signals
+from twinstream.indexing.calibration import (
+    Calibration,
+    FieldModel,
+    Observation,
+    compare,
+    text_signals,
+    warm_up_model,
+)
 from twinstream.model.bundle import ModelBundle
 from twinstream.v1 import decisions_pb2, items_pb2
 
@@ -58,10 +65,12 @@ def item_signals(item: items_pb2.Item) -> dict[str, object] | None:
 def compare_fields(signals: Mapping[str, object] | None, candidates: Sequence[Candidate], fields: Sequence[str],
                    model: FieldModel | None) -> list[Candidate]:
     """The candidates with their comparison pattern and, where the collection has a pair model
-    for these signals, its P(duplicate)."""
+    for these signals, its P(duplicate) (before its first fit: ``warm_up_model``'s)."""
     if signals is None or not fields:
         return list(candidates)
     usable = model if model is not None and model.fields == tuple(fields) else None
+    if usable is None:
+        usable = warm_up_model(fields)
     out = []
     for c in candidates:
         if c.signals is None or c.exact or c.refused:

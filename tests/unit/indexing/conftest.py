@@ -55,9 +55,9 @@ def unit(angle_deg: float) -> list[float]:
 @pytest.fixture
 def make_item() -> MakeItem:
     def make(item_id: str, angle: float = 0.0, ingest_ms: int = 1000, content_hash: str = "",
-             ood: float = 0.1, model: items_pb2.ModelRef = MODEL) -> items_pb2.EmbeddedItem:
+             ood: float = 0.1, model: items_pb2.ModelRef = MODEL, content: str = "") -> items_pb2.EmbeddedItem:
         item = items_pb2.Item(item_id=item_id, tenant=TENANT, collection="default",
-                              modality=items_pb2.TEXT, content=f"text of {item_id}".encode())
+                              modality=items_pb2.TEXT, content=(content or f"text of {item_id}").encode())
         return items_pb2.EmbeddedItem(
             accepted=items_pb2.AcceptedItem(item=item, content_hash=content_hash or f"h-{item_id}",
                                             ingest_time_ms=ingest_ms),

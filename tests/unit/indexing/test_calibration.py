@@ -14,6 +14,7 @@ from twinstream.indexing.calibration import (
     DISAGREE,
     MISSING,
     SIMILAR,
+    TEXT_SIGNALS,
     WARMUP_ITEMS,
     Calibration,
     CollectionState,
@@ -25,6 +26,7 @@ from twinstream.indexing.calibration import (
     fit_fields,
     next_fit,
     text_signals,
+    warm_up_model,
 )
 from twinstream.indexing.decide import Candidate, compare_fields, decide
 from twinstream.v1 import decisions_pb2, items_pb2
@@ -179,6 +181,28 @@ def test_the_field_model_overrules_a_close_cosine() -> None:
     assert decision.neighbours[0].comparison == DISAGREE + AGREE + DISAGREE + DISAGREE
 
 
+def test_a_young_collection_without_duplicates_calls_no_shared_first_name_a_duplicate() -> None:
+    # FEBRL3's first fit (50 items): its candidate pairs held no duplicates, some shared a common
+    # first name, and EM made "agree on the first name only" P(duplicate) 1.0 (16 false calls)
+    fields = ["address", "given_name", "surname", "cosine"]
+    model = fit_fields({"3332": 300, "3333": 100, "3032": 12, "3232": 20, "2332": 15}, fields)
+    assert model is not None
+    assert model.probability("3032") < 0.5
+    assert model.probability("0000") > 0.99  # a pair agreeing on everything still is one
+
+
+def test_a_missing_record_field_counts_as_a_disagreement() -> None:
+    # copies often drop fields (DupeHell): with "missing" a level of its own, EM learnt that a
+    # sparse record is a copy, and called one whose only field disagrees a duplicate
+    fields = ["address", "name", "phone", "cosine"]
+    model = fit_fields({"0000": 10, "0220": 70, "3333": 400, "3323": 10, "0332": 8, "0221": 20}, fields)
+    assert model is not None
+    assert model.probability("3221") < 0.5  # the address disagrees, nothing else to go on
+    assert model.probability("0220") > 0.99  # a copy that dropped two fields still is one
+    assert model.probability("0020") == model.probability("0030")
+    assert model.probability("0002") != model.probability("0003")  # the cosine's level 2 is a level
+
+
 # -- text: cosine, shingle Jaccard and containment -------------------------------------------------
 PARAGRAPH = ("Return a new array of given shape and type, filled with zeros. The array is laid out in "
              "row-major order unless another order is asked for, and its values are not copied.")
@@ -192,3 +216,47 @@ def test_a_texts_copy_agrees_on_shingles_and_another_text_does_not() -> None:
     assert compare_texts(original, copy, 0.93)[2] == AGREE  # the copy is contained in the original
     assert compare_texts(original, other, 0.55)[1:] == DISAGREE + DISAGREE
     assert compare_texts(original, {}, 0.85) == SIMILAR + MISSING + MISSING  # stored before signals
+    # a text of one shingle (5 characters or fewer) says nothing by its shingles: the cosine decides
+    assert compare_texts(text_signals("A"), text_signals("C"), 0.87) == SIMILAR + MISSING + MISSING
+
+
+def test_a_text_collection_decides_by_shingles_during_warm_up() -> None:
+    # before its first fit a text collection's pairs were decided by the bundle's cosine threshold
+    # alone: on the readmes set that called boilerplate licences copies and missed typo'd copies
+    copy = Candidate("copy", 0.66, "copy", 1, signals=text_signals(PARAGRAPH.replace("zeros", "zeroes")))
+    other = Candidate("other", 0.77, "other", 2, signals=text_signals(
+        "Build an array of ones: the values come in the layout you choose, and nothing is shared."))
+    scored = compare_fields(text_signals(PARAGRAPH), [copy, other], TEXT_SIGNALS, None)
+    assert [c.item_id for c in scored if c.probability >= 0.5] == ["copy"]
+    item = embedded()
+    item.accepted.item.modality = items_pb2.TEXT
+    decision = decide(item, scored, BUNDLE, 3, 5, Calibration())
+    assert decision.kind == decisions_pb2.NEAR_DUPLICATE and decision.duplicate_of == "copy"
+
+
+def test_a_records_collection_decides_by_its_fields_during_warm_up() -> None:
+    # books: before the first fit the bundle's cosine (0.875 >= 0.857) called another book of
+    # the same title, and nothing else in common, a duplicate
+    book = {"title": "ll bean ultrawarm coat", "isbn": "978-69-500-73607-7", "edition": "514",
+            "language": "french", "pages": "125-151"}
+    same_title = {"title": "ll bean ultrawarm coat", "isbn": "978-63-133-71601-8", "edition": "31280",
+                  "language": "lithuanian", "pages": "332-340"}
+    copy = dict(book, language="", title="ll bean ultrawarm cota")
+    fields = [*sorted(book), "cosine"]
+    near = [Candidate("same-title", 0.875, "same-title", 1, signals={"fields": same_title}),
+            Candidate("copy", 0.8, "copy", 2, signals={"fields": copy})]
+    scored = compare_fields({"fields": book}, near, fields, None)
+    assert [c.item_id for c in scored if c.probability >= 0.5] == ["copy"]
+    assert warm_up_model(["name", "cosine"]) is None  # one free-text field: the cosine decides
+
+
+def test_an_intermediate_level_the_non_duplicates_never_showed_does_not_decide_alone() -> None:
+    # the readmes set's pair patterns at its fit at 200 items: two texts sharing a sentence or
+    # two (Jaccard 0.2-0.4, containment 0.5-0.8, cosine below 0.7) were called copies at 0.92,
+    # as 0.3 pairs of pseudo-count among ~1900 non-duplicate pairs left that level odds of ~700
+    counts = {"333": 1825, "000": 46, "100": 22, "233": 15, "200": 9, "332": 7, "311": 4, "010": 4, "322": 4,
+              "310": 2, "300": 1, "111": 1, "321": 1, "132": 1, "001": 1, "211": 1, "133": 1}
+    model = fit_fields(counts, TEXT_SIGNALS)
+    assert model is not None
+    assert model.probability("321") < 0.5
+    assert model.probability("100") > 0.99 and model.probability("000") > 0.99

@@ -90,7 +90,8 @@ def test_an_item_close_to_a_stored_one_is_its_near_duplicate_and_joins_its_clust
 
 def test_an_item_close_to_an_earlier_item_of_the_same_batch_joins_it_in_flight(
         make_item: MakeItem, make_group: MakeGroup) -> None:
-    result = plan(make_group([make_item("first", 0, ingest_ms=1), make_item("second", 5, ingest_ms=2)]))
+    result = plan(make_group([make_item("first", 0, ingest_ms=1, content="A short text, the first."),
+                              make_item("second", 5, ingest_ms=2, content="A short text, the first!")]))
     assert kinds(result) == {"first": decisions_pb2.NOVEL, "second": decisions_pb2.NEAR_DUPLICATE}
     second = result.decided[1][1]
     assert second.neighbours[0].in_flight and second.cluster_id == "first"
@@ -192,7 +193,7 @@ def test_an_item_repeated_in_one_batch_is_decided_once(make_item: MakeItem, make
 
 
 def test_rows_written_since_the_reads_win_over_the_plan(make_item: MakeItem, make_group: MakeGroup) -> None:
-    result = plan(make_group([make_item("a"), make_item("b", 80)]))
+    result = plan(make_group([make_item("a"), make_item("b", 80, content="Something else entirely.")]))
     successor = stored_row(make_item, "a", kind=decisions_pb2.MATCH)
     fenced = fence(result, {str(successor["pk"]): successor})
     assert [(d.item_id, d.kind, new) for _, d, new in fenced.decided] == [
