@@ -8,8 +8,16 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from twinstream.indexing.calibration import Calibration, FieldModel, Observation, compare, text_signals
+from twinstream.indexing.calibration import (
+    Calibration,
+    FieldModel,
+    Observation,
+    compare,
+    image_signals,
+    text_signals,
+)
 from twinstream.model.bundle import ModelBundle
+from twinstream.model.images import load_image
 from twinstream.v1 import decisions_pb2, items_pb2
 
 DUPLICATE_KINDS = (decisions_pb2.EXACT_DUPLICATE, decisions_pb2.NEAR_DUPLICATE)
@@ -43,9 +51,11 @@ class Candidate:
 
 def item_signals(item: items_pb2.Item) -> dict[str, object] | None:
     """What an item is compared on beside its vector: a record's fields, a text's MinHash
-    signature (``None`` for images, or a record that is not a JSON object)."""
+    signature, an image's perceptual hashes (``None`` for a record that is not a JSON object)."""
     if item.modality == items_pb2.TEXT:
         return text_signals(item.content.decode("utf-8", errors="replace"))
+    if item.modality == items_pb2.IMAGE:
+        return decoded_image_signals(item.content)
     if item.modality != items_pb2.RECORD:
         return None
     try:
@@ -53,6 +63,15 @@ def item_signals(item: items_pb2.Item) -> dict[str, object] | None:
     except ValueError:
         return None
     return {"fields": record} if isinstance(record, dict) else None
+
+
+def decoded_image_signals(content: bytes) -> dict[str, object] | None:
+    """An image's perceptual hashes (``None`` if it does not decode: ingestion let it through,
+    so the cosine alone decides it)."""
+    try:
+        return image_signals(load_image(content))
+    except ValueError:
+        return None
 
 
 def compare_fields(signals: Mapping[str, object] | None, candidates: Sequence[Candidate], fields: Sequence[str],

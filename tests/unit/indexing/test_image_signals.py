@@ -1,0 +1,74 @@
+"""Images' pair signals: perceptual hashes beside the cosine, compared into levels for the pair model."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from twinstream.indexing import perceptual
+from twinstream.indexing.calibration import IMAGE_SIGNALS, CollectionState, compare, image_signals
+from twinstream.indexing.decide import Candidate, compare_fields, item_signals
+from twinstream.v1 import items_pb2
+
+
+def picture(seed: int) -> Image.Image:
+    """Smooth random blobs (what a photo looks like to a perceptual hash), 128 px."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((128, 128), Image.Resampling.BICUBIC)
+
+
+def jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def image_item(content: bytes) -> items_pb2.Item:
+    return items_pb2.Item(item_id="i", tenant="t", collection="c", modality=items_pb2.IMAGE, content=content)
+
+
+def test_the_hashes_are_imagehashs_phash_and_dhash() -> None:
+    imagehash = pytest.importorskip("imagehash")
+    for seed in range(5):
+        image = picture(seed)
+        assert perceptual.phash(image) == str(imagehash.phash(image))
+        assert perceptual.dhash(image) == str(imagehash.dhash(image))
+
+
+def test_an_image_item_is_compared_on_its_perceptual_hashes() -> None:
+    signals = item_signals(image_item(jpeg(picture(1))))
+    assert signals is not None and set(signals) == {"phash", "dhash"}
+    assert signals == item_signals(image_item(jpeg(picture(1))))  # deterministic: hashes compare across restarts
+
+
+def test_bytes_that_do_not_decode_leave_the_image_to_the_cosine() -> None:
+    assert item_signals(image_item(b"not an image")) is None
+
+
+def test_a_copy_agrees_on_the_hashes_and_another_image_does_not() -> None:
+    original = image_signals(picture(1))
+    copy = image_signals(Image.open(io.BytesIO(jpeg(picture(1).filter(ImageFilter.GaussianBlur(1)).resize((96, 96)),
+                                                     quality=40))))
+    other = image_signals(picture(2))
+    assert compare(original, copy, 0.95, IMAGE_SIGNALS) == "000"
+    assert compare(original, other, 0.95, IMAGE_SIGNALS)[1:] == "33"
+    assert compare(original, {}, 0.75, IMAGE_SIGNALS) == "222"  # stored before images had signals
+
+
+def test_an_image_collection_compares_cosine_phash_and_dhash() -> None:
+    state = CollectionState()
+    own = image_signals(picture(1))
+    assert state.field_names(own) == list(IMAGE_SIGNALS)
+    near = [Candidate("copy", 0.91, "copy", 1, signals=image_signals(picture(1))),
+            Candidate("text", 0.95, "text", 2, signals={"minhash": [1, 2], "shingles": 2}),
+            Candidate("old", 0.85, "old", 3)]
+    compared = compare_fields(own, near, state.field_names(own), None)
+    assert [c.pattern for c in compared] == ["000", "022", ""]  # a text: no hashes to compare
+
+
+def test_a_text_in_an_image_collection_is_not_compared() -> None:
+    assert compare({"minhash": [1], "shingles": 1}, image_signals(picture(1)), 0.9, IMAGE_SIGNALS) == ""
