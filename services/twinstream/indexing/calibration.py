@@ -61,7 +61,9 @@ COSINE_LEVELS = (0.9, 0.8, 0.7)  # level 0 at or above the first cut, 3 below th
 JACCARD_LEVELS = (0.6, 0.4, 0.2)
 CONTAINMENT_LEVELS = (0.8, 0.5, 0.25)
 IMAGE_SIGNALS = (COSINE, "phash", "dhash")  # what images are compared on
-HAMMING_LEVELS = (4, 10, 18)  # bits of 64 that differ: level 0 at or below the first cut, 3 above the last
+HAMMING_LEVELS = (6, 12, 20)  # bits of 64 that differ: level 0 at or below the first cut, 3 above the last
+PRIOR_PHASH_BITS = 4  # before the pair model is fitted, an image this close in pHash is a copy
+PRIOR_DUPLICATE = 0.95  # ... with this P(duplicate) (the precision target)
 SHINGLE = 5
 PERMUTATIONS = 128
 _PRIME = (1 << 31) - 1
@@ -278,6 +280,16 @@ def compare_images(a: Mapping[str, object], b: Mapping[str, object], cosine: flo
     """The pair's levels of cosine and of pHash and dHash Hamming distance (``HAMMING_LEVELS``)."""
     return (_level(cosine, COSINE_LEVELS) + _hamming_level(a.get("phash"), b.get("phash"))
             + _hamming_level(a.get("dhash"), b.get("dhash")))
+
+
+def image_prior(a: Mapping[str, object], b: Mapping[str, object]) -> float:
+    """P(duplicate) of an image pair before its collection's pair model is fitted (NaN: the
+    cosine threshold decides): ``PRIOR_DUPLICATE`` when their pHashes differ in at most
+    ``PRIOR_PHASH_BITS`` bits. Like the bundle's thresholds, only a prior for the warm-up."""
+    x, y = a.get("phash"), b.get("phash")
+    if not isinstance(x, str) or not isinstance(y, str) or len(x) != len(y):
+        return math.nan
+    return PRIOR_DUPLICATE if perceptual.hamming(x, y) <= PRIOR_PHASH_BITS else math.nan
 
 
 def compare(a: Mapping[str, object], b: Mapping[str, object], cosine: float, fields: Sequence[str]) -> str:

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import io
+import math
+import random
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
 from twinstream.indexing import perceptual
-from twinstream.indexing.calibration import IMAGE_SIGNALS, CollectionState, compare, image_signals
-from twinstream.indexing.decide import Candidate, compare_fields, item_signals
-from twinstream.v1 import items_pb2
+from twinstream.indexing.calibration import (
+    IMAGE_SIGNALS,
+    PRIOR_DUPLICATE,
+    CollectionState,
+    compare,
+    fit_fields,
+    image_signals,
+)
+from twinstream.indexing.decide import Candidate, compare_fields, decide, item_signals
+from twinstream.v1 import decisions_pb2, items_pb2
+
+from .test_decide import BUNDLE, embedded
 
 
 def picture(seed: int) -> Image.Image:
@@ -72,3 +83,31 @@ def test_an_image_collection_compares_cosine_phash_and_dhash() -> None:
 
 def test_a_text_in_an_image_collection_is_not_compared() -> None:
     assert compare({"minhash": [1], "shingles": 1}, image_signals(picture(1)), 0.9, IMAGE_SIGNALS) == ""
+
+
+def test_before_the_pair_model_a_near_identical_phash_links_an_image_below_the_cosine_threshold() -> None:
+    own = image_signals(picture(1))
+    item = embedded()
+    item.accepted.item.modality = items_pb2.IMAGE
+    near = [Candidate("copy", 0.80, "copy", 1, signals=image_signals(picture(1))),  # the cosine alone: a match
+            Candidate("other", 0.85, "other", 2, signals=image_signals(picture(2)))]
+    compared = compare_fields(own, near, list(IMAGE_SIGNALS), None)
+    assert compared[0].probability == PRIOR_DUPLICATE and math.isnan(compared[1].probability)
+    decision = decide(item, compared, BUNDLE, 3, 5, CollectionState().calibration)
+    assert decision.kind == decisions_pb2.NEAR_DUPLICATE and decision.duplicate_of == "copy"
+
+
+def test_the_pair_model_learns_from_image_pairs_that_agreeing_hashes_make_a_copy() -> None:
+    rng = random.Random(3)
+    counts: dict[str, int] = {}
+    for _ in range(300):  # each image against 5 others (far in hashes, cosine spread) and, for a third, a copy
+        for _ in range(5):
+            pattern = rng.choice("0123") + rng.choice("233") + rng.choice("233")
+            counts[pattern] = counts.get(pattern, 0) + 1
+        if rng.random() < 0.33:
+            pattern = rng.choice("001") + rng.choice("001") + rng.choice("01")
+            counts[pattern] = counts.get(pattern, 0) + 1
+    model = fit_fields(counts, IMAGE_SIGNALS)
+    assert model is not None
+    assert model.probability("100") > 0.9  # hashes agree: a copy, though the cosine is only fair
+    assert model.probability("033") < 0.1  # a close cosine alone does not make a copy
