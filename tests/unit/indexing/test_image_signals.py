@@ -19,7 +19,7 @@ from twinstream.indexing.calibration import (
     fit_fields,
     image_signals,
 )
-from twinstream.indexing.decide import Candidate, compare_fields, decide, item_signals
+from twinstream.indexing.decide import Candidate, compare_fields, decide, item_signals, linked_clusters
 from twinstream.v1 import decisions_pb2, items_pb2
 
 from .test_decide import BUNDLE, embedded
@@ -36,6 +36,11 @@ def jpeg(image: Image.Image, quality: int = 90) -> bytes:
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=quality)
     return out.getvalue()
+
+
+def image(item: items_pb2.EmbeddedItem) -> items_pb2.EmbeddedItem:
+    item.accepted.item.modality = items_pb2.IMAGE
+    return item
 
 
 def image_item(content: bytes) -> items_pb2.Item:
@@ -87,8 +92,7 @@ def test_a_text_in_an_image_collection_is_not_compared() -> None:
 
 def test_before_the_pair_model_a_near_identical_phash_links_an_image_below_the_cosine_threshold() -> None:
     own = image_signals(picture(1))
-    item = embedded()
-    item.accepted.item.modality = items_pb2.IMAGE
+    item = image(embedded())
     near = [Candidate("copy", 0.80, "copy", 1, signals=image_signals(picture(1))),  # the cosine alone: a match
             Candidate("other", 0.85, "other", 2, signals=image_signals(picture(2)))]
     compared = compare_fields(own, near, list(IMAGE_SIGNALS), None)
@@ -111,3 +115,26 @@ def test_the_pair_model_learns_from_image_pairs_that_agreeing_hashes_make_a_copy
     assert model is not None
     assert model.probability("100") > 0.9  # hashes agree: a copy, though the cosine is only fair
     assert model.probability("033") < 0.1  # a close cosine alone does not make a copy
+
+
+def blob_and_copy() -> list[Candidate]:
+    """Four members of a look-alike cluster "blob" (all linking) and the item's own copy, a lone canonical."""
+    blob = [Candidate(f"b{n}", 0.97 - n / 100, "b0", n) for n in range(4)]
+    return [*blob, Candidate("copy", 0.93, "copy", 9)]
+
+
+def test_an_image_does_not_join_a_cluster_that_crowds_its_neighbours() -> None:
+    decision = decide(image(embedded()), blob_and_copy(), BUNDLE, 10, 5)
+    assert decision.kind == decisions_pb2.NEAR_DUPLICATE and decision.duplicate_of == "b0"  # the decision stands
+    assert linked_clusters(decision, blob_and_copy()) == {"copy"} and decision.cluster_id == "copy"
+
+
+def test_a_text_still_joins_the_cluster_of_its_best_canonical() -> None:
+    decision = decide(embedded(), blob_and_copy(), BUNDLE, 10, 5)
+    assert linked_clusters(decision, blob_and_copy()) == {"b0"}
+
+
+def test_an_exact_copy_of_an_image_joins_its_copys_cluster_however_crowded() -> None:
+    near = [*blob_and_copy(), Candidate("b2", 1.0, "b0", 2, exact=True)]
+    decision = decide(image(embedded()), near, BUNDLE, 10, 5)
+    assert decision.kind == decisions_pb2.EXACT_DUPLICATE and linked_clusters(decision, near) == {"b0"}
