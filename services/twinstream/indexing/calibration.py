@@ -16,7 +16,8 @@ So every tenant/collection keeps, online, what its own items look like to the en
 * **Pair model** (Fellegi-Sunter): each candidate pair is compared signal by signal into a
   pattern of levels: records field by field (Jaro-Winkler over normalised values: agree /
   similar / missing / disagree), text by cosine, character-shingle Jaccard and containment
-  (from MinHash signatures). An EM fit of the two-class conditional-independence model over the
+  (from MinHash signatures), images by cosine and pHash / dHash Hamming distance.
+  An EM fit of the two-class conditional-independence model over the
   collection's own pair patterns gives P(duplicate | pattern); once fitted it decides instead of
   the cosine threshold (the cosine still finds the candidates). Patterns are kept as counts, so
   the state stays small however long the stream.
@@ -37,6 +38,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 import jellyfish
 import numpy as np
+from PIL import Image
+
+from twinstream.indexing import perceptual
 
 WARMUP_ITEMS = 50
 WINDOW = 2048  # observations kept (a persisted state stays under Milvus's 64 KiB string)
@@ -63,6 +67,10 @@ TEXT_SIGNALS = (COSINE, "jaccard", "containment")  # what texts are compared on
 COSINE_LEVELS = (0.9, 0.8, 0.7)  # level 0 at or above the first cut, 3 below the last
 JACCARD_LEVELS = (0.6, 0.4, 0.2)
 CONTAINMENT_LEVELS = (0.8, 0.5, 0.25)
+IMAGE_SIGNALS = (COSINE, "phash", "dhash")  # what images are compared on
+HAMMING_LEVELS = (6, 12, 20)  # bits of 64 that differ: level 0 at or below the first cut, 3 above the last
+PRIOR_PHASH_BITS = 4  # before the pair model is fitted, an image this close in pHash is a copy
+PRIOR_DUPLICATE = 0.95  # ... with this P(duplicate) (the precision target)
 SHINGLE = 5
 PERMUTATIONS = 128
 _PRIME = (1 << 31) - 1
@@ -164,7 +172,7 @@ class CollectionState:
         if not self.fields:
             record = signals.get("fields")
             self.fields = ([*sorted(str(k) for k in record)[:MAX_FIELDS], COSINE] if isinstance(record, dict)
-                           else list(TEXT_SIGNALS))
+                           else list(IMAGE_SIGNALS) if is_image_signals(signals) else list(TEXT_SIGNALS))
         return self.fields
 
     def observe(self, observation: Observation) -> bool:
@@ -294,11 +302,45 @@ def compare_texts(a: Mapping[str, object], b: Mapping[str, object], cosine: floa
     return _level(cosine, COSINE_LEVELS) + _level(jaccard, JACCARD_LEVELS) + _level(containment, CONTAINMENT_LEVELS)
 
 
+def image_signals(image: Image.Image) -> dict[str, object]:
+    """An image's perceptual hashes (pHash and dHash, 64 bits each, as hex)."""
+    return {"phash": perceptual.phash(image), "dhash": perceptual.dhash(image)}
+
+
+def is_image_signals(signals: Mapping[str, object]) -> bool:
+    return isinstance(signals.get("phash"), str) and isinstance(signals.get("dhash"), str)
+
+
+def _hamming_level(a: object, b: object) -> str:
+    if not isinstance(a, str) or not isinstance(b, str) or len(a) != len(b):
+        return MISSING
+    distance = perceptual.hamming(a, b)
+    return str(next((n for n, cut in enumerate(HAMMING_LEVELS) if distance <= cut), len(HAMMING_LEVELS)))
+
+
+def compare_images(a: Mapping[str, object], b: Mapping[str, object], cosine: float) -> str:
+    """The pair's levels of cosine and of pHash and dHash Hamming distance (``HAMMING_LEVELS``)."""
+    return (_level(cosine, COSINE_LEVELS) + _hamming_level(a.get("phash"), b.get("phash"))
+            + _hamming_level(a.get("dhash"), b.get("dhash")))
+
+
+def image_prior(a: Mapping[str, object], b: Mapping[str, object]) -> float:
+    """P(duplicate) of an image pair before its collection's pair model is fitted (NaN: the
+    cosine threshold decides): ``PRIOR_DUPLICATE`` when their pHashes differ in at most
+    ``PRIOR_PHASH_BITS`` bits. Like the bundle's thresholds, only a prior for the warm-up."""
+    x, y = a.get("phash"), b.get("phash")
+    if not isinstance(x, str) or not isinstance(y, str) or len(x) != len(y):
+        return math.nan
+    return PRIOR_DUPLICATE if perceptual.hamming(x, y) <= PRIOR_PHASH_BITS else math.nan
+
+
 def compare(a: Mapping[str, object], b: Mapping[str, object], cosine: float, fields: Sequence[str]) -> str:
     """The pair's comparison pattern: records field by field, text by its ``TEXT_SIGNALS``;
     "" when the item is not of the kind the collection compares (a text in a records collection)."""
     if tuple(fields) == TEXT_SIGNALS:
         return compare_texts(a, b, cosine) if "minhash" in a else ""
+    if tuple(fields) == IMAGE_SIGNALS:
+        return compare_images(a, b, cosine) if is_image_signals(a) else ""
     record_a, record_b = a.get("fields"), b.get("fields")
     if not isinstance(record_a, dict):
         return ""

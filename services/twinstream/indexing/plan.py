@@ -310,7 +310,7 @@ def _pk(item: items_pb2.EmbeddedItem) -> str:
 
 
 def _stored_signals(row: Mapping[str, Any]) -> dict[str, object] | None:
-    """A stored item's signals (``None``: an image, or stored before signals existed)."""
+    """A stored item's signals (``None``: stored before signals existed, or it has none)."""
     signals = row.get(SIGNALS)
     return signals if isinstance(signals, dict) and signals else None
 
