@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import time
+import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
@@ -52,6 +53,30 @@ def sample(groups: dict[str, int]) -> dict[str, float]:
     return {name: cpu.get(pgrp, 0.0) for name, pgrp in groups.items()}
 
 
+def batch_totals(stack: LocalStack) -> dict[str, dict[str, float]]:
+    """Per stream stage: batches, records and seconds so far (its /metrics histograms' counts
+    and sums), so a phase's mean batch size and time per batch are differences of two reads."""
+    totals: dict[str, dict[str, float]] = {}
+    for service in ("ingestion", "embedding", "indexing"):
+        url = f"http://127.0.0.1:{stack.metrics_ports[service]}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            continue
+        sums = {"batches": 0.0, "records": 0.0, "seconds": 0.0}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name.startswith("twinstream_stream_batch_seconds_count"):
+                sums["batches"] += float(value)
+            elif name.startswith("twinstream_stream_batch_seconds_sum"):
+                sums["seconds"] += float(value)
+            elif name.startswith("twinstream_stream_batch_records_sum"):
+                sums["records"] += float(value)
+        totals[service] = sums
+    return totals
+
+
 def loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
@@ -79,12 +104,19 @@ def main(argv: list[str] | None = None) -> int:
         after, idle_wall = sample(groups), time.monotonic() - t0
         idle = {n: (after[n] - before[n]) / idle_wall for n in groups}
         load_idle = (load0 + loadavg()) / 2
-        before, t0 = sample(groups), time.monotonic()
+        before, t0, batches0 = sample(groups), time.monotonic(), batch_totals(stack)
         report = _stream_and_report(stack, records, 0.2, args.rate, 120.0)
-        after, busy_wall = sample(groups), time.monotonic() - t0
+        after, busy_wall, batches1 = sample(groups), time.monotonic() - t0, batch_totals(stack)
     finally:
         stack.stop()
     busy = {n: after[n] - before[n] for n in groups}
+    stages = {}
+    for service, end in batches1.items():
+        start = batches0.get(service, {"batches": 0.0, "records": 0.0, "seconds": 0.0})
+        count = max(end["batches"] - start["batches"], 1.0)
+        stages[service] = {"batches": end["batches"] - start["batches"],
+                           "records_per_batch": (end["records"] - start["records"]) / count,
+                           "ms_per_batch": 1000 * (end["seconds"] - start["seconds"]) / count}
     per_item_ms = {n: 1000 * busy[n] / max(report.decided, 1) for n in groups}
     net_ms = {n: 1000 * (busy[n] - idle[n] * busy_wall) / max(report.decided, 1) for n in groups}
     result = {
@@ -93,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "p99_ms": report.latency_p99_ms, "f1": report.f1, "busy_wall_s": busy_wall,
         "load_idle": load_idle, "load_end": loadavg(),
         "idle_cpu_per_s": idle, "busy_cpu_ms_per_item": per_item_ms,
-        "busy_net_of_idle_ms_per_item": net_ms,
+        "busy_net_of_idle_ms_per_item": net_ms, "stream_batches": stages,
         "idle_total": sum(idle.values()), "per_item_total_ms": sum(per_item_ms.values()),
         "report": {k: v for k, v in asdict(report).items() if k != "example_query"},
     }
@@ -104,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<12}{idle[name]:>12.3f}{per_item_ms[name]:>14.1f}{net_ms[name]:>13.1f}")
     print(f"{'all':<12}{sum(idle.values()):>12.3f}{sum(per_item_ms.values()):>14.1f}"
           f"{sum(net_ms.values()):>13.1f}")
+    for service, stage in stages.items():
+        print(f"{service}: {stage['batches']:.0f} batches, {stage['records_per_batch']:.1f} "
+              f"records and {stage['ms_per_batch']:.0f} ms per batch")
     print(f"items/s {report.items_per_second:.1f}  p50 {report.latency_p50_ms:.0f} ms  "
           f"p99 {report.latency_p99_ms:.0f} ms  F1 {report.f1:.3f}  load {load_idle:.1f} idle, "
           f"{loadavg():.1f} end")
