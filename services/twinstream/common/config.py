@@ -132,6 +132,12 @@ class KafkaSettings(_Section):
     # each a storage write on an S3-backed tansu (docs/bench/throughput.md).
     producer_batch_bytes: int = _env("KAFKA_PRODUCER_BATCH_BYTES", 1_048_576,
                                      "bytes of one partition's records per produce request", gt=0)
+    # tansu answers a held fetch as soon as a record arrives (long poll), so a longer wait adds no
+    # latency; it only cuts the empty fetches an idle consumer sends, each a storage read on an
+    # S3-backed tansu (docs/bench/throughput.md, 2026-11-29).
+    fetch_max_wait_ms: int = _env("KAFKA_FETCH_MAX_WAIT_MS", 250,
+                                  "longest time the broker holds an empty fetch of a stream loop or "
+                                  "lag probe (ms)", ge=0)
     async_commit: bool = _env("KAFKA_ASYNC_COMMIT", True,
                               "commit offsets without waiting for the broker's answer (still after "
                               "the outputs' flush)")

@@ -355,7 +355,7 @@ class ConsumeLoop:
             heartbeat_interval_ms=max(500, settings.kafka.session_timeout_ms // 3),
             max_poll_interval_ms=settings.kafka.max_poll_interval_ms,
             request_timeout_ms=max(30_000, settings.kafka.session_timeout_ms + 5_000),
-            fetch_max_wait_ms=50,
+            fetch_max_wait_ms=settings.kafka.fetch_max_wait_ms,
         )
         consumer.subscribe([topic], listener=_OnRebalance(self._rebalanced))
         return consumer

@@ -168,14 +168,18 @@ class MilvusServer:
     """A Milvus 2.3 standalone server (PyPI ``milvus``: embedded etcd, rocksmq, local storage)
     with a config rendered for this stack: every port its own, every component on 127.0.0.1.
 
-    The time tick and graceful time are lowered from 200 ms / 5 s: a Strong search waits for the
-    next time tick (~400 ms at the default, ~20 ms here) and a Bounded one may miss writes younger
-    than the graceful time. Segments are sealed at 2 GB so 1M vectors make a few segments, not 25.
+    The time tick and graceful time are lowered from 200 ms / 5 s: a Strong search, and a Session
+    one right after this client's write, waits for the next time tick (~1.5 ticks: ~300 ms at the
+    default, ~75 ms here) and a Bounded one may miss writes younger than the graceful time. Each
+    tick costs CPU whether or not anything is written: ~0.16 of a core idle at 20 ms, ~0.07 at
+    50 ms, ~0.035 at 200 ms (docs/bench/throughput.md, 2026-11-29); 50 ms keeps the indexer's
+    one Strong read (the fence) per batch short. Segments are sealed at 2 GB so 1M vectors make a
+    few segments, not 25.
     """
 
     _PORTS = ("root_coord", "proxy_internal", "query_coord", "query_node", "index_coord",
               "index_node", "data_coord", "data_node", "etcd_client", "etcd_peer", "metrics")
-    TIME_TICK_MS = 20
+    TIME_TICK_MS = 50
     GRACEFUL_TIME_MS = 150
     # Milvus ignores SIGTERM for 50 s and more; its WAL makes SIGKILL safe (every row survives).
     TERM_GRACE_S = 5.0
