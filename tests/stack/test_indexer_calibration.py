@@ -44,15 +44,20 @@ def records(entities: int, seed: int = 3) -> list[tuple[str, str, dict[str, str]
 
 
 def message(item_id: str, fields: dict[str, str], vector: np.ndarray, at: int) -> ConsumerRecord:
-    content = json.dumps(fields).encode()
+    return embedded(item_id, "people", items_pb2.RECORD, json.dumps(fields).encode(), vector, at, ood_score=0.9)
+
+
+def embedded(item_id: str, collection: str, modality: items_pb2.Modality.ValueType, content: bytes,
+             vector: np.ndarray, at: int, ood_score: float) -> ConsumerRecord:
+    """An embedded item of tenant "t" as indexing polls it: offset ``at`` on one partition,
+    stamped when it was produced."""
     item = items_pb2.EmbeddedItem(
         accepted=items_pb2.AcceptedItem(
-            item=items_pb2.Item(item_id=item_id, tenant="t", collection="people", modality=items_pb2.RECORD,
+            item=items_pb2.Item(item_id=item_id, tenant="t", collection=collection, modality=modality,
                                 content=content),
             content_hash=f"h-{item_id}", ingest_time_ms=at),
-        vector=list(vector / np.linalg.norm(vector)), model=BUNDLE.model_ref, ood_score=0.9)
-    value, key = item.SerializeToString(), b"t/people"
-    # As indexing polls it: offset ``at`` on one partition, stamped when it was produced.
+        vector=list(vector / np.linalg.norm(vector)), model=BUNDLE.model_ref, ood_score=ood_score)
+    value, key = item.SerializeToString(), f"t/{collection}".encode()
     return ConsumerRecord("items.embedded", 0, 0, at, 1_700_000_000_000 + at, 0, key, value, [],
                           None, len(key), len(value), -1)
 

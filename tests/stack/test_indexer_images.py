@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from kafka.consumer.fetcher import ConsumerRecord
-from test_indexer_calibration import decide_all, indexer_on
-from unit.indexing.test_decide import BUNDLE
+from test_indexer_calibration import decide_all, embedded, indexer_on
 from unit.indexing.test_image_signals import jpeg, picture
 
 from twinstream.indexing.calibration import PRIOR_DUPLICATE
@@ -19,15 +18,7 @@ pytestmark = pytest.mark.stack
 
 
 def image_message(item_id: str, content: bytes, vector: np.ndarray, at: int) -> ConsumerRecord:
-    item = items_pb2.EmbeddedItem(
-        accepted=items_pb2.AcceptedItem(
-            item=items_pb2.Item(item_id=item_id, tenant="t", collection="photos", modality=items_pb2.IMAGE,
-                                content=content),
-            content_hash=f"h-{item_id}", ingest_time_ms=at),
-        vector=list(vector / np.linalg.norm(vector)), model=BUNDLE.model_ref, ood_score=0.1)
-    value, key = item.SerializeToString(), b"t/photos"
-    return ConsumerRecord("items.embedded", 0, 0, at, 1_700_000_000_000 + at, 0, key, value, [],
-                          None, len(key), len(value), -1)
+    return embedded(item_id, "photos", items_pb2.IMAGE, content, vector, at, ood_score=0.1)
 
 
 def test_a_recompressed_copy_is_linked_by_its_stored_phash_though_the_cosine_alone_would_not(tmp_path: Path) -> None:
