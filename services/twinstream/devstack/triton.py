@@ -71,6 +71,11 @@ class TritonServer:
         return backends
 
     def start(self) -> None:
+        self.launch()
+        self.wait_ready()
+
+    def launch(self) -> None:
+        """Spawn the server without waiting for it (``wait_ready`` does)."""
         site = self._site_packages()
         binary = site / "pytriton" / "tritonserver" / "bin" / "tritonserver"
         argv = [
@@ -89,7 +94,6 @@ class TritonServer:
                "OMP_NUM_THREADS": str(self.threads), "TWINSTREAM_TRITON_THREADS": str(self.threads)}
         self.process = ManagedProcess("triton", argv, env, self.log_path, term_grace_s=30.0)
         self.process.start()
-        self.wait_ready()
 
     def wait_ready(self) -> None:
         import tritonclient.grpc as triton_grpc

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import re
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import yaml
 
-from twinstream.devstack import MilvusServer, SeaweedS3
+from twinstream.devstack import LocalStack, MilvusServer, SeaweedS3, StackConfig
 
 COMPONENTS = ("rootCoord", "proxy", "queryCoord", "queryNode", "indexCoord", "indexNode", "dataCoord", "dataNode")
 
@@ -54,3 +58,51 @@ def test_seaweedfs_gets_every_port_explicitly(tmp_path: Path) -> None:
     admin = next(int(a.split("=")[1]) for a in argv if a.startswith("-admin.port="))
     assert f"-admin.port.grpc={admin + 10000}" in argv, "weed's worker dials the admin port + 10000"
     assert s3.client_env()["AWS_ENDPOINT"] == "http://127.0.0.1:40002"
+
+
+def test_a_stack_spawns_on_the_calling_thread_and_waits_for_its_infrastructure_side_by_side(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Storage, Milvus and Triton become ready together (the barrier lets no wait through until
+    all three wait at once), and every process is spawned on the calling thread: a child's
+    parent-death signal fires when the thread that spawned it exits, which killed a broker
+    spawned on a pool thread."""
+    stack = LocalStack(StackConfig(root=tmp_path, bundles=[tmp_path]))
+    together = threading.Barrier(3, timeout=10)
+    spawned_on: list[str] = []
+
+    def launcher(piece: str) -> Callable[[], Callable[[], None]]:
+        def launch() -> Callable[[], None]:
+            spawned_on.append(threading.current_thread().name)
+
+            def wait() -> None:
+                together.wait()
+            return wait
+        return launch
+
+    for piece in ("storage", "milvus", "triton"):
+        monkeypatch.setattr(stack, f"_launch_{piece}", launcher(piece))
+    monkeypatch.setattr(stack, "start_broker", lambda: spawned_on.append(threading.current_thread().name))
+    stack._start_infrastructure()
+    assert spawned_on == [threading.current_thread().name] * 4
+
+
+def test_the_first_failed_wait_is_raised_after_the_others_finished(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed start raises only once every piece that did start is tracked (stop finds it)."""
+    stack = LocalStack(StackConfig(root=tmp_path, bundles=[tmp_path]))
+    finished: list[str] = []
+
+    def fails() -> None:
+        raise TimeoutError("Milvus not healthy")
+
+    def slow() -> None:
+        time.sleep(0.3)
+        finished.append("triton")
+
+    monkeypatch.setattr(stack, "_launch_storage", lambda: lambda: None)
+    monkeypatch.setattr(stack, "_launch_milvus", lambda: fails)
+    monkeypatch.setattr(stack, "_launch_triton", lambda: slow)
+    monkeypatch.setattr(stack, "start_broker", lambda: finished.append("broker"))
+    with pytest.raises(TimeoutError, match="Milvus"):
+        stack._start_infrastructure()
+    assert finished == ["triton"], "Triton's wait finished; the broker never started"
