@@ -30,6 +30,13 @@ def _ephemeral_floor() -> int:
         return 32768
 
 
+# Ports the stack's components use when a setting is left out (Milvus' coordinators and nodes,
+# its etcd, SeaweedFS, tansu): never handed out, so a component that still listened on its default
+# could not collide with a port given to another, and a test can tell a default from a choice.
+KNOWN_DEFAULTS = frozenset({2379, 2380, 8080, 8333, 8888, 9000, 9091, 9092, 9101, 9333, 13333, 18080, 19333,
+                            19529, 19530, 19531, 21121, 21122, 21123, 21124, 53100})
+
+
 def free_port() -> int:
     """A loopback port nothing listens on, for a process that binds it later.
 
@@ -42,7 +49,7 @@ def free_port() -> int:
     with _lock:
         for _ in range(200):
             port = random.randint(low, floor - 1)
-            if port in _handed_out:
+            if port in _handed_out or port in KNOWN_DEFAULTS:
                 continue
             with socket.socket() as sock:
                 try:
