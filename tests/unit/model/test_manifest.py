@@ -21,8 +21,11 @@ IMAGE: dict[str, Any] = {
 }
 
 
-@pytest.mark.skipif(not (BASE / "manifest.json").is_file(), reason="base bundle not built")
 def test_the_base_bundle_manifest_round_trips_exactly() -> None:
+    # Checked when the test runs, not at collection: on a fresh clone the stack tests, which run
+    # first, build the base bundle.
+    if not (BASE / "manifest.json").is_file():
+        pytest.skip("base bundle not built")
     written = json.loads((BASE / "manifest.json").read_text())
     assert Manifest.read(BASE).to_dict() == written
 
