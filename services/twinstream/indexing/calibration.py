@@ -326,10 +326,17 @@ def is_image_signals(signals: Mapping[str, object]) -> bool:
     return isinstance(signals.get("phash"), str) and isinstance(signals.get("dhash"), str)
 
 
-def _hamming_level(a: object, b: object) -> str:
+def _hamming(a: object, b: object) -> int | None:
+    """Bits that differ between two stored hashes (``None`` unless both are hashes of one size)."""
     if not isinstance(a, str) or not isinstance(b, str) or len(a) != len(b):
+        return None
+    return perceptual.hamming(a, b)
+
+
+def _hamming_level(a: object, b: object) -> str:
+    distance = _hamming(a, b)
+    if distance is None:
         return MISSING
-    distance = perceptual.hamming(a, b)
     return str(next((n for n, cut in enumerate(HAMMING_LEVELS) if distance <= cut), len(HAMMING_LEVELS)))
 
 
@@ -343,10 +350,8 @@ def image_prior(a: Mapping[str, object], b: Mapping[str, object]) -> float:
     """P(duplicate) of an image pair before its collection's pair model is fitted (NaN: the
     cosine threshold decides): ``PRIOR_DUPLICATE`` when their pHashes differ in at most
     ``PRIOR_PHASH_BITS`` bits. Like the bundle's thresholds, only a prior for the warm-up."""
-    x, y = a.get("phash"), b.get("phash")
-    if not isinstance(x, str) or not isinstance(y, str) or len(x) != len(y):
-        return math.nan
-    return PRIOR_DUPLICATE if perceptual.hamming(x, y) <= PRIOR_PHASH_BITS else math.nan
+    distance = _hamming(a.get("phash"), b.get("phash"))
+    return PRIOR_DUPLICATE if distance is not None and distance <= PRIOR_PHASH_BITS else math.nan
 
 
 def compare(a: Mapping[str, object], b: Mapping[str, object], cosine: float, fields: Sequence[str]) -> str:

@@ -225,11 +225,18 @@ def uncrowded(candidates: Sequence[Candidate]) -> list[Candidate]:
     frame, a caption bar) agree in cosine, pHash and dHash whatever they show, and joining one
     asserts a pair with every member. On the unseen icons this cut the largest cluster from 22
     items to 8 and raised cluster pair precision from 0.23 to 0.43 (docs/calibration.md)."""
+    seen = neighbours_per_cluster(candidates)
+    return [c for c in candidates if c.exact or seen.get(c.cluster_id, 0) <= CROWDED_NEIGHBOURS]
+
+
+def neighbours_per_cluster(candidates: Sequence[Candidate]) -> dict[str, int]:
+    """How many of the item's neighbours each cluster shows (exact copies and refused items
+    left out)."""
     seen: dict[str, int] = {}
     for c in candidates:
         if not c.exact and not c.refused:
             seen[c.cluster_id] = seen.get(c.cluster_id, 0) + 1
-    return [c for c in candidates if c.exact or seen.get(c.cluster_id, 0) <= CROWDED_NEIGHBOURS]
+    return seen
 
 
 def linked_clusters(decision: decisions_pb2.Decision, candidates: Sequence[Candidate]) -> set[str]:
@@ -257,13 +264,10 @@ def linked_clusters(decision: decisions_pb2.Decision, candidates: Sequence[Candi
     exact = {c.cluster_id for c in candidates if c.exact}
     if decision.kind == decisions_pb2.EXACT_DUPLICATE:  # its copy already made its links
         return {decision.cluster_id} | exact
-    seen: dict[str, int] = {}  # neighbours per cluster
+    seen = neighbours_per_cluster(candidates)
     links: dict[str, list[Candidate]] = {}
     for c in candidates:
-        if c.exact or c.refused:
-            continue
-        seen[c.cluster_id] = seen.get(c.cluster_id, 0) + 1
-        if c.links(decision.thresholds):
+        if not c.exact and not c.refused and c.links(decision.thresholds):
             links.setdefault(c.cluster_id, []).append(c)
     canonical = {cluster for cluster, members in links.items() if any(m.item_id == cluster for m in members)}
     if decision.cluster_id not in canonical:
