@@ -29,7 +29,7 @@ from twinstream.common.encoding import InProcessEncoder, ItemEncoder
 from twinstream.common.kafka import TopicReader
 from twinstream.common.vectorstore import MATCH_CONSISTENCY, VectorStore, quote, row_key, scope_filter
 from twinstream.devstack import LocalStack
-from twinstream.matching.service import RESULT_FIELDS
+from twinstream.matching.service import LOOKUP_FIELDS, RESULT_FIELDS
 from twinstream.model.bundle import ModelBundle
 from twinstream.model.encoder_runtime import SUB_BATCH, load_runtime
 from twinstream.v1 import decisions_pb2, matching_pb2
@@ -266,7 +266,6 @@ def matching_latency(stack: LocalStack, bundle_name: str, tenant: str, item_ids:
     alias = store.alias_name(bundle_name)
     scope = scope_filter(tenant, COLLECTION)
     fields = list(RESULT_FIELDS)
-    lookup = ["pk", "vector", *fields, "content_hash", "event_ms", "deleted_ms"]
     vectors = {str(row["pk"]): row["vector"]
                for row in store.get(alias, [row_key(tenant, COLLECTION, i) for i in chosen], ["pk", "vector"]).values()}
     timings: dict[str, list[float]] = {"id": [], "bare_id": [], "vector": [], "bare_vector": []}
@@ -277,7 +276,7 @@ def matching_latency(stack: LocalStack, bundle_name: str, tenant: str, item_ids:
         timings[key].append(time.perf_counter() - started)
 
     def bare_by_id(item_id: str) -> None:
-        row = store.get(alias, [row_key(tenant, COLLECTION, item_id)], lookup)
+        row = store.get(alias, [row_key(tenant, COLLECTION, item_id)], LOOKUP_FIELDS)
         vector = next(iter(row.values()))["vector"]
         store.search(alias, [vector], 11, f"{scope} and (item_id != {quote(item_id)})", fields,
                      consistency=MATCH_CONSISTENCY)

@@ -37,6 +37,8 @@ MAX_WINDOW = 16384
 # Ids of one Delete are looked up in one Milvus query, whose limit is also 16384.
 MAX_DELETE_IDS = 10_000
 RESULT_FIELDS = ["item_id", "cluster_id", "ingest_ms", "metadata", "decision"]
+# What looking an item up by id reads (its vector for Match by id, the rest for Get and visibility).
+LOOKUP_FIELDS = ["pk", "vector", *RESULT_FIELDS, "content_hash", "event_ms", "deleted_ms"]
 
 
 class NotFound(status.NotFound):
@@ -73,8 +75,7 @@ class Matching(matching_pb2_grpc.MatchingServicer):
         for encoder in self.encoders:
             live = self._live(encoder.bundle)
             try:
-                rows = self.store.get(live, [pk], ["pk", "vector", *RESULT_FIELDS, "content_hash",
-                                                   "event_ms", "deleted_ms"])
+                rows = self.store.get(live, [pk], LOOKUP_FIELDS)
             except Exception:
                 # The model has indexed nothing yet (no collection): checked only after a failure,
                 # so a lookup costs one round trip to Milvus, not three.
