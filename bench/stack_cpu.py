@@ -2,7 +2,7 @@
 ``python -m bench.stack_cpu --idle-s 60 --rate 50 --items 1500 --out /tmp/stack_cpu.json``.
 
 Starts the demo's stack (tansu on SeaweedFS, Milvus server, Triton, the services), samples each
-process group's CPU (``/proc/<pid>/stat`` utime+stime of every process in the group: Triton's
+process tree's CPU (``bench.speed.stack_cpu_seconds``: utime+stime from ``/proc``, Triton's
 python-backend stubs included) over ``--idle-s`` seconds with no traffic, then streams the
 demo's FEBRL records at ``--rate`` and samples again. Busy CPU per item is reported both as
 measured and net of the idle burn over the same wall time, so a component's per-second work
@@ -13,44 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
+from bench.speed import stack_cpu_seconds
 from twinstream.demo import DEFAULT_BUNDLE, _stream_and_report, febrl_items, prepare_bundles
 from twinstream.devstack.stack import LocalStack, StackConfig
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def group_cpu_s() -> dict[int, float]:
-    """CPU seconds (user + system, live processes) per process group."""
-    totals: dict[int, float] = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pgrp = int(fields[2])
-        totals[pgrp] = totals.get(pgrp, 0.0) + (int(fields[11]) + int(fields[12])) / TICKS
-    return totals
-
-
-def stack_groups(stack: LocalStack) -> dict[str, int]:
-    """Process name -> its process group (each ManagedProcess leads a session of its own)."""
-    groups = {name: p.popen.pid for name, p in stack.processes.items() if p.popen is not None}
-    if stack.triton is not None and stack.triton.process is not None and stack.triton.process.popen:
-        groups["triton"] = stack.triton.process.popen.pid
-    return groups
-
-
-def sample(groups: dict[str, int]) -> dict[str, float]:
-    cpu = group_cpu_s()
-    return {name: cpu.get(pgrp, 0.0) for name, pgrp in groups.items()}
 
 
 def batch_totals(stack: LocalStack) -> dict[str, dict[str, float]]:
@@ -97,19 +67,19 @@ def main(argv: list[str] | None = None) -> int:
     stack = LocalStack(StackConfig(bundles=[bundle]))
     stack.start()
     try:
-        groups = stack_groups(stack)
         time.sleep(10)  # start-up work (index loads, first compactions) settles
-        before, t0, load0 = sample(groups), time.monotonic(), loadavg()
+        before, t0, load0 = stack_cpu_seconds(stack), time.monotonic(), loadavg()
+        groups = list(before)  # the stack's processes at the first sample
         time.sleep(args.idle_s)
-        after, idle_wall = sample(groups), time.monotonic() - t0
-        idle = {n: (after[n] - before[n]) / idle_wall for n in groups}
+        after, idle_wall = stack_cpu_seconds(stack), time.monotonic() - t0
+        idle = {n: (after.get(n, 0.0) - before[n]) / idle_wall for n in groups}
         load_idle = (load0 + loadavg()) / 2
-        before, t0, batches0 = sample(groups), time.monotonic(), batch_totals(stack)
+        before, t0, batches0 = stack_cpu_seconds(stack), time.monotonic(), batch_totals(stack)
         report = _stream_and_report(stack, records, 0.2, args.rate, 120.0)
-        after, busy_wall, batches1 = sample(groups), time.monotonic() - t0, batch_totals(stack)
+        after, busy_wall, batches1 = stack_cpu_seconds(stack), time.monotonic() - t0, batch_totals(stack)
     finally:
         stack.stop()
-    busy = {n: after[n] - before[n] for n in groups}
+    busy = {n: after.get(n, 0.0) - before.get(n, 0.0) for n in groups}
     stages = {}
     for service, end in batches1.items():
         start = batches0.get(service, {"batches": 0.0, "records": 0.0, "seconds": 0.0})
