@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -15,7 +16,7 @@ from twinstream.common.commands import store_commands
 from twinstream.common.config import Settings
 from twinstream.common.encoding import ContentError, ItemEncoder
 from twinstream.common.kafka import Outgoing
-from twinstream.common.vectorstore import MATCH_CONSISTENCY, VectorStore, decode_decision, quote, row_key
+from twinstream.common.vectorstore import MATCH_CONSISTENCY, Hit, VectorStore, decode_decision, quote, row_key
 from twinstream.matching.requests import (
     BadRequest,
     OverLimit,
@@ -36,6 +37,7 @@ DEFAULT_K = 10
 MAX_WINDOW = 16384
 # Ids of one Delete are looked up in one Milvus query, whose limit is also 16384.
 MAX_DELETE_IDS = 10_000
+T = TypeVar("T")
 RESULT_FIELDS = ["item_id", "cluster_id", "ingest_ms", "metadata", "decision"]
 # What looking an item up by id reads (its vector for Match by id, the rest for Get and visibility).
 LOOKUP_FIELDS = ["pk", "vector", *RESULT_FIELDS, "content_hash", "event_ms", "deleted_ms"]
@@ -74,17 +76,22 @@ class Matching(matching_pb2_grpc.MatchingServicer):
         pk = row_key(tenant, collection, item_id)
         for encoder in self.encoders:
             live = self._live(encoder.bundle)
-            try:
-                rows = self.store.get(live, [pk], LOOKUP_FIELDS)
-            except Exception:
-                # The model has indexed nothing yet (no collection): checked only after a failure,
-                # so a lookup costs one round trip to Milvus, not three.
-                if self.store.exists(live):
-                    raise
-                continue
+            rows: dict[str, dict[str, Any]] = self._unless_unindexed(
+                live, partial(self.store.get, live, [pk], LOOKUP_FIELDS), {})
             if pk in rows and self._visible(rows[pk], tenant, collection):
                 return encoder, rows[pk]
         raise NotFound(f"item {item_id!r} not found in tenant {tenant!r} collection {collection!r}")
+
+    def _unless_unindexed(self, live: str, read: Callable[[], T], nothing: T) -> T:
+        """``read()`` of a model's live collection, or ``nothing`` when it failed because the model
+        has indexed nothing yet (no collection: the same empty answer as a tenant with no items,
+        docs/errors.md). Asked only after a failure, so a read costs one round trip to Milvus."""
+        try:
+            return read()
+        except Exception:
+            if self.store.exists(live):
+                raise
+            return nothing
 
     def _visible(self, row: dict[str, Any], tenant: str, collection: str) -> bool:
         """Not deleted and, where the scope has a TTL, not expired."""
@@ -154,19 +161,11 @@ class Matching(matching_pb2_grpc.MatchingServicer):
         if remaining is not None and remaining < 0.005:
             raise TimeoutError("the deadline expired before the search started")
         live = self._live(encoder.bundle)
-        try:
-            hits = self.store.search(
-                live, [vector], limit=k + 1, expr=expr, fields=RESULT_FIELDS,
-                min_score=request.min_score or None, offset=offset,
-                consistency=MATCH_CONSISTENCY,
-            )[0]
-        except Exception:
-            # Before the model's first item is indexed its collection does not exist: nothing
-            # can match yet, the same empty answer as a tenant with no items (docs/errors.md).
-            # Checked only after a failure, so a normal search costs no extra round trip.
-            if self.store.exists(live):
-                raise
-            hits = []
+        hits: list[Hit] = self._unless_unindexed(live, lambda: self.store.search(
+            live, [vector], limit=k + 1, expr=expr, fields=RESULT_FIELDS,
+            min_score=request.min_score or None, offset=offset,
+            consistency=MATCH_CONSISTENCY,
+        )[0], [])
         bundle = encoder.bundle.for_modality(modality)
         response = matching_pb2.MatchResponse(model=bundle.model_ref, request_id=request.request_id,
                                               thresholds=bundle.thresholds)
