@@ -117,16 +117,52 @@ def test_the_pair_model_learns_from_image_pairs_that_agreeing_hashes_make_a_copy
     assert model.probability("033") < 0.1  # a close cosine alone does not make a copy
 
 
-def blob_and_copy() -> list[Candidate]:
-    """Four members of a look-alike cluster "blob" (all linking) and the item's own copy, a lone canonical."""
-    blob = [Candidate(f"b{n}", 0.97 - n / 100, "b0", n) for n in range(4)]
+def blob_and_copy(linking: int = 4) -> list[Candidate]:
+    """Four members of a look-alike cluster "b0" (the first ``linking`` of them link to the item)
+    and the item's own copy, a lone canonical."""
+    blob = [Candidate(f"b{n}", 0.97 - n / 100 if n < linking else 0.5, "b0", n) for n in range(4)]
     return [*blob, Candidate("copy", 0.93, "copy", 9)]
 
 
+def image_clustered(candidates: list[Candidate]) -> tuple[decisions_pb2.Decision, set[str]]:
+    decision = decide(image(embedded()), candidates, BUNDLE, 10, 5)
+    return decision, linked_clusters(decision, candidates)
+
+
 def test_an_image_does_not_join_a_cluster_that_crowds_its_neighbours() -> None:
-    decision = decide(image(embedded()), blob_and_copy(), BUNDLE, 10, 5)
+    decision, linked = image_clustered(blob_and_copy(linking=1))
     assert decision.kind == decisions_pb2.NEAR_DUPLICATE and decision.duplicate_of == "b0"  # the decision stands
-    assert linked_clusters(decision, blob_and_copy()) == {"copy"} and decision.cluster_id == "copy"
+    assert linked == {"copy"} and decision.cluster_id == "copy"
+
+
+def test_an_image_that_links_more_to_a_blob_than_to_its_copy_joins_neither() -> None:
+    """Four links into the crowding blob, one to the copy: the links say the image looks like the
+    blob's transformation, not which picture it shows (the old rule joined "copy")."""
+    decision, linked = image_clustered(blob_and_copy())
+    assert decision.kind == decisions_pb2.NEAR_DUPLICATE and decision.duplicate_of == "b0"
+    assert linked == set() and decision.cluster_id == "new"
+
+
+def test_an_image_linked_to_a_canonical_but_more_to_another_clusters_members_keeps_its_own_cluster() -> None:
+    """It links to x0 (canonical of {x0, x1}; x1 unlike it) and to two members of {y0, y1, y2}
+    (not to y0): neither cluster is its picture on that evidence (the old rule joined "x0")."""
+    near = [Candidate("y1", 0.96, "y0", 2), Candidate("x0", 0.95, "x0", 0), Candidate("y2", 0.94, "y0", 3),
+            Candidate("x1", 0.5, "x0", 1), Candidate("y0", 0.5, "y0", 4)]
+    decision, linked = image_clustered(near)
+    assert decision.kind == decisions_pb2.NEAR_DUPLICATE and decision.duplicate_of == "y1"
+    assert linked == set() and decision.cluster_id == "new"
+    decision, linked = image_clustered(near[:2] + near[3:])  # one link each: x0 holds as many as any
+    assert linked == {"x0"} and decision.cluster_id == "x0"
+
+
+def test_an_image_never_merges_clusters() -> None:
+    """Links to two lone canonical items: a text mends the split, an image joins the best one only
+    (on the bench's image streams such merges mostly fused different pictures)."""
+    near = [Candidate("a", 0.95, "a", 10), Candidate("b", 0.93, "b", 11)]
+    decision, linked = image_clustered(near)
+    assert linked == {"a"} and decision.cluster_id == "a"
+    text = decide(embedded(), near, BUNDLE, 10, 5)
+    assert linked_clusters(text, near) == {"a", "b"}
 
 
 def test_a_text_still_joins_the_cluster_of_its_best_canonical() -> None:
