@@ -138,6 +138,20 @@ def test_an_item_linking_two_clusters_merges_them_into_the_older(make_item: Make
     assert result.merges == [(["younger"], "older")]
 
 
+def test_an_image_linking_two_clusters_joins_the_older_and_merges_nothing(make_item: MakeItem,
+                                                                         make_group: MakeGroup) -> None:
+    """The indexer runs the image cluster rule (decide.image_cluster): no merge, so no read of
+    the clusters' first members either."""
+    older = stored_row(make_item, "older", angle=-4, ingest_ms=10)
+    younger = stored_row(make_item, "younger", angle=4, ingest_ms=20)
+    bridge = make_item("bridge", 0)
+    bridge.accepted.item.modality = items_pb2.IMAGE
+    result = plan(make_group([bridge]), hits=[[hit(older, 0.99), hit(younger, 0.99)]])
+    (_, decision, _), = result.decided
+    assert decision.kind == decisions_pb2.NEAR_DUPLICATE and decision.cluster_id == "older"
+    assert not decision.merged_clusters and result.merges == []
+
+
 def test_the_plan_asks_for_a_merges_clusters_and_goes_on_with_the_answer(make_item: MakeItem,
                                                                          make_group: MakeGroup) -> None:
     older, younger = stored_row(make_item, "older", -4, ingest_ms=10), stored_row(make_item, "younger", 4, ingest_ms=20)
