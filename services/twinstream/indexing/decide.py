@@ -300,7 +300,7 @@ def image_cluster(decision: decisions_pb2.Decision, candidates: Sequence[Candida
     kept = {c.cluster_id for c in uncrowded(candidates)}
     canonical = sorted({c.cluster_id for c in links if c.item_id == c.cluster_id and c.cluster_id in kept},
                        key=lambda k: (-max(c.score for c in links if c.cluster_id == k), k))
-    joined = next((k for k in canonical if k == decision.cluster_id), canonical[0] if canonical else None)
+    joined = decision.cluster_id if decision.cluster_id in canonical else next(iter(canonical), None)
     if joined is None or not holds_most_links(joined, links):
         decision.cluster_id = decision.item_id
         return set()
