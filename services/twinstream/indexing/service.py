@@ -25,6 +25,7 @@ from twinstream.common.config import Settings
 from twinstream.common.kafka import BatchResult, Rejected, parse_record
 from twinstream.common.metrics import Metrics
 from twinstream.common.vectorstore import DECIDE_CONSISTENCY, SIGNALS, VectorStore, quote, scope_filter
+from twinstream.indexing.blocking import KEYS
 from twinstream.indexing.calibration_store import CalibrationStore
 from twinstream.indexing.plan import (
     GroupReads,
@@ -34,6 +35,7 @@ from twinstream.indexing.plan import (
     earliest_members,
     fence,
     invalid,
+    lookup_keys,
     outgoing,
     plan_command,
     plan_steps,
@@ -202,9 +204,10 @@ class Indexer:
 
     def _read(self, group: Pending, triaged: Triage, calibration_key: str,
               level: str = DECIDE_CONSISTENCY) -> GroupReads:
-        """The new items' nearest stored rows, the stored copies of their content, the scope's
-        calibration state."""
+        """The new items' nearest stored rows, the stored rows sharing a blocking key with one,
+        the stored copies of their content, the scope's calibration state."""
         stored_signals = [SIGNALS] if self.store.has_signals(group.collection) else []
+        state = self.calibrations.load(calibration_key)
         hits = self.store.search(
             group.collection, triaged.vectors, limit=self.settings.search.neighbours, expr=group.scope,
             fields=("item_id", "cluster_id", "content_hash", "ingest_ms", "decision", *stored_signals),
@@ -215,7 +218,13 @@ class Indexer:
             f"{group.scope} and content_hash in [{', '.join(quote(h) for h in hashes)}]",
             ["item_id", "cluster_id", "content_hash", "ingest_ms"], consistency=level,
         )
-        return GroupReads(hits, exact_rows, self.calibrations.load(calibration_key))
+        keys = lookup_keys(triaged, state) if stored_signals else []
+        keyed = self.store.query(
+            group.collection,
+            f"{group.scope} and json_contains_any({SIGNALS}[{quote(KEYS)}], [{', '.join(quote(k) for k in keys)}])",
+            ["item_id", "cluster_id", "content_hash", "ingest_ms", "decision", SIGNALS, "vector"],
+            consistency=level) if keys else []
+        return GroupReads(hits, exact_rows, state, keyed=keyed)
 
     def _first_seen(self, group: Pending, clusters: set[str],
                     level: str = DECIDE_CONSISTENCY) -> dict[str, tuple[int, str] | None]:
