@@ -1,0 +1,70 @@
+"""Blocking keys through the real indexer, on Milvus Lite and on the Milvus 2.3 server: a record's
+earlier duplicate that the cosine top-k misses is read back by a shared key
+(``json_contains_any`` over the row's signals) and decided as its duplicate."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_indexer_calibration import decide_all, embedded
+from unit.indexing.test_decide import BUNDLE
+
+from twinstream.common.config import Settings
+from twinstream.common.vectorstore import SIGNALS, VectorStore
+from twinstream.devstack import running_milvus
+from twinstream.indexing.blocking import KEYS, blocking_keys
+from twinstream.indexing.service import Indexer
+from twinstream.v1 import decisions_pb2, items_pb2
+
+pytestmark = pytest.mark.stack
+
+DIM = 16
+NEIGHBOURS = 3
+ORIGINAL = {"given_name": "anna", "surname": "meier", "suburb": "bern", "postcode": "3011", "street": "lindenweg"}
+
+
+@contextlib.contextmanager
+def milvus(kind: str, root: Path) -> Iterator[str]:
+    if kind == "lite":
+        yield str(root / "milvus.db")
+    else:
+        with running_milvus(root / "milvus") as (uri, _):
+            yield uri
+
+
+def axis(k: int, tilt: float = 0.0) -> np.ndarray:
+    vector = np.zeros(DIM)
+    vector[k] = 1.0
+    vector[(k + 1) % DIM] = tilt
+    return vector
+
+
+@pytest.mark.parametrize("kind", ["lite", "server"])
+def test_an_earlier_duplicate_outside_the_cosine_top_k_is_found_by_a_shared_key(kind: str, tmp_path: Path) -> None:
+    # the original far from its copy in cosine; decoys of other fields all around the copy
+    first = [("orig", ORIGINAL, axis(0))]
+    first += [(f"decoy{n}", {"given_name": f"bob{n}", "surname": f"smith{n}", "suburb": f"town{n}",
+                             "postcode": f"{4000 + n}", "street": f"road {n}"}, axis(5, 0.05 * n))
+              for n in range(NEIGHBOURS + 2)]
+    copy = dict(ORIGINAL, surname="meyer")
+    messages = [embedded(i, "people", items_pb2.RECORD, json.dumps(f).encode(), v, n, ood_score=0.1)
+                for n, (i, f, v) in enumerate(first)]
+    later = embedded("copy", "people", items_pb2.RECORD, json.dumps(copy).encode(), axis(5, 0.01), len(first), ood_score=0.1)
+    with milvus(kind, tmp_path) as uri:
+        settings = Settings(service="indexing", milvus={"uri": uri, "flush_rows": 0},
+                            search={"neighbours": NEIGHBOURS})
+        store = VectorStore(uri, index_type="FLAT")
+        indexer = Indexer(settings, store, [BUNDLE])
+        assert decide_all(indexer, messages)[0].kind == decisions_pb2.NOVEL  # the original
+        (decision,) = decide_all(indexer, [later])  # a batch of its own: the original is read from Milvus
+        assert decision.kind == decisions_pb2.NEAR_DUPLICATE and decision.duplicate_of == "orig"
+        assert decision.cluster_id == "orig"
+        collection = store.collections()[0]
+        row = store.get(collection, ["t/people/copy"], ["pk", SIGNALS])["t/people/copy"]
+        assert row[SIGNALS][KEYS] == blocking_keys({"fields": copy})
+        store.client.close()
