@@ -54,7 +54,8 @@ def test_an_earlier_duplicate_outside_the_cosine_top_k_is_found_by_a_shared_key(
     copy = dict(ORIGINAL, surname="meyer")
     messages = [embedded(i, "people", items_pb2.RECORD, json.dumps(f).encode(), v, n, ood_score=0.1)
                 for n, (i, f, v) in enumerate(first)]
-    later = embedded("copy", "people", items_pb2.RECORD, json.dumps(copy).encode(), axis(5, 0.01), len(first), ood_score=0.1)
+    later = embedded("copy", "people", items_pb2.RECORD, json.dumps(copy).encode(), axis(5, 0.01), len(first),
+                     ood_score=0.1)
     with milvus(kind, tmp_path) as uri:
         settings = Settings(service="indexing", milvus={"uri": uri, "flush_rows": 0},
                             search={"neighbours": NEIGHBOURS})
