@@ -14,7 +14,7 @@ import pytest
 from test_indexer_calibration import decide_all, embedded
 from unit.indexing.test_decide import BUNDLE
 
-from twinstream.common.config import Settings
+from twinstream.common.config import MilvusSettings, SearchSettings, Settings
 from twinstream.common.vectorstore import SIGNALS, VectorStore
 from twinstream.devstack import running_milvus
 from twinstream.indexing.blocking import KEYS, blocking_keys
@@ -44,8 +44,9 @@ def axis(k: int, tilt: float = 0.0) -> np.ndarray:
     return vector
 
 
-@pytest.mark.parametrize("kind", ["lite", "server"])
-def test_an_earlier_duplicate_outside_the_cosine_top_k_is_found_by_a_shared_key(kind: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kind", "keyed"), [("lite", True), ("server", True), ("lite", False)])
+def test_an_earlier_duplicate_outside_the_cosine_top_k_is_found_by_a_shared_key(kind: str, keyed: bool,
+                                                                                tmp_path: Path) -> None:
     # the original far from its copy in cosine; decoys of other fields all around the copy
     first = [("orig", ORIGINAL, axis(0))]
     first += [(f"decoy{n}", {"given_name": f"bob{n}", "surname": f"smith{n}", "suburb": f"town{n}",
@@ -57,12 +58,15 @@ def test_an_earlier_duplicate_outside_the_cosine_top_k_is_found_by_a_shared_key(
     later = embedded("copy", "people", items_pb2.RECORD, json.dumps(copy).encode(), axis(5, 0.01), len(first),
                      ood_score=0.1)
     with milvus(kind, tmp_path) as uri:
-        settings = Settings(service="indexing", milvus={"uri": uri, "flush_rows": 0},
-                            search={"neighbours": NEIGHBOURS})
+        settings = Settings(service="indexing", milvus=MilvusSettings(uri=uri, flush_rows=0),
+                            search=SearchSettings(neighbours=NEIGHBOURS, keyed_reads=keyed))
         store = VectorStore(uri, index_type="FLAT")
         indexer = Indexer(settings, store, [BUNDLE])
         assert decide_all(indexer, messages)[0].kind == decisions_pb2.NOVEL  # the original
         (decision,) = decide_all(indexer, [later])  # a batch of its own: the original is read from Milvus
+        if not keyed:  # TWINSTREAM_KEYED_READS=false: the cosine neighbours alone, which miss it
+            assert decision.duplicate_of != "orig"
+            return
         assert decision.kind == decisions_pb2.NEAR_DUPLICATE and decision.duplicate_of == "orig"
         assert decision.cluster_id == "orig"
         collection = store.collections()[0]

@@ -27,6 +27,7 @@ MIN_VALUE_CHARS = 3  # shorter normalised values are no part of a key (initials,
 KEY_FIELDS = 16  # keys use at most this many fields (sorted by name): at most 120 keys a record
 KEY_HEX = 10  # 40 bits a key: a chance collision per scope is rare and only adds a candidate
 COMMON_AGREEMENT = 0.15  # a field agreeing in more candidate pairs than this share is not selective
+READ_FIELDS = 6  # keys are read over at most this many of the most selective fields
 MAX_KEY_ROWS = 20  # a key shared by more earlier rows than this is common: it selects nothing
 KEY_CANDIDATES = 3  # keyed candidates added per item, beyond its cosine neighbours
 
@@ -73,8 +74,9 @@ def selective_fields(state: CollectionState) -> list[str] | None:
     total = sum(n for _, n in counted)
     if total < MIN_PATTERNS:
         return None
-    agree = [sum(n for p, n in counted if p[k] == AGREE) / total for k in range(len(names))]
-    return [name for name, share in zip(names, agree, strict=True) if share <= COMMON_AGREEMENT]
+    agree = {name: sum(n for p, n in counted if p[k] == AGREE) / total for k, name in enumerate(names)}
+    chosen = sorted((share, name) for name, share in agree.items() if share <= COMMON_AGREEMENT)
+    return sorted(name for _, name in chosen[:READ_FIELDS])
 
 
 def query_keys(signals: Mapping[str, object] | None, state: CollectionState) -> list[str]:

@@ -218,7 +218,7 @@ class Indexer:
             f"{group.scope} and content_hash in [{', '.join(quote(h) for h in hashes)}]",
             ["item_id", "cluster_id", "content_hash", "ingest_ms"], consistency=level,
         )
-        keys = lookup_keys(triaged, state) if stored_signals else []
+        keys = lookup_keys(triaged, state) if stored_signals and self.settings.search.keyed_reads else []
         keyed = self.store.query(
             group.collection,
             f"{group.scope} and json_contains_any({SIGNALS}[{quote(KEYS)}], [{', '.join(quote(k) for k in keys)}])",
