@@ -17,7 +17,8 @@ from unit.indexing.test_decide import BUNDLE
 from twinstream.common.config import MilvusSettings, SearchSettings, Settings
 from twinstream.common.vectorstore import SIGNALS, VectorStore
 from twinstream.devstack import running_milvus
-from twinstream.indexing.blocking import KEYS, blocking_keys
+from twinstream.indexing import service
+from twinstream.indexing.blocking import KEYS, KEYS_PER_QUERY, blocking_keys
 from twinstream.indexing.service import Indexer
 from twinstream.v1 import decisions_pb2, items_pb2
 
@@ -44,9 +45,12 @@ def axis(k: int, tilt: float = 0.0) -> np.ndarray:
     return vector
 
 
-@pytest.mark.parametrize(("kind", "keyed"), [("lite", True), ("server", True), ("lite", False)])
-def test_an_earlier_duplicate_outside_the_cosine_top_k_is_found_by_a_shared_key(kind: str, keyed: bool,
-                                                                                tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kind", "keyed", "keys_per_query"),
+                         [("lite", True, KEYS_PER_QUERY), ("server", True, KEYS_PER_QUERY), ("lite", True, 4),
+                          ("lite", False, KEYS_PER_QUERY)])
+def test_an_earlier_duplicate_outside_the_cosine_top_k_is_found_by_a_shared_key(
+        kind: str, keyed: bool, keys_per_query: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service, "KEYS_PER_QUERY", keys_per_query)  # 4: the keys read in several queries
     # the original far from its copy in cosine; decoys of other fields all around the copy
     first = [("orig", ORIGINAL, axis(0))]
     first += [(f"decoy{n}", {"given_name": f"bob{n}", "surname": f"smith{n}", "suburb": f"town{n}",

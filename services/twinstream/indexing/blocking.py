@@ -30,6 +30,7 @@ COMMON_AGREEMENT = 0.15  # a field agreeing in more candidate pairs than this sh
 READ_FIELDS = 6  # keys are read over at most this many of the most selective fields
 MAX_KEY_ROWS = 20  # a key shared by more earlier rows than this is common: it selects nothing
 KEY_CANDIDATES = 3  # keyed candidates added per item, beyond its cosine neighbours
+KEYS_PER_QUERY = 2048  # keys in one Milvus filter (a batch of 64 records reads ~1000)
 
 
 def field_values(signals: Mapping[str, object] | None) -> dict[str, str]:

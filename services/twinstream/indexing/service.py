@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from kafka.consumer.fetcher import ConsumerRecord
 
@@ -25,7 +26,7 @@ from twinstream.common.config import Settings
 from twinstream.common.kafka import BatchResult, Rejected, parse_record
 from twinstream.common.metrics import Metrics
 from twinstream.common.vectorstore import DECIDE_CONSISTENCY, SIGNALS, VectorStore, quote, scope_filter
-from twinstream.indexing.blocking import KEYS
+from twinstream.indexing.blocking import KEYS, KEYS_PER_QUERY
 from twinstream.indexing.calibration_store import CalibrationStore
 from twinstream.indexing.plan import (
     GroupReads,
@@ -219,12 +220,20 @@ class Indexer:
             ["item_id", "cluster_id", "content_hash", "ingest_ms"], consistency=level,
         )
         keys = lookup_keys(triaged, state) if stored_signals and self.settings.search.keyed_reads else []
-        keyed = self.store.query(
-            group.collection,
-            f"{group.scope} and json_contains_any({SIGNALS}[{quote(KEYS)}], [{', '.join(quote(k) for k in keys)}])",
-            ["item_id", "cluster_id", "content_hash", "ingest_ms", "decision", SIGNALS, "vector"],
-            consistency=level) if keys else []
-        return GroupReads(hits, exact_rows, state, keyed=keyed)
+        return GroupReads(hits, exact_rows, state, keyed=self._keyed(group, keys, level))
+
+    def _keyed(self, group: Pending, keys: Sequence[str], level: str) -> list[dict[str, Any]]:
+        """The scope's stored rows sharing one of ``keys`` (one query per ``KEYS_PER_QUERY`` keys:
+        a batch's keys fit one, a warm-up batch of wide records may not)."""
+        rows: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(keys), KEYS_PER_QUERY):
+            listed = ", ".join(quote(k) for k in keys[start:start + KEYS_PER_QUERY])
+            for row in self.store.query(
+                    group.collection, f"{group.scope} and json_contains_any({SIGNALS}[{quote(KEYS)}], [{listed}])",
+                    ["item_id", "cluster_id", "content_hash", "ingest_ms", "decision", SIGNALS, "vector"],
+                    consistency=level):
+                rows[str(row["item_id"])] = row
+        return list(rows.values())
 
     def _first_seen(self, group: Pending, clusters: set[str],
                     level: str = DECIDE_CONSISTENCY) -> dict[str, tuple[int, str] | None]:
