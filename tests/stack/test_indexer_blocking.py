@@ -68,6 +68,8 @@ def test_an_earlier_duplicate_outside_the_cosine_top_k_is_found_by_a_shared_key(
         indexer = Indexer(settings, store, [BUNDLE])
         assert decide_all(indexer, messages)[0].kind == decisions_pb2.NOVEL  # the original
         (decision,) = decide_all(indexer, [later])  # a batch of its own: the original is read from Milvus
+        reads = indexer.metrics.registry.get_sample_value("twinstream_indexing_keyed_read_seconds_count")
+        assert reads == (2 if keyed else 0)  # one read a batch
         if not keyed:  # TWINSTREAM_KEYED_READS=false: the cosine neighbours alone, which miss it
             assert decision.duplicate_of != "orig"
             return

@@ -226,6 +226,9 @@ class Indexer:
         """The scope's stored rows sharing one of ``keys`` (one query per ``KEYS_PER_QUERY`` keys:
         a batch's keys fit one, a warm-up batch of wide records may not)."""
         rows: dict[str, dict[str, Any]] = {}
+        if not keys:
+            return []
+        started = time.perf_counter()
         for start in range(0, len(keys), KEYS_PER_QUERY):
             listed = ", ".join(quote(k) for k in keys[start:start + KEYS_PER_QUERY])
             for row in self.store.query(
@@ -233,6 +236,7 @@ class Indexer:
                     ["item_id", "cluster_id", "content_hash", "ingest_ms", "decision", SIGNALS, "vector"],
                     consistency=level):
                 rows[str(row["item_id"])] = row
+        self.metrics.keyed_read.observe(time.perf_counter() - started)
         return list(rows.values())
 
     def _first_seen(self, group: Pending, clusters: set[str],
