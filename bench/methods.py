@@ -12,12 +12,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from bench.metrics import Link
 from twinstream.common.encoding import ItemEncoder, make_encoder
+from twinstream.indexing.blocking import postings_of, query_keys, shared_keys, with_keyed, with_keys
 from twinstream.indexing.calibration import CollectionState
 from twinstream.indexing.decide import (
     DUPLICATE_KINDS,
@@ -177,10 +179,12 @@ class Replayed:
 
 
 def replay(bundle: ModelBundle, stream: Stream, embedded: Embedded, neighbours: int = 10,
-           calibrated: bool = True, single_link: bool = False) -> Replayed:
-    """The indexer's decision path, in process: the exact top-k earlier neighbours and every
-    earlier item with the same content hash, the collection's calibration (``calibrated``; else
-    the bundle's thresholds) and the cluster rule (``single_link``: the old rule, for comparison)."""
+           calibrated: bool = True, single_link: bool = False, keyed: bool = True) -> Replayed:
+    """The indexer's decision path, in process: the exact top-k earlier neighbours, the earlier
+    records sharing blocking keys (``keyed``; an in-memory index stands in for the indexer's Milvus
+    query, ``indexing.blocking``) and every earlier item with the same content hash, the
+    collection's calibration (``calibrated``; else the bundle's thresholds) and the cluster rule
+    (``single_link``: the old rule, for comparison)."""
     index, score = top_earlier(embedded.vectors, neighbours)
     model = bundle.model_ref
     first_with_hash: dict[str, int] = {}
@@ -189,12 +193,22 @@ def replay(bundle: ModelBundle, stream: Stream, embedded: Embedded, neighbours: 
     refused: list[bool] = []
     state = CollectionState()
     decisions = []
-    signals = [item_signals(stream.item(i)) if calibrated else None for i in range(len(stream))]
+    signals = [with_keys(item_signals(stream.item(i))) if calibrated else None for i in range(len(stream))]
+    postings: dict[str, list[str]] = {}  # blocking key -> earlier item ids
+
+    def candidate(i: int, j: int, score: float) -> Candidate:
+        return Candidate(stream.ids[j], score, clusters[j], j, exact=embedded.hashes[j] == embedded.hashes[i],
+                         refused=refused[j], signals=signals[j])
+
+    def keyed_candidate(i: int, item_id: str) -> Candidate:
+        j = position[item_id]
+        return candidate(i, j, float(embedded.vectors[i] @ embedded.vectors[j]))
+
     for i in range(len(stream)):
-        candidates = [Candidate(stream.ids[j], float(s), clusters[j], j,
-                                exact=embedded.hashes[j] == embedded.hashes[i], refused=refused[j],
-                                signals=signals[j])
-                      for j, s in zip(index[i], score[i], strict=True) if j >= 0]
+        candidates = [candidate(i, int(j), float(s)) for j, s in zip(index[i], score[i], strict=True) if j >= 0]
+        if keyed and signals[i] is not None:
+            shared = shared_keys(query_keys(signals[i], state), postings)
+            candidates = with_keyed(candidates, shared, partial(keyed_candidate, i))
         same = first_with_hash.get(embedded.hashes[i])
         if same is not None and all(c.item_id != stream.ids[same] for c in candidates):
             candidates.append(Candidate(stream.ids[same], 1.0, clusters[same], same, exact=True,
@@ -216,6 +230,8 @@ def replay(bundle: ModelBundle, stream: Stream, embedded: Embedded, neighbours: 
         clusters.append(decision.cluster_id)
         refused.append(decision.kind == decisions_pb2.OUT_OF_DISTRIBUTION)
         first_with_hash.setdefault(embedded.hashes[i], i)
+        for key, ids in postings_of([(stream.ids[i], signals[i])]).items():
+            postings.setdefault(key, []).extend(ids)
         seen = observation(decision, candidates)
         if calibrated and seen is not None:
             state.observe(seen)

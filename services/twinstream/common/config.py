@@ -253,6 +253,9 @@ class SearchSettings(_Section):
     """Indexing's neighbour search."""
 
     neighbours: int = _env("NEIGHBOURS", 10, "neighbours each new item is compared with", gt=0)
+    keyed_reads: bool = _env("KEYED_READS", True,
+                             "indexing also reads the stored records sharing a blocking key with a new "
+                             "record, beside its cosine neighbours (docs/calibration.md; one query per batch)")
     # Strong before that: a new owner of a partition must see the previous owner's rows
     # (docs/store.md).
     decide_session_reads: bool = _env("DECIDE_SESSION_READS", True,

@@ -39,6 +39,7 @@ class Metrics:
     grpc_handled: Counter
     grpc_handling: Histogram
     milvus_search: Histogram
+    keyed_read: Histogram
     encoder_batch: Histogram
     dependency_up: Gauge
     dependency_probe_failures: Counter
@@ -97,6 +98,10 @@ class Metrics:
             milvus_search=Histogram(
                 "twinstream_milvus_search_seconds",
                 "Milvus search latency per call (one call may carry a batch)",
+                buckets=_LATENCY_BUCKETS, registry=r),
+            keyed_read=Histogram(
+                "twinstream_indexing_keyed_read_seconds",
+                "Indexing's read of the stored records sharing a blocking key with a batch's new records",
                 buckets=_LATENCY_BUCKETS, registry=r),
             encoder_batch=Histogram(
                 "twinstream_encoder_batch_seconds", "Encoder call latency per batch", ["backend"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from twinstream.common.kafka import Outgoing, Rejected, parse_record
 from twinstream.common.vectorstore import SIGNALS, Hit, decode_decision, encode_decision, row_key
+from twinstream.indexing.blocking import postings_of, query_keys, shared_keys, with_keyed, with_keys
 from twinstream.indexing.calibration import CollectionState
 from twinstream.indexing.decide import (
     Candidate,
@@ -87,6 +89,9 @@ class GroupReads:
     # Earliest stored member of each cluster (``None``: no stored member): read only when a
     # merge needs it, as merges are rare (``plan_steps``).
     first_seen: Mapping[str, FirstSeen | None] = field(default_factory=dict)
+    # Stored rows sharing a blocking key with a new item (``indexing.blocking``), with their
+    # signals and vectors: candidates the cosine top-k may have missed.
+    keyed: Sequence[Mapping[str, Any]] = ()
 
 
 class ClustersNeeded(Exception):
@@ -168,6 +173,12 @@ def triage(group: Pending, stored: Mapping[str, Mapping[str, Any]]) -> Triage:
     return Triage(repeated, todo, rejected)
 
 
+def lookup_keys(triaged: Triage, state: CollectionState) -> list[str]:
+    """The blocking keys of a group's new items that the indexer reads stored rows by (one
+    query per group; ``GroupReads.keyed``)."""
+    return sorted({key for t in triaged.todo for key in query_keys(_signals(t[1].accepted.item), state)})
+
+
 def plan_group(group: Pending, triaged: Triage, reads: GroupReads, neighbours: int) -> IndexPlan:
     """Decide a group's new items in arrival order, against the stored rows read and the earlier
     items of the batch (in flight). Raises ``ClustersNeeded`` when a merge needs clusters
@@ -194,6 +205,8 @@ def plan_steps(group: Pending, triaged: Triage, reads: GroupReads,
     observed = state.items
     first_seen = dict(reads.first_seen)
     similarity = vectors @ vectors.T
+    postings = postings_of((str(r["item_id"]), r.get(SIGNALS)) for r in reads.keyed)
+    keyed_rows = {str(r["item_id"]): r for r in reads.keyed}
     merges: list[tuple[list[str], str]] = []
     batch_decisions: list[decisions_pb2.Decision] = []
     for position, (index, item, pk) in enumerate(todo):
@@ -204,6 +217,9 @@ def plan_steps(group: Pending, triaged: Triage, reads: GroupReads,
                       refused=_refused(h.fields["decision"]), signals=_stored_signals(h.fields))
             for h in reads.hits[position] if h.pk != pk
         ]
+        if postings and own_signals[position] is not None:
+            shared = shared_keys(query_keys(own_signals[position], reads.state), postings)
+            candidates = with_keyed(candidates, shared, partial(_keyed_candidate, keyed_rows, item, vectors[position]))
         candidates += [
             Candidate(r["item_id"], 1.0, r["cluster_id"], int(r["ingest_ms"]), exact=True)
             for r in reads.exact_rows
@@ -315,6 +331,20 @@ def _stored_signals(row: Mapping[str, Any]) -> dict[str, object] | None:
     return signals if isinstance(signals, dict) and signals else None
 
 
+def _keyed_candidate(rows: Mapping[str, Mapping[str, Any]], item: items_pb2.EmbeddedItem,
+                     vector: np.ndarray, item_id: str) -> Candidate | None:
+    """A stored row (``rows``: by item id) sharing blocking keys with the item, scored by cosine
+    as a Milvus hit is."""
+    row = rows[item_id]
+    if item_id == item.accepted.item.item_id:
+        return None
+    stored = np.asarray(row["vector"], dtype=np.float32)
+    norms = float(np.linalg.norm(stored) * np.linalg.norm(vector))
+    return Candidate(row["item_id"], float(stored @ vector) / norms if norms else 0.0, row["cluster_id"],
+                     int(row["ingest_ms"]), exact=row["content_hash"] == item.accepted.content_hash,
+                     refused=_refused(row["decision"]), signals=_stored_signals(row))
+
+
 def _refused(stored: str) -> bool:
     """Whether a stored row was decided OUT_OF_DISTRIBUTION (its links never count)."""
     return decode_decision(stored).kind == decisions_pb2.OUT_OF_DISTRIBUTION
@@ -341,7 +371,8 @@ def _row(pk: str, item: items_pb2.EmbeddedItem, decision: decisions_pb2.Decision
 
 
 def _signals(item: items_pb2.Item) -> dict[str, object] | None:
-    """What later items are compared with beside the vector (records: only small ones)."""
+    """What later items are compared with beside the vector (records: only small ones), with a
+    record's blocking keys."""
     if item.modality == items_pb2.RECORD and len(item.content) > MAX_SIGNAL_BYTES:
         return None
-    return item_signals(item)
+    return with_keys(item_signals(item))

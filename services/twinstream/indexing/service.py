@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from kafka.consumer.fetcher import ConsumerRecord
 
@@ -25,6 +26,7 @@ from twinstream.common.config import Settings
 from twinstream.common.kafka import BatchResult, Rejected, parse_record
 from twinstream.common.metrics import Metrics
 from twinstream.common.vectorstore import DECIDE_CONSISTENCY, SIGNALS, VectorStore, quote, scope_filter
+from twinstream.indexing.blocking import KEYS, KEYS_PER_QUERY
 from twinstream.indexing.calibration_store import CalibrationStore
 from twinstream.indexing.plan import (
     GroupReads,
@@ -34,6 +36,7 @@ from twinstream.indexing.plan import (
     earliest_members,
     fence,
     invalid,
+    lookup_keys,
     outgoing,
     plan_command,
     plan_steps,
@@ -202,9 +205,10 @@ class Indexer:
 
     def _read(self, group: Pending, triaged: Triage, calibration_key: str,
               level: str = DECIDE_CONSISTENCY) -> GroupReads:
-        """The new items' nearest stored rows, the stored copies of their content, the scope's
-        calibration state."""
+        """The new items' nearest stored rows, the stored rows sharing a blocking key with one,
+        the stored copies of their content, the scope's calibration state."""
         stored_signals = [SIGNALS] if self.store.has_signals(group.collection) else []
+        state = self.calibrations.load(calibration_key)
         hits = self.store.search(
             group.collection, triaged.vectors, limit=self.settings.search.neighbours, expr=group.scope,
             fields=("item_id", "cluster_id", "content_hash", "ingest_ms", "decision", *stored_signals),
@@ -215,7 +219,25 @@ class Indexer:
             f"{group.scope} and content_hash in [{', '.join(quote(h) for h in hashes)}]",
             ["item_id", "cluster_id", "content_hash", "ingest_ms"], consistency=level,
         )
-        return GroupReads(hits, exact_rows, self.calibrations.load(calibration_key))
+        keys = lookup_keys(triaged, state) if stored_signals and self.settings.search.keyed_reads else []
+        return GroupReads(hits, exact_rows, state, keyed=self._keyed(group, keys, level))
+
+    def _keyed(self, group: Pending, keys: Sequence[str], level: str) -> list[dict[str, Any]]:
+        """The scope's stored rows sharing one of ``keys`` (one query per ``KEYS_PER_QUERY`` keys:
+        a batch's keys fit one, a warm-up batch of wide records may not)."""
+        rows: dict[str, dict[str, Any]] = {}
+        if not keys:
+            return []
+        started = time.perf_counter()
+        for start in range(0, len(keys), KEYS_PER_QUERY):
+            listed = ", ".join(quote(k) for k in keys[start:start + KEYS_PER_QUERY])
+            for row in self.store.query(
+                    group.collection, f"{group.scope} and json_contains_any({SIGNALS}[{quote(KEYS)}], [{listed}])",
+                    ["item_id", "cluster_id", "content_hash", "ingest_ms", "decision", SIGNALS, "vector"],
+                    consistency=level):
+                rows[str(row["item_id"])] = row
+        self.metrics.keyed_read.observe(time.perf_counter() - started)
+        return list(rows.values())
 
     def _first_seen(self, group: Pending, clusters: set[str],
                     level: str = DECIDE_CONSISTENCY) -> dict[str, tuple[int, str] | None]:
