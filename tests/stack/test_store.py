@@ -312,6 +312,17 @@ def test_scans_return_every_row_past_the_query_cap(store: VectorStore) -> None:
     assert len(found) == len({r["pk"] for r in found}) == total
 
 
+def test_a_bounded_query_reads_at_most_its_limit(store: VectorStore) -> None:
+    name = store.ensure_collection(MODEL, DIM)
+    rows = [{"pk": f"{TENANT}/default/{i}", "item_id": str(i), "tenant": TENANT,
+             "collection": "default", "content_hash": "h", "cluster_id": "c", "ingest_ms": i,
+             "event_ms": 0, "metadata": {}, "decision": "", "deleted_ms": 0, "vector": unit(i % 90)}
+            for i in range(50)]
+    store.upsert(name, rows)
+    assert len(store.query(name, f'tenant == "{TENANT}"', ["pk"], limit=7)) == 7
+    assert len(store.query(name, f'tenant == "{TENANT}"', ["pk"])) == 50
+
+
 def test_reads_load_a_collection_milvus_released(store: VectorStore) -> None:
     indexer = Indexer(Settings(milvus={"flush_rows": 0}), store, [BUNDLE])
     indexer(records([embedded("a", 0, 1)]))

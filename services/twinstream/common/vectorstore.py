@@ -308,15 +308,19 @@ class VectorStore:
         return {str(row["pk"]): dict(row) for row in rows}
 
     def query(self, collection: str, expr: str, fields: Sequence[str] = OUTPUT_FIELDS,
-              page_rows: int = 4096, consistency: str | None = None) -> list[dict[str, Any]]:
-        """Every row matching ``expr``. One plain query stops silently at ``QUERY_CAP`` rows, so a
-        result that reaches the cap is read again through Milvus's query iterator (pages)."""
+              page_rows: int = 4096, consistency: str | None = None,
+              limit: int | None = None) -> list[dict[str, Any]]:
+        """Every row matching ``expr``, or any ``limit`` of them (a bounded read: a hint whose
+        cost must not grow with the collection). One plain query stops silently at ``QUERY_CAP``
+        rows, so an unbounded result that reaches the cap is read again through Milvus's query
+        iterator (pages)."""
         level = _level(consistency)
+        cap = QUERY_CAP if limit is None else max(1, min(limit, QUERY_CAP))
 
         def scan() -> list[dict[str, Any]]:
-            rows = [dict(r) for r in self.client.query(collection, filter=expr, limit=QUERY_CAP,
+            rows = [dict(r) for r in self.client.query(collection, filter=expr, limit=cap,
                                                        output_fields=list(fields), **level)]
-            if len(rows) < QUERY_CAP:
+            if len(rows) < QUERY_CAP or limit is not None:
                 return rows
             iterator = self.client.query_iterator(collection, batch_size=page_rows, filter=expr,
                                                   output_fields=list(fields))

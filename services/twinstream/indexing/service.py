@@ -26,7 +26,7 @@ from twinstream.common.config import Settings
 from twinstream.common.kafka import BatchResult, Rejected, parse_record
 from twinstream.common.metrics import Metrics
 from twinstream.common.vectorstore import DECIDE_CONSISTENCY, SIGNALS, VectorStore, quote, scope_filter
-from twinstream.indexing.blocking import KEYS, KEYS_PER_QUERY
+from twinstream.indexing.blocking import KEYS, KEYS_PER_QUERY, MAX_KEY_ROWS
 from twinstream.indexing.calibration_store import CalibrationStore
 from twinstream.indexing.plan import (
     GroupReads,
@@ -224,17 +224,21 @@ class Indexer:
 
     def _keyed(self, group: Pending, keys: Sequence[str], level: str) -> list[dict[str, Any]]:
         """The scope's stored rows sharing one of ``keys`` (one query per ``KEYS_PER_QUERY`` keys:
-        a batch's keys fit one, a warm-up batch of wide records may not)."""
+        a batch's keys fit one, a warm-up batch of wide records may not). Each query reads at most
+        ``MAX_KEY_ROWS`` + 1 rows a key: more can only come from keys ``shared_keys`` ignores as
+        common, and an unbounded read would grow with the collection (a shared pair of common
+        values in a large scope)."""
         rows: dict[str, dict[str, Any]] = {}
         if not keys:
             return []
         started = time.perf_counter()
         for start in range(0, len(keys), KEYS_PER_QUERY):
-            listed = ", ".join(quote(k) for k in keys[start:start + KEYS_PER_QUERY])
+            chunk = keys[start:start + KEYS_PER_QUERY]
+            listed = ", ".join(quote(k) for k in chunk)
             for row in self.store.query(
                     group.collection, f"{group.scope} and json_contains_any({SIGNALS}[{quote(KEYS)}], [{listed}])",
                     ["item_id", "cluster_id", "content_hash", "ingest_ms", "decision", SIGNALS, "vector"],
-                    consistency=level):
+                    consistency=level, limit=len(chunk) * (MAX_KEY_ROWS + 1)):
                 rows[str(row["item_id"])] = row
         self.metrics.keyed_read.observe(time.perf_counter() - started)
         return list(rows.values())

@@ -128,8 +128,9 @@ class FakeStore:
         return {pk: copy.deepcopy(stored[pk]) for pk in pks if pk in stored}
 
     def query(self, collection: str, expr: str, fields: Sequence[str] = (),
-              consistency: str | None = None) -> list[dict[str, Any]]:
-        return [copy.deepcopy(row) for row in self.rows.get(collection, {}).values() if _matches(expr, row)]
+              consistency: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        found = [copy.deepcopy(row) for row in self.rows.get(collection, {}).values() if _matches(expr, row)]
+        return found if limit is None else found[:limit]
 
     def search(self, collection: str, vectors: np.ndarray, limit: int, expr: str,
                fields: Sequence[str] = (), consistency: str | None = None) -> list[list[Hit]]:
