@@ -157,6 +157,18 @@ def test_fields_compare_as_agree_similar_missing_or_disagree() -> None:
     assert compare_records(a, {**b, "given_name": "Annabel"}, FIELDS)[1] == SIMILAR
 
 
+def test_digit_values_agree_only_when_equal_and_are_similar_one_edit_apart() -> None:
+    # by Jaro-Winkler, a date ten days off, a date 2.5 months off and a phone with two digits
+    # swapped all "agreed" (0.95-0.98): another product's date read as a copy's (products)
+    a = {"given_name": "Anna", "surname": "Miller", "postcode": "2600", "date_of_birth": "1980-01-02"}
+    level = {d: compare_records(a, {**a, "date_of_birth": d}, FIELDS)[0] for d in
+             ("02.01.1980", "1980-01-12", "1980-03-12", "1980-12-31")}
+    assert level == {"02.01.1980": DISAGREE, "1980-01-12": SIMILAR, "1980-03-12": DISAGREE, "1980-12-31": DISAGREE}
+    assert compare_records(a, {**a, "date_of_birth": "19800102"}, FIELDS)[0] == AGREE
+    assert compare_records(a, {**a, "postcode": "2060"}, FIELDS)[2] == SIMILAR  # a transposition
+    assert compare_records(a, {**a, "surname": "Millre"}, FIELDS)[3] == AGREE  # words: Jaro-Winkler
+
+
 def test_the_field_model_learns_without_labels_that_agreeing_records_are_duplicates() -> None:
     model = fitted_field_model()
     assert model.probability(AGREE * 4) > 0.99
