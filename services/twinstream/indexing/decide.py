@@ -212,6 +212,7 @@ def show_named(decision: decisions_pb2.Decision, named: Candidate) -> None:
 
 
 def add_neighbour(decision: decisions_pb2.Decision, c: Candidate) -> None:
+    """Append ``c`` to the decision's neighbours, with its comparison and P(duplicate)."""
     decision.neighbours.add(item_id=c.item_id, score=c.score, cluster_id=c.cluster_id, in_flight=c.in_flight,
                             exact=c.exact, comparison=c.pattern,
                             duplicate_probability=0.0 if math.isnan(c.probability) else c.probability)

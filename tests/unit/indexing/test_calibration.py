@@ -158,8 +158,8 @@ def test_fields_compare_as_agree_similar_missing_or_disagree() -> None:
 
 
 def test_digit_values_agree_only_when_equal_and_are_similar_only_when_two_digits_are_swapped() -> None:
-    # by Jaro-Winkler, a date ten days off, a date 2.5 months off and a phone with two digits
-    # swapped all "agreed" (0.95-0.98): another product's date read as a copy's (products)
+    # by Jaro-Winkler a date ten days or two months off "agreed" (0.95-0.96): another product's
+    # date was read as a copy's (products); a swap of two adjacent digits is the keying error
     a = {"given_name": "Anna", "surname": "Miller", "postcode": "2600", "date_of_birth": "1980-01-02"}
     level = {d: compare_records(a, {**a, "date_of_birth": d}, FIELDS)[0] for d in
              ("19800102", "1980-01-12", "1980-03-12", "1980-10-02", "02.01.1980")}
