@@ -75,6 +75,8 @@ def test_an_earlier_duplicate_outside_the_cosine_top_k_is_found_by_a_shared_key(
             return
         assert decision.kind == decisions_pb2.NEAR_DUPLICATE and decision.duplicate_of == "orig"
         assert decision.cluster_id == "orig"
+        # the explanation lists it, last, beyond the cosine top k
+        assert [n.item_id for n in decision.neighbours][NEIGHBOURS:] == ["orig"]
         collection = store.collections()[0]
         row = store.get(collection, ["t/people/copy"], ["pk", SIGNALS])["t/people/copy"]
         assert row[SIGNALS][KEYS] == blocking_keys({"fields": copy})

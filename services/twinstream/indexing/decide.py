@@ -153,9 +153,7 @@ def decide(item: items_pb2.EmbeddedItem, candidates: Sequence[Candidate], bundle
             source="collection" if calibration.warm else "bundle prior (warm-up)",
             record_fields=bool(scored)))
     for c in ranked[:max_neighbours]:
-        decision.neighbours.add(item_id=c.item_id, score=c.score, cluster_id=c.cluster_id,
-                                in_flight=c.in_flight, exact=c.exact, comparison=c.pattern,
-                                duplicate_probability=0.0 if math.isnan(c.probability) else c.probability)
+        add_neighbour(decision, c)
     exact = sorted((c for c in candidates if c.exact), key=lambda c: (c.ingest_time_ms, c.item_id))
     if exact:
         first = exact[0]
@@ -164,6 +162,7 @@ def decide(item: items_pb2.EmbeddedItem, candidates: Sequence[Candidate], bundle
         decision.cluster_id = first.cluster_id
         decision.score = 1.0
         decision.duplicate_probability = 1.0
+        show_named(decision, first)
         return decision
     accepted_ranked = [c for c in ranked if not c.refused]
     best = accepted_ranked[0] if accepted_ranked else None
@@ -185,12 +184,14 @@ def decide(item: items_pb2.EmbeddedItem, candidates: Sequence[Candidate], bundle
             decision.cluster_id = top.cluster_id
             decision.score = top.score
             decision.duplicate_probability = top.probability
+            show_named(decision, top)
             return decision
         decision.duplicate_probability = top.probability
     if best is None or best.score < thresholds.match:
         decision.kind = decisions_pb2.NOVEL
         return decision
     decision.duplicate_of = best.item_id
+    show_named(decision, best)
     if scored:
         decision.kind = decisions_pb2.MATCH
         return decision
@@ -200,6 +201,21 @@ def decide(item: items_pb2.EmbeddedItem, candidates: Sequence[Candidate], bundle
     else:
         decision.kind = decisions_pb2.MATCH
     return decision
+
+
+def show_named(decision: decisions_pb2.Decision, named: Candidate) -> None:
+    """List the candidate a decision names among its neighbours when the cosine top k left it
+    out (a keyed candidate, found by its fields: ``indexing.blocking``), last, so that the
+    explanation shows what the item was linked to; the list stays at most one longer."""
+    if all(n.item_id != named.item_id for n in decision.neighbours):
+        add_neighbour(decision, named)
+
+
+def add_neighbour(decision: decisions_pb2.Decision, c: Candidate) -> None:
+    """Append ``c`` to the decision's neighbours, with its comparison and P(duplicate)."""
+    decision.neighbours.add(item_id=c.item_id, score=c.score, cluster_id=c.cluster_id, in_flight=c.in_flight,
+                            exact=c.exact, comparison=c.pattern,
+                            duplicate_probability=0.0 if math.isnan(c.probability) else c.probability)
 
 
 def observation(decision: decisions_pb2.Decision, candidates: Sequence[Candidate]) -> Observation | None:

@@ -204,7 +204,9 @@ class Decision(_message.Message):
     decided_time_ms: _builtins.int
     modality: _items_pb2.Modality.ValueType
     @_builtins.property
-    def neighbours(self) -> _containers.RepeatedCompositeFieldContainer[Global___Neighbour]: ...
+    def neighbours(self) -> _containers.RepeatedCompositeFieldContainer[Global___Neighbour]:
+        """The top k candidates by cosine; the one named by duplicate_of is added last when they leave it out."""
+
     @_builtins.property
     def thresholds(self) -> Global___Thresholds: ...
     @_builtins.property

@@ -157,6 +157,19 @@ def test_fields_compare_as_agree_similar_missing_or_disagree() -> None:
     assert compare_records(a, {**b, "given_name": "Annabel"}, FIELDS)[1] == SIMILAR
 
 
+def test_digit_values_agree_only_when_equal_and_are_similar_only_when_two_digits_are_swapped() -> None:
+    # by Jaro-Winkler a date ten days or two months off "agreed" (0.95-0.96): another product's
+    # date was read as a copy's (products); a swap of two adjacent digits is the keying error
+    a = {"given_name": "Anna", "surname": "Miller", "postcode": "2600", "date_of_birth": "1980-01-02"}
+    level = {d: compare_records(a, {**a, "date_of_birth": d}, FIELDS)[0] for d in
+             ("19800102", "1980-01-12", "1980-03-12", "1980-10-02", "02.01.1980")}
+    assert level == {"19800102": AGREE, "1980-01-12": DISAGREE, "1980-03-12": DISAGREE,
+                     "1980-10-02": SIMILAR, "02.01.1980": DISAGREE}
+    assert compare_records(a, {**a, "postcode": "2060"}, FIELDS)[2] == SIMILAR
+    assert compare_records(a, {**a, "postcode": "26000"}, FIELDS)[2] == DISAGREE
+    assert compare_records(a, {**a, "surname": "Millre"}, FIELDS)[3] == AGREE  # words: Jaro-Winkler
+
+
 def test_the_field_model_learns_without_labels_that_agreeing_records_are_duplicates() -> None:
     model = fitted_field_model()
     assert model.probability(AGREE * 4) > 0.99

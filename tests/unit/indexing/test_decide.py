@@ -96,6 +96,20 @@ def test_neighbours_are_capped_and_ranked() -> None:
     assert decision.neighbours[1].in_flight
 
 
+def test_the_named_duplicate_is_shown_even_outside_the_top_k() -> None:
+    # a keyed candidate (found by its fields) links by the pair model below the cosine top 3
+    near = [Candidate(f"n{i}", 0.8 + 0.01 * i, f"n{i}", i, probability=0.01) for i in range(4)]
+    keyed = Candidate("keyed", 0.5, "keyed", 9, pattern="0003", probability=0.97)
+    decision = run([*near, keyed])
+    assert decision.kind == decisions_pb2.NEAR_DUPLICATE and decision.duplicate_of == "keyed"
+    assert [n.item_id for n in decision.neighbours] == ["n3", "n2", "n1", "keyed"]
+    assert decision.neighbours[-1].comparison == "0003"
+    assert decision.neighbours[-1].duplicate_probability == pytest.approx(0.97)
+    # a named item already among the top k is not listed twice, nor is a non-duplicate's list grown
+    assert len(run([*near, Candidate("keyed", 0.9, "keyed", 9, probability=0.97)]).neighbours) == 3
+    assert len(run([*near, Candidate("keyed", 0.5, "keyed", 9, probability=0.2)]).neighbours) == 3
+
+
 # -- the cluster rule -----------------------------------------------------------------------------
 def clustered(item_id: str, candidates: list[Candidate], ood: float = 0.1,
               content_hash: str = "") -> tuple[decisions_pb2.Decision, set[str]]:
