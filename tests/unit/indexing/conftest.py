@@ -36,7 +36,7 @@ BUNDLE = ModelBundle(
     path=Path("."), name="unit", version="1", modalities=("text",), dim=DIM,
     inputs=("input_ids", "attention_mask"), max_length=16, image_size=0, record_fields=(),
     duplicate_threshold=0.9, match_threshold=0.7, ood_threshold=0.5, platt_a=20.0, platt_b=-17.0,
-    preprocessing_digest="d", max_batch_size=8, manifest={},
+    preprocessing_digest="d", max_batch_size=8,
 )
 MODEL = items_pb2.ModelRef(name="unit", version="1")
 TOPIC = "items.embedded"
