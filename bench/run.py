@@ -5,7 +5,8 @@ speed.png (default ``bench/results/``). See docs/bench.md.
 Sections (``--skip`` any): ``pipeline`` (the stack: efficiency, freshness, Match API, memory),
 ``records``, ``text``, ``images`` (quality), ``unseen`` (out-of-the-box quality on data nothing
 was trained or calibrated on, no labels for any method: ``bench.unseen``) and ``queries`` (Milvus
-at 100k/1M vectors).
+at 100k/1M vectors). Each quality and unseen collection also gets an OOD measurement with its
+first bundle (``bench.ood``: foreign items interleaved, a separate replay), report section "ood".
 """
 
 from __future__ import annotations

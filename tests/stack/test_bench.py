@@ -73,12 +73,15 @@ def test_quick_quality_and_queries_write_a_well_formed_report(tmp_path: Path, ba
         assert "baseline" in kinds and result["test_items"] > 0, name
         assert ("twinstream" in kinds) == (result["modality"] != "IMAGE"), name  # no image bundle given
     assert any("ECM" in r["method"] for r in sets["books"]["rows"])
+    measured = data["ood"]  # no image bundle given: no image collection
+    assert isinstance(measured, dict) and set(measured) == {"FEBRL3 records", "docstring text", *(
+        f"unseen {n}" for n in unseen.DEFAULT_SETS if n != "icons")}
     points = data["speed"]["queries"]  # type: ignore[index]
     assert [p["vectors"] for p in points] == [500, 1500]
     assert all(p["recall_at_10"] > 0.5 and p["p99_ms"] >= p["p50_ms"] > 0 for p in points)
     text = (out / "report.md").read_text()
     for heading in ("### records", "### text", "### images", "## Unseen data, no labels", "### unseen: books",
-                    "### Match queries at scale"):
+                    "## OOD relative to the collection", "### Match queries at scale"):
         assert heading in text
     assert "| method | decision | threshold | precision | recall | F1 | µAP | OOD refusals |" in text
     assert "| vectors | insert s |" in text
