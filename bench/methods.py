@@ -9,9 +9,10 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -176,6 +177,7 @@ class Replayed:
     decisions: list[decisions_pb2.Decision]
     clusters: list[str]
     calibrations: int  # fits the collection went through (0: the bundle's thresholds decided)
+    best: list[float] = field(default_factory=list)  # the best accepted neighbour's cosine (NaN: none), the OOD score
 
 
 def replay(bundle: ModelBundle, stream: Stream, embedded: Embedded, neighbours: int = 10,
@@ -193,6 +195,7 @@ def replay(bundle: ModelBundle, stream: Stream, embedded: Embedded, neighbours: 
     refused: list[bool] = []
     state = CollectionState()
     decisions = []
+    best: list[float] = []
     signals = [with_keys(item_signals(stream.item(i))) if calibrated else None for i in range(len(stream))]
     postings: dict[str, list[str]] = {}  # blocking key -> earlier item ids
 
@@ -227,6 +230,7 @@ def replay(bundle: ModelBundle, stream: Stream, embedded: Embedded, neighbours: 
             decision.merged_clusters.extend(sorted(linked - {winner}))
             clusters = [winner if c in linked else c for c in clusters]
         decisions.append(decision)
+        best.append(max((c.score for c in candidates if not c.refused), default=math.nan))
         clusters.append(decision.cluster_id)
         refused.append(decision.kind == decisions_pb2.OUT_OF_DISTRIBUTION)
         first_with_hash.setdefault(embedded.hashes[i], i)
@@ -235,7 +239,7 @@ def replay(bundle: ModelBundle, stream: Stream, embedded: Embedded, neighbours: 
         seen = observation(decision, candidates)
         if calibrated and seen is not None:
             state.observe(seen)
-    return Replayed(decisions, clusters, state.calibration.version)
+    return Replayed(decisions, clusters, state.calibration.version, best)
 
 
 def _single_link(decision: decisions_pb2.Decision, candidates: Sequence[Candidate]) -> set[str]:

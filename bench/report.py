@@ -43,6 +43,7 @@ def markdown(data: dict[str, Any]) -> str:
                                       for role, b in data["bundles"].items()), ""]
     lines += _quality_md(data.get("quality", {}))
     lines += _unseen_md(data.get("unseen", {}))
+    lines += _ood_md(data.get("ood", {}))
     speed = data.get("speed", {})
     lines += ["## Speed", ""]
     if "pipeline" in speed:
@@ -118,6 +119,28 @@ def _unseen_md(unseen: dict[str, Any]) -> list[str]:
                         [[r["method"], r["decision"], _num(r["precision"]), _num(r["recall"]), _num(r["f1"]),
                           _num(r["micro_ap"]), _num(r["refused_ood"]), _cluster(r)] for r in rows])
         lines += [f"- {n}" for n in result["notes"]] + ([""] if result["notes"] else [])
+    return lines
+
+
+def _pct(share: float | None) -> str:
+    return "-" if share is None or math.isnan(share) else f"{100 * share:.1f}%"
+
+
+def _ood_md(ood: dict[str, Any]) -> list[str]:
+    """OOD relative to the collection: in-distribution items kept, foreign ones refused."""
+    if not ood:
+        return []
+    lines = ["## OOD relative to the collection", "",
+             "Each collection's stream with 5% foreign items interleaved after the warm-up, replayed fitted on "
+             "the collection (`bench/ood.py`; the quality tables stay on the clean stream). Score: the best "
+             "accepted neighbour's cosine, which the indexer refuses on. *Alone*: each foreign item against the "
+             "earlier in-distribution items only (as if it were the first of its kind) and the floor in force.", ""]
+    lines += _table(["collection", "bundle", "foreign items", "in-distribution refused", "foreign refused",
+                     "AUROC", "foreign refused alone", "AUROC alone"],
+                    [[name, r["bundle"], f"{r['foreign']} {r['foreign_kind']}",
+                      f"{r['inside_refused']} of {r['items']} ({_pct(r['inside_refused_share'])})",
+                      _pct(r["foreign_refused_share"]), _num(r["auroc"]), _pct(r["foreign_refused_alone_share"]),
+                      _num(r["auroc_alone"])] for name, r in ood.items()])
     return lines
 
 
@@ -343,6 +366,10 @@ def problems(data: dict[str, Any]) -> list[str]:
                 for k in ("precision", "recall", "f1", "micro_ap"):
                     if k in r and not 0.0 <= r[k] <= 1.0:
                         found.append(f"{section}.{name}.rows[{i}].{k} = {r[k]} is not in [0, 1]")
+    for name, r in data.get("ood", {}).items():
+        for key in ("inside_refused_share", "foreign_refused_share", "foreign_refused_alone_share"):
+            if not 0.0 <= r.get(key, -1.0) <= 1.0:
+                found.append(f"ood.{name}.{key} = {r.get(key)} is not in [0, 1]")
     speed = data.get("speed", {})
     if "pipeline" in speed:
         for key in ("encoder", "freshness", "matching", "memory_mib"):

@@ -5,7 +5,8 @@ speed.png (default ``bench/results/``). See docs/bench.md.
 Sections (``--skip`` any): ``pipeline`` (the stack: efficiency, freshness, Match API, memory),
 ``records``, ``text``, ``images`` (quality), ``unseen`` (out-of-the-box quality on data nothing
 was trained or calibrated on, no labels for any method: ``bench.unseen``) and ``queries`` (Milvus
-at 100k/1M vectors).
+at 100k/1M vectors). Each quality and unseen collection also gets an OOD measurement with its
+first bundle (``bench.ood``: foreign items interleaved, a separate replay), report section "ood".
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import shlex
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import config, datasets, quality, queries, report, speed, unseen
+from bench import config, datasets, ood, quality, queries, report, speed, unseen
 from bench.methods import Stream
 from bench.metrics import percentiles
 from twinstream.devstack import REPO_ROOT, LocalStack, StackConfig
@@ -190,11 +191,17 @@ def main(argv: list[str] | None = None, stack: LocalStack | None = None) -> int:
         "bundles": {role: config.describe(path) for role, path in
                     (("base", bundles.base), ("record", bundles.record), ("text", bundles.text),
                      ("image", bundles.image)) if path is not None},
-        "quality": {}, "unseen": {}, "speed": {}, "notes": notes, "seconds": {}, "sections": [],
+        "quality": {}, "unseen": {}, "ood": {}, "speed": {}, "notes": notes, "seconds": {}, "sections": [],
     }
     encoders = quality.Encoders()
     records_stream = datasets.febrl3_stream(sizes.items, args.seed)
     pipeline: speed.PipelineResult | None = None
+
+    def measure_ood(collection: str, labelled: Sequence[tuple[str, Path]], stream: Stream) -> None:
+        """OOD relative to the collection, with the first bundle measured on it (a separate replay)."""
+        if labelled:
+            label, bundle = labelled[0]
+            data["ood"][collection] = asdict(ood.measure(label, encoders.get(bundle), stream, args.seed))
 
     def section(name: str, body: Callable[[], None]) -> None:
         if name in args.skip:
@@ -224,6 +231,7 @@ def main(argv: list[str] | None = None, stack: LocalStack | None = None) -> int:
                                                       entity_of,
                                                       served.for_modality(records_stream.modality).duplicate_threshold))
         data["quality"]["records"] = _rows_json(result)
+        measure_ood("FEBRL3 records", labelled, records_stream)
 
     def do_text() -> None:
         streams = datasets.text_streams(sizes.text_items, args.seed, REPO_ROOT / "var" / "bench-cache")
@@ -231,6 +239,7 @@ def main(argv: list[str] | None = None, stack: LocalStack | None = None) -> int:
         if bundles.text is not None:
             labelled.append(("twinstream trained (text bundle)", bundles.text))
         data["quality"]["text"] = _rows_json(quality.text_quality(streams, labelled, encoders, args.retsim_python))
+        measure_ood("docstring text", labelled, streams.test)
 
     def do_images() -> None:
         exclude = None
@@ -241,6 +250,7 @@ def main(argv: list[str] | None = None, stack: LocalStack | None = None) -> int:
         streams = datasets.image_streams(sizes.image_items, args.seed, exclude)
         labelled = [("twinstream trained (image bundle)", bundles.image)] if bundles.image else []
         data["quality"]["images"] = _rows_json(quality.image_quality(streams, labelled, encoders))
+        measure_ood("photo copies", labelled, streams.test)
 
     def do_unseen() -> None:
         base = [("twinstream base (untrained MiniLM)", bundles.base)]
@@ -257,6 +267,8 @@ def main(argv: list[str] | None = None, stack: LocalStack | None = None) -> int:
                 result.notes.append("no image bundle given or found: twinstream is not measured on images")
             data["unseen"][unseen_set.name] = {**_rows_json(result), "domain": unseen_set.domain,
                                                "modality": items_pb2.Modality.Name(unseen_set.stream.modality)}
+            measure_ood(f"unseen {unseen_set.name}", chosen.for_modality(unseen_set.stream.modality),
+                        unseen_set.stream)
 
     def do_queries() -> None:
         points = queries.run(sizes.vectors, sizes.dims, REPO_ROOT / "var" / "bench-milvus", args.seed,

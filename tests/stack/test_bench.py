@@ -3,6 +3,8 @@ benchmarks are run with ``python -m bench``, never as tests."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import math
 from pathlib import Path
@@ -10,10 +12,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bench import metrics, report, unseen, unseen_data
+from bench import metrics, ood, report, unseen, unseen_data
+from bench.methods import Stream, load_encoder
 from bench.metrics import Link
 from bench.run import main
 from twinstream.devstack import LocalStack
+from twinstream.v1 import items_pb2
 
 pytestmark = pytest.mark.stack
 
@@ -69,12 +73,15 @@ def test_quick_quality_and_queries_write_a_well_formed_report(tmp_path: Path, ba
         assert "baseline" in kinds and result["test_items"] > 0, name
         assert ("twinstream" in kinds) == (result["modality"] != "IMAGE"), name  # no image bundle given
     assert any("ECM" in r["method"] for r in sets["books"]["rows"])
+    measured = data["ood"]  # no image bundle given: no image collection
+    assert isinstance(measured, dict) and set(measured) == {"FEBRL3 records", "docstring text", *(
+        f"unseen {n}" for n in unseen.DEFAULT_SETS if n != "icons")}
     points = data["speed"]["queries"]  # type: ignore[index]
     assert [p["vectors"] for p in points] == [500, 1500]
     assert all(p["recall_at_10"] > 0.5 and p["p99_ms"] >= p["p50_ms"] > 0 for p in points)
     text = (out / "report.md").read_text()
     for heading in ("### records", "### text", "### images", "## Unseen data, no labels", "### unseen: books",
-                    "### Match queries at scale"):
+                    "## OOD relative to the collection", "### Match queries at scale"):
         assert heading in text
     assert "| method | decision | threshold | precision | recall | F1 | µAP | OOD refusals |" in text
     assert "| vectors | insert s |" in text
@@ -129,3 +136,43 @@ def test_a_report_with_a_malformed_unseen_row_is_flagged() -> None:
     found = report.problems(data)
     assert "unseen.books: missing domain" in found
     assert "unseen.books.rows[0].f1 = 1.5 is not in [0, 1]" in found
+
+
+def test_foreign_items_are_interleaved_after_the_warm_up_and_keep_the_stream_whole() -> None:
+    stream = Stream([f"t{i}" for i in range(70)], [f"e{i // 2}" for i in range(70)],
+                    [b'{"a": "%d"}' % i for i in range(70)], items_pb2.RECORD)
+    foreign, kind = ood.foreign_contents(items_pb2.RECORD, 6, seed=2)
+    mixed, is_foreign = ood.interleave(stream, foreign, seed=2, warmup=50)
+    assert "records" in kind and len(mixed) == 76 and int(is_foreign.sum()) == 6
+    assert [mixed.ids[i] for i in range(76) if not is_foreign[i]] == stream.ids  # the clean order, whole
+    assert all(i > 50 for i in range(76) if is_foreign[i]) and not is_foreign[:51].any()
+    assert all(b"def " in mixed.contents[i] for i in range(76) if is_foreign[i])  # code, as records
+
+
+def test_foreign_pages_are_text_rendered_on_a_white_page() -> None:
+    pages, kind = ood.foreign_contents(items_pb2.IMAGE, 3, seed=0)
+    assert "pages" in kind and len(pages) == 3
+    for content in pages:
+        with Image.open(io.BytesIO(content)) as page:
+            assert page.format == "PNG" and page.size in ood.PAGE_SIZES
+            pixels = page.convert("L").getdata()
+            assert max(pixels) == 255 and min(pixels) < 64  # black text on white
+
+
+def test_auroc_counts_foreign_items_scoring_below_the_collection() -> None:
+    assert ood.auroc([0.5, 0.6], [0.1, 0.2]) == 1.0
+    assert ood.auroc([0.5, 0.6], [0.55]) == 0.5
+    assert ood.auroc([0.3], [0.3, 0.9]) == 0.25
+    assert math.isnan(ood.auroc([], [0.1]))
+
+
+def test_code_into_a_records_collection_is_measured_through_the_replay(base_bundle: Path) -> None:
+    stream = unseen_data.load("books", 80, seed=1).stream
+    result = ood.measure("base", load_encoder(base_bundle), stream, seed=1, share=0.1)
+    assert (result.items, result.foreign) == (len(stream), 8)
+    assert result.inside_refused_share <= 0.02  # the collection's own items are kept
+    assert result.auroc_alone > 0.9  # code is far from every book record
+    lines = "\n".join(report._ood_md({"unseen books": dataclasses.asdict(result)}))
+    assert "## OOD relative to the collection" in lines and "| unseen books | base | 8 Python" in lines
+    found = report.problems({"ood": {"books": {**dataclasses.asdict(result), "foreign_refused_share": 2.0}}})
+    assert "ood.books.foreign_refused_share = 2.0 is not in [0, 1]" in found
