@@ -222,7 +222,7 @@ def replay(bundle: ModelBundle, stream: Stream, embedded: Embedded, neighbours: 
         accepted = items_pb2.AcceptedItem(item=stream.item(i), content_hash=embedded.hashes[i],
                                           ingest_time_ms=i)
         item = items_pb2.EmbeddedItem(accepted=accepted, model=model, ood_score=float(embedded.ood[i]))
-        decision = decide(item, candidates, bundle, neighbours, i, state.calibration if calibrated else None)
+        decision = decide(item, candidates, bundle, neighbours, i, state.calibration if calibrated else None, own)
         linked = (_single_link if single_link else linked_clusters)(decision, candidates)
         if len(linked) > 1:  # the oldest cluster survives (canonical ids are first members)
             winner = min(linked, key=lambda c: (position.get(c, i), c))

@@ -114,14 +114,17 @@ def with_image_prior(signals: Mapping[str, object], candidates: Sequence[Candida
 
 def decide(item: items_pb2.EmbeddedItem, candidates: Sequence[Candidate], bundle: ModelBundle,
            max_neighbours: int, decided_time_ms: int,
-           calibration: Calibration | None = None) -> decisions_pb2.Decision:
+           calibration: Calibration | None = None,
+           signals: Mapping[str, object] | None = None) -> decisions_pb2.Decision:
     """Exact duplicate > out-of-distribution > near duplicate > match > novel.
 
     Exact duplicates rest on the content hash, not the encoder, so they hold even for OOD
     items; OOD items are never forced into a (near-)match. With a collection ``calibration``
     its thresholds decide and OOD means "unlike this collection" (best neighbour below its
-    floor; nothing is refused during warm-up); the bundle's thresholds for the item's modality
-    are only the prior (warm-up) and decide alone without one. The decision carries them.
+    floor, or a record sharing none of the fields its pair model compares: ``foreign_record``;
+    nothing is refused during warm-up); the bundle's thresholds for the item's modality are only
+    the prior (warm-up) and decide alone without one. The decision carries them. ``signals``:
+    the item's own (``item_signals``), where the caller has them.
     """
     accepted = item.accepted
     bundle = bundle.for_modality(accepted.item.modality)
@@ -172,7 +175,8 @@ def decide(item: items_pb2.EmbeddedItem, candidates: Sequence[Candidate], bundle
     if calibration is None:
         refused = item.ood_score > bundle.ood_threshold
     else:
-        refused = best is not None and best.score < thresholds.ood_similarity
+        refused = ((best is not None and best.score < thresholds.ood_similarity)
+                   or (calibration.warm and foreign_record(signals, calibration.fields)))
     if refused:
         decision.kind = decisions_pb2.OUT_OF_DISTRIBUTION
         return decision
@@ -328,3 +332,14 @@ def holds_most_links(cluster: str, links: Sequence[Candidate]) -> bool:
     """Whether no other cluster holds more of an item's ``links`` than ``cluster`` does."""
     per_cluster = Counter(c.cluster_id for c in links)
     return all(n <= per_cluster[cluster] for k, n in per_cluster.items() if k != cluster)
+
+
+def foreign_record(signals: Mapping[str, object] | None, model: FieldModel | None) -> bool:
+    """Whether a record shares none of the fields the collection's pair model compares (a
+    snippet of code sent as ``{"source": ...}`` into a collection of books): whatever its
+    vector's nearest neighbour, nothing of it can be compared with the collection's items.
+    Only once the collection has a fitted model (its fields are known); text and images never."""
+    record = signals.get("fields") if signals else None
+    if model is None or not isinstance(record, dict) or not record:
+        return False
+    return not {str(name) for name in record} & set(model.fields)

@@ -240,7 +240,7 @@ def plan_steps(group: Pending, triaged: Triage, reads: GroupReads,
             candidates = compare_fields(signals, candidates, state.field_names(signals),
                                         state.calibration.fields)
         decision = decide(item, candidates, group.bundle, neighbours, group.record_ms[index],
-                          state.calibration)
+                          state.calibration, signals)
         linked = linked_clusters(decision, candidates)
         if len(linked) > 1:
             if missing := linked - first_seen.keys():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from twinstream.indexing.calibration import COSINE, Calibration, FieldModel
 from twinstream.indexing.decide import Candidate, decide, linked_clusters
 from twinstream.model.bundle import ModelBundle
 from twinstream.v1 import decisions_pb2, items_pb2
@@ -206,3 +207,18 @@ def test_an_exact_copy_merges_only_its_copies_clusters() -> None:
                                          Candidate("b", 0.97, "b", 11)], ood=0.9)
     assert decision.kind == decisions_pb2.EXACT_DUPLICATE
     assert linked == {"a"}
+
+
+def test_a_record_sharing_none_of_the_collections_fields_is_refused_once_its_model_is_fitted() -> None:
+    """Code sent as {"source": ...} into a books collection: close in vector space to a book
+    (the best-neighbour floor lets it through) but nothing of it compares with a book."""
+    model = FieldModel(("authors", "title", COSINE), m=((0.9, 0.1),) * 3, u=((0.1, 0.9),) * 3, prior=0.1)
+    fitted = Calibration(version=2, duplicate=0.9, match=0.7, ood_floor=0.2, fitted_on=300, fields=model)
+    book = Candidate("b1", 0.6, "b1", 10)
+    code = {"fields": {"source": "def f(x):\n    return x + 1"}}
+    assert decide(embedded(), [book], BUNDLE, 3, 5, fitted, code).kind == decisions_pb2.OUT_OF_DISTRIBUTION
+    # one shared field is enough to be compared; before a fitted model nothing is refused so
+    same_schema = {"fields": {"title": "Dune", "isbn": "0441013597"}}
+    assert decide(embedded(), [book], BUNDLE, 3, 5, fitted, same_schema).kind != decisions_pb2.OUT_OF_DISTRIBUTION
+    unfitted = Calibration(version=1, duplicate=0.9, match=0.7, ood_floor=0.2, fitted_on=60)
+    assert decide(embedded(), [book], BUNDLE, 3, 5, unfitted, code).kind != decisions_pb2.OUT_OF_DISTRIBUTION
