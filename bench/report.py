@@ -133,7 +133,8 @@ def _ood_md(ood: dict[str, Any]) -> list[str]:
     lines = ["## OOD relative to the collection", "",
              "Each collection's stream with 5% foreign items interleaved after the warm-up, replayed fitted on "
              "the collection (`bench/ood.py`; the quality tables stay on the clean stream). Score: the best "
-             "accepted neighbour's cosine, which the indexer refuses on. *Alone*: each foreign item against the "
+             "accepted neighbour's cosine, which the indexer refuses on below the collection's floor (records "
+             "sharing none of the collection's fields are refused too). *Alone*: each foreign item against the "
              "earlier in-distribution items only (as if it were the first of its kind) and the floor in force.", ""]
     lines += _table(["collection", "bundle", "foreign items", "in-distribution refused", "foreign refused",
                      "AUROC", "foreign refused alone", "AUROC alone"],
