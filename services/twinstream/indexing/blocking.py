@@ -82,8 +82,6 @@ def selective_fields(state: CollectionState) -> list[str] | None:
 
 def query_keys(signals: Mapping[str, object] | None, state: CollectionState) -> list[str]:
     """The keys a new item is looked up by (its pairs of selective fields)."""
-    if not field_values(signals):
-        return []
     return blocking_keys(signals, selective_fields(state))
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import cached_property, partial
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,14 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from twinstream.common.kafka import Outgoing, Rejected, parse_record
 from twinstream.common.vectorstore import SIGNALS, Hit, decode_decision, encode_decision, row_key
-from twinstream.indexing.blocking import postings_of, query_keys, shared_keys, with_keyed, with_keys
+from twinstream.indexing.blocking import (
+    blocking_keys,
+    postings_of,
+    selective_fields,
+    shared_keys,
+    with_keyed,
+    with_keys,
+)
 from twinstream.indexing.calibration import CollectionState
 from twinstream.indexing.decide import (
     Candidate,
@@ -74,9 +81,15 @@ class Triage:
     todo: list[tuple[int, items_pb2.EmbeddedItem, str]]
     rejected: list[Rejected]
 
-    @property
+    @cached_property
     def vectors(self) -> np.ndarray:
         return np.array([list(t[1].vector) for t in self.todo], dtype=np.float32)
+
+    @cached_property
+    def signals(self) -> list[dict[str, object] | None]:
+        """Each new item's pair signals with its blocking keys (``_signals``): parsed once, read
+        by the keyed lookup, the plan and the rows written."""
+        return [_signals(t[1].accepted.item) for t in self.todo]
 
 
 @dataclass(frozen=True)
@@ -90,8 +103,10 @@ class GroupReads:
     # merge needs it, as merges are rare (``plan_steps``).
     first_seen: Mapping[str, FirstSeen | None] = field(default_factory=dict)
     # Stored rows sharing a blocking key with a new item (``indexing.blocking``), with their
-    # signals and vectors: candidates the cosine top-k may have missed.
+    # signals and vectors: candidates the cosine top-k may have missed; ``keys``: per new item,
+    # the keys they were read by (``lookup_keys``).
     keyed: Sequence[Mapping[str, Any]] = ()
+    keys: Sequence[Sequence[str]] = ()
 
 
 class ClustersNeeded(Exception):
@@ -173,10 +188,12 @@ def triage(group: Pending, stored: Mapping[str, Mapping[str, Any]]) -> Triage:
     return Triage(repeated, todo, rejected)
 
 
-def lookup_keys(triaged: Triage, state: CollectionState) -> list[str]:
-    """The blocking keys of a group's new items that the indexer reads stored rows by (one
-    query per group; ``GroupReads.keyed``)."""
-    return sorted({key for t in triaged.todo for key in query_keys(_signals(t[1].accepted.item), state)})
+def lookup_keys(triaged: Triage, state: CollectionState) -> list[list[str]]:
+    """Per new item of a group, the blocking keys the indexer reads stored rows by (one query
+    for the group: ``GroupReads.keyed``) and the plan looks the item's keyed candidates up by;
+    the selective fields come from the scope's state as read, the same for the whole group."""
+    fields = selective_fields(state)
+    return [blocking_keys(signals, fields) for signals in triaged.signals]
 
 
 def plan_group(group: Pending, triaged: Triage, reads: GroupReads, neighbours: int) -> IndexPlan:
@@ -200,7 +217,7 @@ def plan_steps(group: Pending, triaged: Triage, reads: GroupReads,
     if not todo:
         return IndexPlan(out, rejected=list(triaged.rejected))
     vectors = triaged.vectors
-    own_signals = [_signals(t[1].accepted.item) for t in todo]  # once per item, not per pair
+    own_signals = triaged.signals  # once per item, not per pair
     state = copy.deepcopy(reads.state)
     observed = state.items
     first_seen = dict(reads.first_seen)
@@ -217,8 +234,8 @@ def plan_steps(group: Pending, triaged: Triage, reads: GroupReads,
                       refused=_refused(h.fields["decision"]), signals=_stored_signals(h.fields))
             for h in reads.hits[position] if h.pk != pk
         ]
-        if postings and own_signals[position] is not None:
-            shared = shared_keys(query_keys(own_signals[position], reads.state), postings)
+        if postings and reads.keys[position]:
+            shared = shared_keys(reads.keys[position], postings)
             candidates = with_keyed(candidates, shared, partial(_keyed_candidate, keyed_rows, item, vectors[position]))
         candidates += [
             Candidate(r["item_id"], 1.0, r["cluster_id"], int(r["ingest_ms"]), exact=True)

@@ -220,7 +220,8 @@ class Indexer:
             ["item_id", "cluster_id", "content_hash", "ingest_ms"], consistency=level,
         )
         keys = lookup_keys(triaged, state) if stored_signals and self.settings.search.keyed_reads else []
-        return GroupReads(hits, exact_rows, state, keyed=self._keyed(group, keys, level))
+        keyed = self._keyed(group, sorted({key for item_keys in keys for key in item_keys}), level)
+        return GroupReads(hits, exact_rows, state, keyed=keyed, keys=keys)
 
     def _keyed(self, group: Pending, keys: Sequence[str], level: str) -> list[dict[str, Any]]:
         """The scope's stored rows sharing one of ``keys`` (one query per ``KEYS_PER_QUERY`` keys:

@@ -20,7 +20,7 @@ from twinstream.indexing.blocking import (
 )
 from twinstream.indexing.calibration import COSINE, MIN_PATTERNS, CollectionState, text_signals
 from twinstream.indexing.decide import Candidate
-from twinstream.indexing.plan import GroupReads, plan_group, triage
+from twinstream.indexing.plan import GroupReads, lookup_keys, plan_group, triage
 from twinstream.v1 import decisions_pb2, items_pb2
 
 from .conftest import MakeItem
@@ -114,7 +114,8 @@ def test_an_earlier_duplicate_outside_the_cosine_neighbours_is_found_through_sha
     triaged = triage(group, {})
     without = plan_group(group, triaged, GroupReads([[]], [], CollectionState()), neighbours=10)
     assert without.decided[0][1].kind == decisions_pb2.NOVEL
-    result = plan_group(group, triaged, GroupReads([[]], [], CollectionState(), keyed=[original]), neighbours=10)
+    reads = GroupReads([[]], [], CollectionState(), keyed=[original], keys=lookup_keys(triaged, CollectionState()))
+    result = plan_group(group, triaged, reads, neighbours=10)
     (_, decision, _), = result.decided
     assert decision.kind == decisions_pb2.NEAR_DUPLICATE and decision.duplicate_of == "orig"
     stored = result.rows[0][SIGNALS]
