@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from twinstream.indexing.calibration import (
@@ -286,14 +286,10 @@ def linked_clusters(decision: decisions_pb2.Decision, candidates: Sequence[Candi
     if decision.kind == decisions_pb2.EXACT_DUPLICATE:  # its copy already made its links
         return {decision.cluster_id} | exact
     seen = neighbours_per_cluster(candidates)
-    links: dict[str, list[Candidate]] = {}
-    for c in candidates:
-        if not c.exact and not c.refused and c.links(decision.thresholds):
-            links.setdefault(c.cluster_id, []).append(c)
-    canonical = {cluster for cluster, members in links.items() if any(m.item_id == cluster for m in members)}
+    links = links_of(decision, candidates)
+    canonical = {c.cluster_id for c in links if c.item_id == c.cluster_id}
     if decision.cluster_id not in canonical:
-        ranked = sorted(canonical, key=lambda k: (-max(m.score for m in links[k]), k))
-        decision.cluster_id = ranked[0] if ranked else decision.item_id
+        decision.cluster_id = best_linked(canonical, links) or decision.item_id
     if decision.cluster_id == decision.item_id:
         return set()
     if seen[decision.cluster_id] > 1:
@@ -316,16 +312,27 @@ def image_cluster(decision: decisions_pb2.Decision, candidates: Sequence[Candida
       items fused different pictures.
     Its pairwise decision (``duplicate_of``) stands either way.
     """
-    links = [c for c in candidates if not c.exact and not c.refused and c.links(decision.thresholds)]
+    links = links_of(decision, candidates)
     kept = {c.cluster_id for c in uncrowded(candidates)}
-    canonical = sorted({c.cluster_id for c in links if c.item_id == c.cluster_id and c.cluster_id in kept},
-                       key=lambda k: (-max(c.score for c in links if c.cluster_id == k), k))
-    joined = decision.cluster_id if decision.cluster_id in canonical else next(iter(canonical), None)
+    canonical = {c.cluster_id for c in links if c.item_id == c.cluster_id and c.cluster_id in kept}
+    joined = decision.cluster_id if decision.cluster_id in canonical else best_linked(canonical, links)
     if joined is None or not holds_most_links(joined, links):
         decision.cluster_id = decision.item_id
         return set()
     decision.cluster_id = joined
     return {joined}
+
+
+def links_of(decision: decisions_pb2.Decision, candidates: Sequence[Candidate]) -> list[Candidate]:
+    """The candidates the item links to at the decision's thresholds; exact copies (their own
+    rule) and refused (OOD) items never count."""
+    return [c for c in candidates if not c.exact and not c.refused and c.links(decision.thresholds)]
+
+
+def best_linked(clusters: Iterable[str], links: Sequence[Candidate]) -> str | None:
+    """Of ``clusters``, the one holding the item's best-scoring link (ties: the smaller id);
+    ``None`` when there is none."""
+    return min(clusters, key=lambda k: (-max(c.score for c in links if c.cluster_id == k), k), default=None)
 
 
 def holds_most_links(cluster: str, links: Sequence[Candidate]) -> bool:
