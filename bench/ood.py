@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 from bench.methods import Stream, embed_stream, replay
 from twinstream.common.encoding import ItemEncoder
 from twinstream.indexing.calibration import WARMUP_ITEMS
+from twinstream.learn.calibration import roc_auc
 from twinstream.v1 import decisions_pb2, items_pb2
 
 SHARE = 0.05
@@ -116,8 +117,8 @@ def auroc(inside: Sequence[float] | np.ndarray, foreign: Sequence[float] | np.nd
     a, b = np.asarray(inside, dtype=np.float64), np.asarray(foreign, dtype=np.float64)
     if not len(a) or not len(b):
         return math.nan
-    below = (b[:, None] < a[None, :]).sum() + 0.5 * (b[:, None] == a[None, :]).sum()
-    return float(below / (len(a) * len(b)))
+    # the project's ROC-AUC, foreign items the positive class and a lower cosine the higher score
+    return roc_auc(-np.concatenate([a, b]), np.concatenate([np.zeros(len(a), bool), np.ones(len(b), bool)]))
 
 
 @dataclass(frozen=True)
