@@ -331,6 +331,7 @@ class ConsumeLoop:
         self._resume_at = 0.0             # when the paused partitions are retried
         self._failing_since: float | None = None
         self._behind_since: float | None = None   # records wait, yet polls return none
+        self._poll_failing_since: float | None = None  # polls raise (the broker is away)
         self._healthy = True
         self._uncommitted: dict[TopicPartition, OffsetAndMetadata] = {}  # sent async, unanswered
 
@@ -366,7 +367,14 @@ class ConsumeLoop:
         try:
             while not stopping.is_set():
                 self._resume_due()
-                records = self._poll_batch(stopping)
+                try:
+                    records = self._poll_batch(stopping)
+                except KafkaError as exc:
+                    self._poll_failed(exc)
+                    stopping.wait(self._backoff)
+                    self._report_stall()
+                    continue
+                self._poll_failing_since = None
                 if not ready:  # the first poll returns once the group join has completed
                     ready = True
                     on_ready()
@@ -378,6 +386,40 @@ class ConsumeLoop:
                 self._report_stall()
         finally:
             self.close()
+
+    def _poll_failed(self, exc: KafkaError) -> None:
+        """A poll raised: the broker went away under it (kafka-python 3.0 raises a connection
+        error from a poll that was looking up the coordinator or the committed offsets when the
+        broker was killed; uncaught it ended the service). Nothing was handed out, so nothing
+        is lost: count it as no progress, back off, and once polls have failed for
+        ``loop_fetch_stall_s`` make the consumer again (it rejoins from the committed offsets)."""
+        now = time.monotonic()
+        self.metrics.errors.labels(type(exc).__name__).inc()
+        self._backoff = min(max(0.2, self._backoff * 2), self.settings.loop.max_backoff_s)
+        log.warning("poll failed; polling again", extra={"error": repr(exc), "retry_in_s": self._backoff})
+        if self._failing_since is None:
+            self._failing_since = now
+        if self._poll_failing_since is None:
+            self._poll_failing_since = now
+        elif now - self._poll_failing_since >= self.settings.loop.fetch_stall_s:
+            self._poll_failing_since = None
+            self._remake_consumer("polls keep failing")
+
+    def _remake_consumer(self, why: str) -> None:
+        """Close the consumer and make it again (kept when it cannot be made now, or when the
+        loop was given a consumer without a factory)."""
+        log.error("making the consumer again" if self._consumer_factory else "the consumer should be made again",
+                  extra={"why": why})
+        if self._consumer_factory is None:
+            return
+        try:
+            fresh = self._consumer_factory()
+        except KafkaError:  # the broker is unreachable now: keep the old one, try again later
+            log.warning("could not make a new consumer", exc_info=True)
+            return
+        with contextlib.suppress(KafkaError):
+            self.consumer.close(autocommit=False)
+        self.consumer = fresh
 
     def step(self, records: list[ConsumerRecord]) -> bool:
         """Process one polled batch; on failure schedule its retry. True when it committed."""
@@ -420,9 +462,16 @@ class ConsumeLoop:
                     left = min(left, max(0.0, self._resume_at - time.monotonic()))
             else:
                 left = max(0.0, deadline - time.monotonic())
-            polled = self.consumer.poll(
-                timeout_ms=int(left * 1000), max_records=self.settings.loop.batch_size - len(records)
-            )
+            try:
+                polled = self.consumer.poll(
+                    timeout_ms=int(left * 1000), max_records=self.settings.loop.batch_size - len(records)
+                )
+            except KafkaError:
+                if not records:
+                    raise
+                # The consumer's position is already past what earlier polls returned: process
+                # them (dropping them here would let the next commit pass over them).
+                break
             for batch in polled.values():
                 records.extend(batch)
             if deadline is None:
@@ -603,17 +652,9 @@ class ConsumeLoop:
         if now - self._behind_since < self.settings.loop.fetch_stall_s:
             return True
         self.metrics.errors.labels("fetch_stalled").inc()
-        log.error("records wait but no poll returns them; making the consumer again",
-                  extra={"stalled_s": round(now - self._behind_since, 1)})
+        stalled_s = now - self._behind_since
         self._behind_since = None
-        if self._consumer_factory is not None:
-            try:
-                fresh = self._consumer_factory()
-            except KafkaError:  # the broker is unreachable now: keep the old one, try again later
-                log.warning("could not make a new consumer", exc_info=True)
-                return True
-            self.consumer.close(autocommit=False)
-            self.consumer = fresh
+        self._remake_consumer(f"records waited {stalled_s:.0f} s but no poll returned them")
         return True
 
     def _update_lag(self) -> None:

@@ -4,6 +4,7 @@ one class: the live-stack tests in tests/stack/test_stream_faults.py prove the s
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 from kafka import TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaTimeoutError, UnknownError
+from kafka.errors import KafkaConnectionError, KafkaTimeoutError, UnknownError
 
 from twinstream.common.config import Settings
 from twinstream.common.errors import PermanentError, TransientError
@@ -418,3 +419,68 @@ def test_a_consumer_at_the_end_of_its_partitions_is_idle_not_stuck(settings: Set
     drive(loop)
     assert not loop._check_fetching()
     assert loop.consumer is consumer and not made
+
+
+class BrokerGoneConsumer(FakeConsumer):
+    """Its polls raise a connection error, as kafka-python 3.0's did when the broker was killed
+    while a poll looked up the coordinator or the committed offsets; ``after`` polls succeed first."""
+
+    def __init__(self, logs: dict[int, list[bytes]], failures: int, after: int = 0) -> None:
+        super().__init__(logs)
+        self.failures, self.after = failures, after
+        self.closed = False
+
+    def poll(self, timeout_ms: int = 0, max_records: int = 500) -> dict[TopicPartition, list[Any]]:
+        if self.after:
+            self.after -= 1
+            return super().poll(timeout_ms, max_records=1)
+        if self.failures:
+            self.failures -= 1
+            raise KafkaConnectionError("111 ECONNREFUSED")
+        return super().poll(timeout_ms, max_records)
+
+    def close(self, autocommit: bool = False) -> None:
+        self.closed = True
+
+
+def run_until_committed(loop: ConsumeLoop, consumer: Callable[[], FakeConsumer], offset: int,
+                        timeout_s: float = 10.0) -> None:
+    """Run the loop on its thread until partition 0's committed offset reaches ``offset``."""
+    stopping = threading.Event()
+    thread = threading.Thread(target=loop.run, args=(stopping,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and consumer().committed.get(TopicPartition(TOPIC, 0)) != offset:
+        assert thread.is_alive(), "the loop ended"
+        time.sleep(0.01)
+    stopping.set()
+    thread.join(5)
+
+
+def test_a_poll_that_raises_a_connection_error_is_retried_not_fatal(settings: Settings) -> None:
+    consumer = BrokerGoneConsumer({0: [b"a", b"b"]}, failures=3)
+    health: list[bool] = []
+    loop = ConsumeLoop(settings.replace(loop={"stall_s": 0.0, "max_backoff_s": 0.01}), TOPIC,
+                       echo_unless(lambda v: None), producer=Producer(FakeProducer), consumer=consumer,
+                       on_health=health.append)
+    run_until_committed(loop, lambda: consumer, 2)
+    assert consumer.committed == {TopicPartition(TOPIC, 0): 2}
+    assert metric(loop, "twinstream_errors_total", reason="KafkaConnectionError") == 3
+    assert health == [False, True], "the failing polls were no progress, then it recovered"
+
+
+def test_records_polled_before_a_poll_raises_are_processed_not_skipped(settings: Settings) -> None:
+    consumer = BrokerGoneConsumer({0: [b"a", b"b", b"c"]}, failures=1, after=1)
+    loop = ConsumeLoop(settings.replace(loop={"batch_wait_ms": 1000}), TOPIC, echo_unless(lambda v: None),
+                       producer=Producer(FakeProducer), consumer=consumer)
+    assert [r.value for r in loop._poll_batch(threading.Event())] == [b"a"]
+
+
+def test_polls_that_keep_failing_make_the_consumer_again(settings: Settings) -> None:
+    gone, fresh = BrokerGoneConsumer({0: [b"a"]}, failures=10**6), FakeConsumer({0: [b"a"]})
+    loop = ConsumeLoop(settings.replace(loop={"fetch_stall_s": 0.0, "max_backoff_s": 0.01}), TOPIC,
+                       echo_unless(lambda v: None), producer=Producer(FakeProducer), consumer=gone,
+                       consumer_factory=lambda: fresh)
+    run_until_committed(loop, lambda: fresh, 1)
+    assert gone.closed and loop.consumer is fresh
+    assert fresh.committed == {TopicPartition(TOPIC, 0): 1}
