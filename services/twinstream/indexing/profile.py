@@ -25,8 +25,8 @@ from PIL import Image
 DIGITS = 3  # profiles are rounded so that a state read back from JSON fits exactly as in memory
 K = 5  # the distance to the K-th nearest reference profile: K - 1 accepted look-alikes do not shield one
 MIN_REFERENCE = 40  # profiles a reference needs before it refuses anything
-LIMIT_QUANTILE = 0.99
-LIMIT_MARGIN = 0.5  # the limit sits this share of the (quantile - median) spread above the quantile
+LIMIT_QUANTILE = 0.9  # robust: the limit holds until a tenth of the reference is foreign
+LIMIT_MARGIN = 2.5  # the limit sits this many (quantile - median) spreads above the quantile
 CLIP = 16.0  # a feature's scaled deviation counts at most this much (one odd feature does not decide)
 MIN_SCALE = 0.02  # the floor of a feature's scale (features are shares or logs of order one)
 _CODE_CHARS = frozenset("(){}[]=_:;<>*/\\|&%#@")
