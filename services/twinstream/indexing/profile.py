@@ -23,10 +23,12 @@ import numpy as np
 from PIL import Image
 
 DIGITS = 3  # profiles are rounded so that a state read back from JSON fits exactly as in memory
+DROP = 1  # a pair's most different feature(s) left out of its distance (``_norm``)
 K = 5  # the distance to the K-th nearest reference profile: K - 1 accepted look-alikes do not shield one
 MIN_REFERENCE = 40  # profiles a reference needs before it refuses anything
 LIMIT_QUANTILE = 0.9  # robust: the limit holds until a tenth of the reference is foreign
 LIMIT_MARGIN = 2.5  # the limit sits this many (quantile - median) spreads above the quantile
+MIN_LIMIT = 0.5  # never below: within half a scaled unit of its K-th neighbour nothing is foreign
 CLIP = 16.0  # a feature's scaled deviation counts at most this much (one odd feature does not decide)
 MIN_SCALE = 0.02  # the floor of a feature's scale (features are shares or logs of order one)
 _CODE_CHARS = frozenset("(){}[]=_:;<>*/\\|&%#@")
@@ -97,7 +99,7 @@ class ProfileReference:
             return math.nan
         stored = _scaled(np.asarray(self.profiles, dtype=np.float64), self.center, self.scale)
         own = _scaled(np.asarray([profile], dtype=np.float64), self.center, self.scale)
-        return kth_distance(np.linalg.norm(stored - own, axis=1))
+        return kth_distance(_norm(stored - own))
 
     def to_json(self) -> dict[str, object]:
         return {"center": list(self.center), "scale": list(self.scale),
@@ -111,6 +113,15 @@ class ProfileReference:
 
 def _scaled(profiles: np.ndarray, center: Sequence[float], scale: Sequence[float]) -> np.ndarray:
     return np.clip((profiles - np.asarray(center)) / np.asarray(scale), -CLIP, CLIP)
+
+
+def _norm(differences: np.ndarray) -> np.ndarray:
+    """Euclidean norm over the last axis without its ``DROP`` largest components: an item that
+    differs from a profile in one feature alone (a photo on a white background among photos
+    without) is not foreign; a foreign kind differs in several (code: punctuation, indentation,
+    lines, words; a text page: background, colour, grey levels, strokes)."""
+    squared = np.sort(differences ** 2, axis=-1)
+    return np.asarray(np.sqrt(squared[..., :squared.shape[-1] - DROP].sum(axis=-1)))
 
 
 def kth_distance(distances: np.ndarray, k: int = K) -> float:
@@ -138,11 +149,11 @@ def fit_reference(profiles: Sequence[Sequence[float]]) -> ProfileReference | Non
     center_t = tuple(round(float(v), 6) for v in center)
     scale_t = tuple(round(float(v), 6) for v in scale)
     scaled = _scaled(x, center_t, scale_t)
-    pairwise = np.linalg.norm(scaled[:, None, :] - scaled[None, :, :], axis=2)
+    pairwise = _norm(scaled[:, None, :] - scaled[None, :, :])
     np.fill_diagonal(pairwise, np.inf)  # leave one out
     loo = np.asarray([kth_distance(row) for row in pairwise])
     high, mid = np.quantile(loo, [LIMIT_QUANTILE, 0.5])
-    limit = round(float(high + LIMIT_MARGIN * (high - mid)), 6)
+    limit = round(max(MIN_LIMIT, float(high + LIMIT_MARGIN * (high - mid))), 6)
     return ProfileReference(center_t, scale_t, tuple(kept), limit)
 
 
