@@ -4,17 +4,20 @@ The best-neighbour cosine cannot refuse every foreign item: to an encoder a fore
 nearest neighbour is often close enough (Python source to a text encoder of prose, a rendered
 text page to an image encoder of icons), and once one is accepted the next one's best
 neighbour is that one. A profile is a handful of cheap statistics of the content itself
-(text: character classes, lines, words; images: background, colour, edges, entropy, shape).
+(text: character classes, lines, words; images: background, saturation, grey levels, strokes).
 A collection keeps the profiles of its accepted items; at each fit they become a reference
-(``ProfileReference``): per feature the median and a robust scale, the scaled profiles, and a
-limit fitted on the reference's own leave-one-out distances. An item's distance is to its
-``K``-th nearest reference profile, so a few accepted foreign items cannot make the next one
-look typical. Pure and deterministic (values rounded as stored): a replay repeats the distances.
+(``ProfileReference``): per feature the median and a robust scale, the profiles, and a limit
+fitted on the reference's own leave-one-out distances (no labels). An item's distance is to its
+``K``-th nearest reference profile, so fewer than ``K`` accepted foreign items cannot make the
+next one look typical, and the limit rests on the distances' q90, which a tenth of the reference
+would have to be foreign to move. Pure and deterministic (values rounded as stored): a replay
+repeats the distances. Chosen by measurement: docs/calibration.md.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +32,7 @@ MIN_REFERENCE = 40  # profiles a reference needs before it refuses anything
 LIMIT_QUANTILE = 0.9  # robust: the limit holds until a tenth of the reference is foreign
 LIMIT_MARGIN = 2.5  # the limit sits this many (quantile - median) spreads above the quantile
 MIN_LIMIT = 0.5  # never below: within half a scaled unit of its K-th neighbour nothing is foreign
-CLIP = 16.0  # a feature's scaled deviation counts at most this much (one odd feature does not decide)
+CLIP = 16.0  # a feature's scaled deviation counts at most this much (a zero-spread feature stays finite)
 MIN_SCALE = 0.02  # the floor of a feature's scale (features are shares or logs of order one)
 _CODE_CHARS = frozenset("(){}[]=_:;<>*/\\|&%#@")
 THUMB = 256
@@ -132,13 +135,14 @@ def kth_distance(distances: np.ndarray, k: int = K) -> float:
 
 
 def fit_reference(profiles: Sequence[Sequence[float]]) -> ProfileReference | None:
-    """The reference of a collection's accepted items' profiles (``None``: fewer than
-    ``MIN_REFERENCE`` of one length). Scale: 1.4826 MAD, else the mean absolute deviation (a
-    feature most items share exactly), floored at ``MIN_SCALE``. Limit: the leave-one-out
-    distances' ``LIMIT_QUANTILE`` plus ``LIMIT_MARGIN`` of its spread above their median."""
+    """The reference of a collection's accepted items' profiles, those of the most common length
+    (``None``: fewer than ``MIN_REFERENCE``). Scale: 1.4826 MAD, else the mean absolute
+    deviation (a feature most items share exactly), floored at ``MIN_SCALE``. Limit: the
+    leave-one-out distances' ``LIMIT_QUANTILE`` plus ``LIMIT_MARGIN`` times its distance above
+    their median, at least ``MIN_LIMIT``."""
     if not profiles:
         return None
-    size = len(profiles[-1])
+    size = Counter(len(p) for p in profiles).most_common(1)[0][0]
     kept = [tuple(float(v) for v in p) for p in profiles if len(p) == size]
     if len(kept) < MIN_REFERENCE:
         return None

@@ -3,6 +3,7 @@ rule they feed (indexing/decide.py): foreign items the cosine lets through are r
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -160,3 +161,12 @@ def test_a_long_text_collections_state_stays_well_under_milvuss_64_kib_string() 
                                   tuple(round(rng.uniform(0, 5), 3) for _ in range(len(text_profile("x"))))))
     assert state.calibration.profile is not None
     assert len(state.to_json().encode()) < 56 * 1024
+
+
+def test_a_state_stored_before_profiles_existed_reads_back_without_a_reference() -> None:
+    rng = random.Random(11)
+    raw = json.loads(reference_state([prose(rng) for _ in range(WARMUP_ITEMS)]).to_json())
+    del raw["profile_reference"], raw["profiles"]
+    old = CollectionState.from_json(json.dumps(raw))
+    assert old.calibration.profile is None and old.profiles == []
+    assert decided(code(rng), old).thresholds.ood_profile == math.inf  # nothing refused by a profile
