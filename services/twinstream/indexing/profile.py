@@ -30,7 +30,7 @@ DROP = 1  # a pair's most different feature(s) left out of its distance (``_norm
 K = 5  # the distance to the K-th nearest reference profile: K - 1 accepted look-alikes do not shield one
 MIN_REFERENCE = 40  # profiles a reference needs before it refuses anything
 LIMIT_QUANTILE = 0.9  # robust: the limit holds until a tenth of the reference is foreign
-LIMIT_MARGIN = 3.0  # the limit sits this many (quantile - median) spreads above the quantile (2.5 refused a real copy in readmes)
+LIMIT_MARGIN = 3.0  # the limit sits this many (q90 - median) spreads above the q90 (2.5 refused a real copy)
 MIN_LIMIT = 0.5  # never below: within half a scaled unit of its K-th neighbour nothing is foreign
 CLIP = 16.0  # a feature's scaled deviation counts at most this much (a zero-spread feature stays finite)
 MIN_SCALE = 0.02  # the floor of a feature's scale (features are shares or logs of order one)
@@ -71,8 +71,9 @@ def image_profile(image: Image.Image) -> list[float]:
     thumb = image.convert("RGB").resize((THUMB, THUMB), Image.Resampling.BILINEAR)
     rgb = np.asarray(thumb, dtype=np.float64) / 255.0
     grey = rgb @ np.array([0.299, 0.587, 0.114])
-    high, low = rgb.max(axis=2), rgb.min(axis=2)
-    saturation = np.where(high > 0, (high - low) / np.maximum(high, 1e-9), 0.0)
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    high, low = np.maximum(np.maximum(red, green), blue), np.minimum(np.minimum(red, green), blue)
+    saturation = (high - low) / np.maximum(high, 1e-9)  # 0 where black (high 0)
     histogram = np.bincount(np.minimum((grey * 32).astype(np.int64), 31).ravel(), minlength=32) / grey.size
     present = histogram[histogram > 0]
     dark = grey < 0.6
