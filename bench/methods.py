@@ -236,7 +236,7 @@ def replay(bundle: ModelBundle, stream: Stream, embedded: Embedded, neighbours: 
         first_with_hash.setdefault(embedded.hashes[i], i)
         for key, ids in postings_of([(stream.ids[i], signals[i])]).items():
             postings.setdefault(key, []).extend(ids)
-        seen = observation(decision, candidates)
+        seen = observation(decision, candidates, own)
         if calibrated and seen is not None:
             state.observe(seen)
     return Replayed(decisions, clusters, state.calibration.version, best)

@@ -5,9 +5,10 @@ positions after the warm-up) goes through the same replay the decisions use
 (``bench.methods.replay``, fitted on the collection). Foreign items are of another kind than the
 collection's: Python standard-library source (``inspect.getsource``, offline) sent as records
 into record collections and as text into text ones; rendered text pages (PIL, default font,
-black on white, page-like sizes) sent as images into image collections. The OOD score is the one
-the indexer refuses on, the best accepted neighbour's cosine (lower = more foreign); the quality
-tables stay computed on the clean stream.
+black on white, page-like sizes) sent as images into image collections. The indexer refuses on
+two scores, each reported: the best accepted neighbour's cosine (lower = more foreign) and, for
+text and images, the content-profile distance to the collection's reference (higher = more
+foreign; ``indexing.profile``); the quality tables stay computed on the clean stream.
 """
 
 from __future__ import annotations
@@ -135,9 +136,14 @@ class OodResult:
     auroc: float  # best-neighbour cosine, in-distribution items after the warm-up vs foreign items
     # each foreign item alone: its best cosine to the earlier in-distribution items only (as if it were
     # the first of its kind), against the floor in force; earlier foreign items accepted join the
-    # collection's neighbourhood and shield later ones, which the stream numbers above include
+    # collection's neighbourhood and shield later ones, which the stream numbers above include. Its
+    # profile distance counts too (refused above the limit in force): a reference's K-th nearest
+    # profile is not shielded by fewer than K accepted foreign items (``indexing.profile``)
     foreign_refused_alone_share: float
-    auroc_alone: float
+    auroc_alone: float  # of the cosine alone
+    # the content-profile distance, where one was measured (text, images after the warm-up); NaN: none
+    auroc_profile: float = math.nan
+    foreign_refused_by_profile_share: float = math.nan
 
 
 def measure(label: str, encoder: ItemEncoder, stream: Stream, seed: int, share: float = SHARE) -> OodResult:
@@ -154,10 +160,17 @@ def measure(label: str, encoder: ItemEncoder, stream: Stream, seed: int, share: 
     alone = np.asarray([float(np.max(embedded.vectors[inside[inside < i]] @ embedded.vectors[i]))
                         for i in np.flatnonzero(is_foreign)])
     floors = np.asarray([replayed.decisions[i].thresholds.ood_similarity for i in np.flatnonzero(is_foreign)])
+    limits = np.asarray([d.thresholds.ood_profile for d in replayed.decisions], dtype=np.float64)
+    distance = np.asarray([d.profile_distance for d in replayed.decisions], dtype=np.float64)
+    profiled = np.isfinite(limits)
+    by_profile = profiled & (distance > limits)
     inside_refused = int(refused[~is_foreign].sum())
     return OodResult(label, kind, len(inside), int(is_foreign.sum()), inside_refused,
                      inside_refused / max(1, len(inside)),
                      float(refused[is_foreign].mean()) if is_foreign.any() else math.nan,
                      auroc(best[scored & ~is_foreign], best[scored & is_foreign]),
-                     float((alone < floors).mean()) if len(alone) else math.nan,
-                     auroc(best[scored & ~is_foreign], alone))
+                     float(((alone < floors) | by_profile[is_foreign]).mean()) if len(alone) else math.nan,
+                     auroc(best[scored & ~is_foreign], alone),
+                     # a higher distance is more foreign: negated for ``auroc``'s lower-is-foreign
+                     auroc(-distance[profiled & ~is_foreign], -distance[profiled & is_foreign]),
+                     float(by_profile[is_foreign].mean()) if profiled[is_foreign].any() else math.nan)

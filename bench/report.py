@@ -132,15 +132,20 @@ def _ood_md(ood: dict[str, Any]) -> list[str]:
         return []
     lines = ["## OOD relative to the collection", "",
              "Each collection's stream with 5% foreign items interleaved after the warm-up, replayed fitted on "
-             "the collection (`bench/ood.py`; the quality tables stay on the clean stream). Score: the best "
-             "accepted neighbour's cosine, which the indexer refuses on below the collection's floor (records "
-             "sharing none of the collection's fields are refused too). *Alone*: each foreign item against the "
-             "earlier in-distribution items only (as if it were the first of its kind) and the floor in force.", ""]
+             "the collection (`bench/ood.py`; the quality tables stay on the clean stream). Refused when the best "
+             "accepted neighbour's cosine is below the collection's floor, or (text, images) the item's "
+             "content-profile distance to the collection's reference is above its limit (records sharing none "
+             "of the collection's fields are refused too). AUROC: of the cosine; *profile AUROC*: of the profile "
+             "distance (after the warm-up). *Alone*: each foreign item's cosine against the earlier "
+             "in-distribution items only (as if it were the first of its kind) and the floor in force, or its "
+             "profile distance above the limit.", ""]
     lines += _table(["collection", "bundle", "foreign items", "in-distribution refused", "foreign refused",
-                     "AUROC", "foreign refused alone", "AUROC alone"],
+                     "AUROC", "profile AUROC", "refused by the profile", "foreign refused alone",
+                     "AUROC alone"],
                     [[name, r["bundle"], f"{r['foreign']} {r['foreign_kind']}",
                       f"{r['inside_refused']} of {r['items']} ({_pct(r['inside_refused_share'])})",
-                      _pct(r["foreign_refused_share"]), _num(r["auroc"]), _pct(r["foreign_refused_alone_share"]),
+                      _pct(r["foreign_refused_share"]), _num(r["auroc"]), _num(r.get("auroc_profile")),
+                      _pct(r.get("foreign_refused_by_profile_share")), _pct(r["foreign_refused_alone_share"]),
                       _num(r["auroc_alone"])] for name, r in ood.items()])
     return lines
 

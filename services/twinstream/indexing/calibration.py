@@ -7,6 +7,10 @@ So every tenant/collection keeps, online, what its own items look like to the en
   best neighbour is less similar than nearly all of them (below ``ood_floor``) is unlike this
   collection and is refused. During warm-up (the first ``WARMUP_ITEMS``) nothing is refused as
   OOD: the collection's first items *are* its reference, whatever the bundle's detector says.
+* **Profile reference** (text and images): the content profiles of its last ``PROFILE_WINDOW``
+  accepted items (``indexing.profile``); an item whose profile is farther from them than the
+  fitted limit is refused too, as the cosine alone lets foreign items through (code into prose,
+  text pages into images: docs/calibration.md).
 * **Duplicate threshold**, by target-decoy false-discovery control: each item's best neighbour is
   a *target* (a duplicate or the best non-duplicate), its runner-up from another cluster a
   *decoy* (almost never a duplicate). Above a threshold ``t`` the estimated share of false calls
@@ -42,9 +46,11 @@ import numpy as np
 from PIL import Image
 
 from twinstream.indexing import perceptual
+from twinstream.indexing.profile import ProfileReference, fit_reference, image_profile, text_profile
 
 WARMUP_ITEMS = 50
 WINDOW = 2048  # observations kept (a persisted state stays under Milvus's 64 KiB string)
+PROFILE_WINDOW = 128  # accepted items' content profiles kept, twice (window and reference): 2 x ~7 KiB of JSON
 REFIT_EVERY = 1024
 TARGET_PRECISION = 0.95
 MATCH_FDR = 0.5
@@ -140,6 +146,7 @@ class Calibration:
     ood_floor: float = -math.inf  # -inf: nothing refused (warm-up)
     fitted_on: int = 0
     fields: FieldModel | None = None
+    profile: ProfileReference | None = None  # None: no profile rule (records, too few profiles)
 
     @property
     def warm(self) -> bool:
@@ -154,6 +161,7 @@ class Observation:
     best: float
     decoy: float
     patterns: tuple[str, ...] = ()  # field comparisons of a record with its candidates
+    profile: tuple[float, ...] = ()  # the item's content profile (text, images; ``indexing.profile``)
 
 
 @dataclass
@@ -166,6 +174,7 @@ class CollectionState:
     calibration: Calibration = field(default_factory=Calibration)
     fields: list[str] = field(default_factory=list)  # compared fields, from the first record
     patterns: dict[str, int] = field(default_factory=dict)  # comparison pattern -> pairs seen
+    profiles: list[list[float]] = field(default_factory=list)  # accepted items' profiles, the last PROFILE_WINDOW
 
     def field_names(self, signals: Mapping[str, object]) -> list[str]:
         """What this collection's pairs are compared on, set by its first item: a record's
@@ -184,11 +193,14 @@ class CollectionState:
         self.decoy = [*self.decoy[-(WINDOW - 1):], round(observation.decoy, 4)]
         for pattern in observation.patterns:
             self.patterns[pattern] = self.patterns.get(pattern, 0) + 1
+        if observation.profile:
+            self.profiles = [*self.profiles[-(PROFILE_WINDOW - 1):], list(observation.profile)]
         if self.items < next_fit(self.calibration):
             return False
         self.calibration = fit(self.best, self.decoy, self.items, self.calibration)
         if sum(self.patterns.values()) >= MIN_PATTERNS:
             self.calibration = replace(self.calibration, fields=fit_fields(self.patterns, self.fields))
+        self.calibration = replace(self.calibration, profile=fit_reference(self.profiles))
         return True
 
     def to_json(self) -> str:
@@ -196,12 +208,14 @@ class CollectionState:
         def clean(value: float) -> float | str | None:
             return None if math.isnan(value) else (str(value) if math.isinf(value) else value)
 
-        calibration = {k: clean(v) for k, v in asdict(self.calibration).items() if k != "fields"}
-        model = self.calibration.fields
+        calibration = {k: clean(v) for k, v in asdict(self.calibration).items() if k not in ("fields", "profile")}
+        model, reference = self.calibration.fields, self.calibration.profile
         return json.dumps({"items": self.items, "best": [clean(v) for v in self.best],
                            "decoy": [clean(v) for v in self.decoy], "calibration": calibration,
                            "field_model": asdict(model) if model else None,
-                           "fields": self.fields, "patterns": self.patterns},
+                           "fields": self.fields, "patterns": self.patterns,
+                           "profile_reference": reference.to_json() if reference else None,
+                           "profiles": self.profiles},
                           separators=(",", ":"))
 
     @classmethod
@@ -210,14 +224,15 @@ class CollectionState:
             return math.nan if value is None else float(value)
 
         raw = json.loads(text)
-        c, f = raw["calibration"], raw.get("field_model")
+        c, f, r = raw["calibration"], raw.get("field_model"), raw.get("profile_reference")
         model = FieldModel(tuple(f["fields"]), tuple(tuple(r) for r in f["m"]), tuple(tuple(r) for r in f["u"]),
                            float(f["prior"])) if f else None
         return cls(int(raw["items"]), [num(v) for v in raw["best"]], [num(v) for v in raw["decoy"]],
                    Calibration(int(c["version"]), num(c["duplicate"]), num(c["match"]), num(c["ood_floor"]),
-                               int(c["fitted_on"]), model),
+                               int(c["fitted_on"]), model, ProfileReference.from_json(r) if r else None),
                    [str(x) for x in raw.get("fields", [])],
-                   {str(k): int(v) for k, v in raw.get("patterns", {}).items()})
+                   {str(k): int(v) for k, v in raw.get("patterns", {}).items()},
+                   [[float(v) for v in p] for p in raw.get("profiles", [])])
 
 
 def next_fit(calibration: Calibration) -> int:
@@ -258,7 +273,8 @@ def fit(best: Sequence[float], decoy: Sequence[float], items: int, previous: Cal
         return replace(previous, version=previous.version + 1, fitted_on=items)
     duplicate = fdr_threshold(targets, decoys, 1.0 - TARGET_PRECISION)
     match = min(duplicate, fdr_threshold(targets, decoys, MATCH_FDR))
-    return Calibration(previous.version + 1, duplicate, match, ood_floor(targets), items, previous.fields)
+    return Calibration(previous.version + 1, duplicate, match, ood_floor(targets), items, previous.fields,
+                       previous.profile)
 
 
 _NOT_DIGIT, _SPACE, _NOT_WORD = re.compile(r"\D"), re.compile(r"\s"), re.compile(r"[^\w ]")
@@ -295,12 +311,13 @@ def shingles(text: str) -> set[str]:
 
 
 def text_signals(text: str) -> dict[str, object]:
-    """A MinHash signature of the text's shingles and their count (for Jaccard and containment)."""
+    """A MinHash signature of the text's shingles and their count (for Jaccard and containment),
+    and its content profile (``indexing.profile``, for the OOD rule)."""
     grams = shingles(text)
     hashed = np.array([int.from_bytes(hashlib.blake2b(g.encode(), digest_size=4).digest(), "little") % _PRIME
                        for g in grams], dtype=np.uint64)
     signature = ((hashed[:, None] * _A[None, :] + _B[None, :]) % _PRIME).min(axis=0)
-    return {"minhash": [int(v) for v in signature], "shingles": len(grams)}
+    return {"minhash": [int(v) for v in signature], "shingles": len(grams), "profile": text_profile(text)}
 
 
 def compare_texts(a: Mapping[str, object], b: Mapping[str, object], cosine: float) -> str:
@@ -318,8 +335,9 @@ def compare_texts(a: Mapping[str, object], b: Mapping[str, object], cosine: floa
 
 
 def image_signals(image: Image.Image) -> dict[str, object]:
-    """An image's perceptual hashes (pHash and dHash, 64 bits each, as hex)."""
-    return {"phash": perceptual.phash(image), "dhash": perceptual.dhash(image)}
+    """An image's perceptual hashes (pHash and dHash, 64 bits each, as hex) and its content
+    profile (``indexing.profile``, for the OOD rule)."""
+    return {"phash": perceptual.phash(image), "dhash": perceptual.dhash(image), "profile": image_profile(image)}
 
 
 def is_image_signals(signals: Mapping[str, object]) -> bool:

@@ -20,6 +20,7 @@ from twinstream.indexing.calibration import (
     text_signals,
     warm_up_model,
 )
+from twinstream.indexing.profile import of_signals
 from twinstream.model.bundle import ModelBundle
 from twinstream.model.images import load_image
 from twinstream.v1 import decisions_pb2, items_pb2
@@ -121,8 +122,9 @@ def decide(item: items_pb2.EmbeddedItem, candidates: Sequence[Candidate], bundle
     Exact duplicates rest on the content hash, not the encoder, so they hold even for OOD
     items; OOD items are never forced into a (near-)match. With a collection ``calibration``
     its thresholds decide and OOD means "unlike this collection" (best neighbour below its
-    floor, or a record sharing none of the fields its pair model compares: ``foreign_record``;
-    nothing is refused during warm-up); the bundle's thresholds for the item's modality are only
+    floor, a text or image whose content profile is farther from the collection's than its
+    limit: ``profile_distance``, or a record sharing none of the fields its pair model compares:
+    ``foreign_record``; nothing is refused during warm-up); the bundle's thresholds for the item's modality are only
     the prior (warm-up) and decide alone without one. The decision carries them. ``signals``:
     the item's own (``item_signals``), where the caller has them.
     """
@@ -136,6 +138,7 @@ def decide(item: items_pb2.EmbeddedItem, candidates: Sequence[Candidate], bundle
                                                   ood=bundle.ood_threshold, ood_similarity=calibration.ood_floor)
         else:
             thresholds.ood_similarity = -math.inf
+    distance, thresholds.ood_profile = profile_distance(signals, calibration)
     decision = decisions_pb2.Decision(
         item_id=accepted.item.item_id,
         tenant=accepted.item.tenant,
@@ -148,6 +151,7 @@ def decide(item: items_pb2.EmbeddedItem, candidates: Sequence[Candidate], bundle
         decided_time_ms=decided_time_ms,
         modality=accepted.item.modality,
         cluster_id=accepted.item.item_id,
+        profile_distance=0.0 if math.isnan(distance) else distance,
     )
     scored = [c for c in ranked if not c.exact and not c.refused and not math.isnan(c.probability)]
     if calibration is not None:
@@ -176,6 +180,7 @@ def decide(item: items_pb2.EmbeddedItem, candidates: Sequence[Candidate], bundle
         refused = item.ood_score > bundle.ood_threshold
     else:
         refused = ((best is not None and best.score < thresholds.ood_similarity)
+                   or distance > thresholds.ood_profile
                    or (calibration.warm and foreign_record(signals, calibration.fields)))
     if refused:
         decision.kind = decisions_pb2.OUT_OF_DISTRIBUTION
@@ -222,18 +227,21 @@ def add_neighbour(decision: decisions_pb2.Decision, c: Candidate) -> None:
                             duplicate_probability=0.0 if math.isnan(c.probability) else c.probability)
 
 
-def observation(decision: decisions_pb2.Decision, candidates: Sequence[Candidate]) -> Observation | None:
+def observation(decision: decisions_pb2.Decision, candidates: Sequence[Candidate],
+                signals: Mapping[str, object] | None = None) -> Observation | None:
     """What a decided item tells its collection's calibration (``None``: nothing, for exact
-    duplicates and refused items): its best neighbour and its best from another cluster."""
+    duplicates and refused items): its best neighbour, its best from another cluster and its
+    content profile (from its ``signals``)."""
     if decision.kind in (decisions_pb2.EXACT_DUPLICATE, decisions_pb2.OUT_OF_DISTRIBUTION):
         return None
+    profile = of_signals(signals)
     near = sorted((c for c in candidates if not c.exact and not c.refused),
                   key=lambda c: (-c.score, c.ingest_time_ms, c.item_id))
     if not near:
-        return Observation(math.nan, math.nan)
+        return Observation(math.nan, math.nan, profile=profile)
     decoys = [c.score for c in near[1:] if c.cluster_id != near[0].cluster_id]
     return Observation(near[0].score, decoys[0] if decoys else math.nan,
-                       tuple(c.pattern for c in near if c.pattern))
+                       tuple(c.pattern for c in near if c.pattern), profile)
 
 
 CROWDED_NEIGHBOURS = 3  # an image cluster showing more of its members among an image's neighbours takes no more
@@ -350,3 +358,13 @@ def foreign_record(signals: Mapping[str, object] | None, model: FieldModel | Non
     if model is None or not isinstance(record, dict) or not record:
         return False
     return not {str(name) for name in record} & set(model.fields)
+
+
+def profile_distance(signals: Mapping[str, object] | None, calibration: Calibration | None) -> tuple[float, float]:
+    """The item's content-profile distance to its collection's reference and the limit it is
+    refused above (``indexing.profile``); (NaN, +inf) where none applies: no calibration, its
+    warm-up, no reference (records), or a profile of another kind than the reference's."""
+    if calibration is None or not calibration.warm or calibration.profile is None:
+        return math.nan, math.inf
+    distance = calibration.profile.distance(of_signals(signals))
+    return (distance, calibration.profile.limit) if not math.isnan(distance) else (math.nan, math.inf)

@@ -272,7 +272,7 @@ def plan_steps(group: Pending, triaged: Triage, reads: GroupReads,
                     earlier.cluster_id = winner
         batch_decisions.append(decision)
         out.append((index, decision, True))
-        observed_item = observation(decision, candidates)
+        observed_item = observation(decision, candidates, signals)
         if observed_item is not None:
             state.observe(observed_item)
     rows = {index: _row(pk, item, decision, signals)

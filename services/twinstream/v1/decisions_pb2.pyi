@@ -106,6 +106,7 @@ class Thresholds(_message.Message):
     MATCH_FIELD_NUMBER: _builtins.int
     OOD_FIELD_NUMBER: _builtins.int
     OOD_SIMILARITY_FIELD_NUMBER: _builtins.int
+    OOD_PROFILE_FIELD_NUMBER: _builtins.int
     duplicate: _builtins.float
     match: _builtins.float
     ood: _builtins.float
@@ -114,6 +115,10 @@ class Thresholds(_message.Message):
     """Collection-relative OOD: a best neighbour less similar than this is unlike the collection
     (-inf during warm-up: nothing refused).
     """
+    ood_profile: _builtins.float
+    """Collection-relative OOD by content: a profile distance above this is unlike the collection
+    (indexing/profile.py; +inf where no reference applies: records, warm-up, another kind of item).
+    """
     def __init__(
         self,
         *,
@@ -121,10 +126,11 @@ class Thresholds(_message.Message):
         match: _builtins.float = ...,
         ood: _builtins.float = ...,
         ood_similarity: _builtins.float = ...,
+        ood_profile: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "match", b"match", "ood", b"ood", "ood_similarity", b"ood_similarity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "match", b"match", "ood", b"ood", "ood_profile", b"ood_profile", "ood_similarity", b"ood_similarity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -186,6 +192,7 @@ class Decision(_message.Message):
     MODALITY_FIELD_NUMBER: _builtins.int
     MERGED_CLUSTERS_FIELD_NUMBER: _builtins.int
     CALIBRATION_FIELD_NUMBER: _builtins.int
+    PROFILE_DISTANCE_FIELD_NUMBER: _builtins.int
     item_id: _builtins.str
     tenant: _builtins.str
     collection: _builtins.str
@@ -203,6 +210,10 @@ class Decision(_message.Message):
     ingest_time_ms: _builtins.int
     decided_time_ms: _builtins.int
     modality: _items_pb2.Modality.ValueType
+    profile_distance: _builtins.float
+    """The item's content-profile distance to its collection's reference (indexing/profile.py),
+    refused above thresholds.ood_profile; 0 where none was measured (thresholds.ood_profile +inf).
+    """
     @_builtins.property
     def neighbours(self) -> _containers.RepeatedCompositeFieldContainer[Global___Neighbour]:
         """The top k candidates by cosine; the one named by duplicate_of is added last when they leave it out."""
@@ -240,10 +251,11 @@ class Decision(_message.Message):
         modality: _items_pb2.Modality.ValueType = ...,
         merged_clusters: _abc.Iterable[_builtins.str] | None = ...,
         calibration: Global___Calibration | None = ...,
+        profile_distance: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "model", b"model", "thresholds", b"thresholds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "cluster_id", b"cluster_id", "collection", b"collection", "content_hash", b"content_hash", "decided_time_ms", b"decided_time_ms", "duplicate_of", b"duplicate_of", "duplicate_probability", b"duplicate_probability", "ingest_time_ms", b"ingest_time_ms", "item_id", b"item_id", "kind", b"kind", "merged_clusters", b"merged_clusters", "modality", b"modality", "model", b"model", "neighbours", b"neighbours", "ood_score", b"ood_score", "score", b"score", "tenant", b"tenant", "thresholds", b"thresholds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "cluster_id", b"cluster_id", "collection", b"collection", "content_hash", b"content_hash", "decided_time_ms", b"decided_time_ms", "duplicate_of", b"duplicate_of", "duplicate_probability", b"duplicate_probability", "ingest_time_ms", b"ingest_time_ms", "item_id", b"item_id", "kind", b"kind", "merged_clusters", b"merged_clusters", "modality", b"modality", "model", b"model", "neighbours", b"neighbours", "ood_score", b"ood_score", "profile_distance", b"profile_distance", "score", b"score", "tenant", b"tenant", "thresholds", b"thresholds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -55,9 +55,9 @@ def test_the_hashes_are_imagehashs_phash_and_dhash() -> None:
         assert perceptual.dhash(image) == str(imagehash.dhash(image))
 
 
-def test_an_image_item_is_compared_on_its_perceptual_hashes() -> None:
+def test_an_image_item_is_compared_on_its_perceptual_hashes_and_profiled() -> None:
     signals = item_signals(image_item(jpeg(picture(1))))
-    assert signals is not None and set(signals) == {"phash", "dhash"}
+    assert signals is not None and set(signals) == {"phash", "dhash", "profile"}
     assert signals == item_signals(image_item(jpeg(picture(1))))  # deterministic: hashes compare across restarts
 
 

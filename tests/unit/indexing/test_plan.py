@@ -4,6 +4,7 @@ apply step (service.Indexer) on an in-memory store: both start nothing."""
 from __future__ import annotations
 
 import copy
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 
 from twinstream.common.kafka import Rejected
 from twinstream.common.vectorstore import decode_decision, encode_decision, row_key
-from twinstream.indexing.calibration import Calibration, CollectionState
+from twinstream.indexing.calibration import WARMUP_ITEMS, Calibration, CollectionState
 from twinstream.indexing.plan import (
     ClustersNeeded,
     CommandPlan,
@@ -24,10 +25,12 @@ from twinstream.indexing.plan import (
     plan_steps,
     triage,
 )
+from twinstream.indexing.profile import text_profile
 from twinstream.indexing.service import UNKNOWN_MODEL_VERSION, Indexer
 from twinstream.v1 import decisions_pb2, items_pb2
 
 from .conftest import TENANT, FakeCalibrations, FakeStore, MakeItem, MakeRecord, hit
+from .test_profile import code, prose, reference_state
 
 MakeGroup = Callable[[Sequence[items_pb2.EmbeddedItem]], Pending]
 WARM = Calibration(version=1, duplicate=0.9, match=0.7, ood_floor=0.5, fitted_on=100)
@@ -113,6 +116,20 @@ def test_an_item_unlike_a_warm_collection_is_out_of_distribution_and_joins_nothi
     assert decision.cluster_id == "odd" and result.merges == []
     assert result.state is None, "a refused item tells the calibration nothing"
 
+
+def test_a_text_unlike_the_collections_content_is_refused_and_a_kept_ones_profile_observed(
+        make_item: MakeItem, make_group: MakeGroup) -> None:
+    rng = random.Random(12)
+    state = reference_state([prose(rng) for _ in range(WARMUP_ITEMS)])
+    paragraph = prose(rng)
+    items = [make_item("code", content=code(rng), ingest_ms=1000),
+             make_item("prose", content=paragraph, ingest_ms=1001)]
+    near = hit(stored_row(make_item, "x"), 0.8)  # as close as the collection's own items: the cosine keeps both
+    result = plan(make_group(items), hits=[[near], [near]], state=state)
+    assert kinds(result)["code"] == decisions_pb2.OUT_OF_DISTRIBUTION
+    assert kinds(result)["prose"] != decisions_pb2.OUT_OF_DISTRIBUTION
+    assert result.state is not None and result.state.profiles[-1] == text_profile(paragraph)
+    assert len(result.state.profiles) == len(state.profiles) + 1  # the refused one left out
 
 def test_an_item_never_joins_an_out_of_distribution_neighbour(make_item: MakeItem,
                                                               make_group: MakeGroup) -> None:
