@@ -29,7 +29,7 @@ MAX_LAG = 30  # the stack's ingestion backpressure bound, low so a test can cros
 
 @pytest.fixture(scope="module")
 def faults(base_bundle: Path) -> Iterator[LocalStack]:
-    running = start_stack(base_bundle, "faults", prometheus=False, batch_size=16, extra_env={
+    running = start_stack(base_bundle, "stream-faults", prometheus=False, batch_size=16, extra_env={
         "TWINSTREAM_INGEST_MAX_LAG": str(MAX_LAG), "TWINSTREAM_LOOP_STALL_S": "5"})
     yield running
     running.stop()
