@@ -44,7 +44,20 @@ def test_a_fault_loses_duplicates_and_contradicts_nothing(fault_stack: LocalStac
     print(result)
     counts = (result.lost, result.duplicate_rows, result.contradicting, result.undecided)
     assert result.accepted == ITEMS, result.notes
-    assert counts == (0, 0, 0, 0), f"lost, duplicate rows, contradicting, undecided: {counts}"
+    assert counts == (0, 0, 0, 0), (f"lost, duplicate rows, contradicting, undecided: {counts}\n"
+                                    f"{stream_logs(fault_stack)}")
     assert result.recovery_s >= 0, "the stream did not finish within the bound"
     assert result.match_after, "Match did not answer after the fault"
     assert result.health_saw_outage, f"no health check of {FAULTS[fault]} showed the {fault} outage"
+
+
+def stream_logs(stack: LocalStack, lines: int = 25) -> str:
+    """The stream services' own recent log lines (not the Kafka client's), for a failure message:
+    CI shows the test output only, and the stack's log files go with its machine."""
+    tails = []
+    for service in ("ingestion", "embedding", "indexing"):
+        log_path = stack.processes[service].log_path
+        own = [line for line in log_path.read_text(errors="replace").splitlines()
+               if '"logger": "kafka.' not in line]
+        tails.append(f"--- {service} ({log_path}) ---\n" + "\n".join(own[-lines:]))
+    return "\n".join(tails)
