@@ -53,6 +53,13 @@ M = TypeVar("M", bound=Message)
 # The producer's request limit; a dead letter is cut down to fit well within it.
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
 MAX_DETAIL_CHARS = 4096
+# kafka-python 3.0's position() and commit() wait without end by default: position() of a
+# partition without one (after a rebalance) fetches its committed offset, retrying while the
+# coordinator is away. The loop's thread must not hang in either: a commit that times out is a
+# transient failure (the batch is retried, idempotently); a position read for the lag or the
+# fetch-stall check is skipped until the next turn.
+COMMIT_TIMEOUT_MS = 30_000
+POSITION_TIMEOUT_MS = 200
 
 
 @dataclass(frozen=True)
@@ -445,7 +452,7 @@ class ConsumeLoop:
             self.producer.flush(timeout=10)
             if self._uncommitted:  # the last async commit may still be on its way: repeat it
                 with contextlib.suppress(KafkaError):
-                    self.consumer.commit(dict(self._uncommitted))
+                    self.consumer.commit(dict(self._uncommitted), timeout_ms=COMMIT_TIMEOUT_MS)
         finally:
             self.consumer.close(autocommit=False)
             if self._owns_producer:
@@ -515,7 +522,7 @@ class ConsumeLoop:
             self._count(records, result)
             return
         try:
-            self.consumer.commit(offsets)
+            self.consumer.commit(offsets, timeout_ms=COMMIT_TIMEOUT_MS)
         except CommitFailedError:
             # The group rebalanced under us; the new owner re-processes this batch (idempotently).
             metrics.errors.labels("commit_failed").inc()
@@ -635,7 +642,7 @@ class ConsumeLoop:
         behind = False
         for tp in self.consumer.assignment():
             try:
-                high, position = self.consumer.highwater(tp), self.consumer.position(tp)
+                high, position = self.consumer.highwater(tp), self.consumer.position(tp, timeout_ms=POSITION_TIMEOUT_MS)
             except (KafkaError, IllegalStateError):
                 continue
             if high is not None and position is not None and position < high:
@@ -675,7 +682,7 @@ class ConsumeLoop:
         for tp in assigned:
             try:
                 high = self.consumer.highwater(tp)
-                position = self.consumer.position(tp)
+                position = self.consumer.position(tp, timeout_ms=POSITION_TIMEOUT_MS)
             except (KafkaError, IllegalStateError):
                 continue
             if high is None or position is None:

@@ -37,6 +37,13 @@ def record(partition: int, offset: int, value: bytes) -> ConsumerRecord:
                           len(value), -1)
 
 
+def bounded(timeout_ms: int | None) -> None:
+    """kafka-python 3.0's commit() and position() wait without end when given no timeout (while
+    the coordinator is away): the loop's thread must always bound them."""
+    if timeout_ms is None:
+        raise AssertionError("a consumer call without a timeout can hang the loop's thread")
+
+
 @dataclass
 class FakeConsumer:
     """Partition logs with positions, pause/resume, seek and commit, as KafkaConsumer does."""
@@ -82,7 +89,8 @@ class FakeConsumer:
     events: list[str] = field(default_factory=list)
     async_commit_error: Exception | None = None
 
-    def commit(self, offsets: dict[TopicPartition, Any]) -> None:
+    def commit(self, offsets: dict[TopicPartition, Any], timeout_ms: int | None = None) -> None:
+        bounded(timeout_ms)
         self.events.append("commit")
         for tp, meta in offsets.items():
             self.committed[tp] = meta.offset
@@ -101,7 +109,8 @@ class FakeConsumer:
     def highwater(self, tp: TopicPartition) -> int:
         return len(self.logs[tp.partition])
 
-    def position(self, tp: TopicPartition) -> int:
+    def position(self, tp: TopicPartition, timeout_ms: int | None = None) -> int:
+        bounded(timeout_ms)
         return self.positions[tp]
 
     def close(self, autocommit: bool = False) -> None:
@@ -325,7 +334,7 @@ def test_a_batch_whose_outputs_are_not_acknowledged_is_not_committed(make_loop: 
     loop, consumer, producer = make_loop(echo_unless(lambda v: None), {0: [b"a", b"b"]})
     producer.fail_with = KafkaTimeoutError("no ack")
     drive(loop, 1)
-    assert consumer.committed == {} and consumer.position(TopicPartition(TOPIC, 0)) == 0, \
+    assert consumer.committed == {} and consumer.positions[TopicPartition(TOPIC, 0)] == 0, \
         "not committed, and sought back for a retry"
     producer.fail_with = None
     drive(loop, 3)
