@@ -632,7 +632,8 @@ class ConsumeLoop:
 
     def _check_fetching(self) -> bool:
         """Whether an unpaused partition has had records waiting (position below its high
-        watermark) for ``loop_fetch_stall_s`` while every poll came back empty.
+        watermark), or no fetch answered at all (no high watermark), for ``loop_fetch_stall_s``
+        while every poll came back empty.
 
         kafka-python 3.0 can leave a partition unfetched for good after it was sought back,
         paused and resumed (seen after a Triton restart: lag 212, no fetch for minutes, the loop
@@ -645,7 +646,9 @@ class ConsumeLoop:
                 high, position = self.consumer.highwater(tp), self.consumer.position(tp, timeout_ms=POSITION_TIMEOUT_MS)
             except (KafkaError, IllegalStateError):
                 continue
-            if high is not None and position is not None and position < high:
+            # No high watermark yet: no fetch of it has been answered since it was assigned (a
+            # first answer takes under a second), which is as stuck as records that never come.
+            if position is not None and (high is None or position < high):
                 behind = True
                 break
         now = time.monotonic()
