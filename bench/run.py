@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import platform
 import shlex
@@ -227,9 +228,11 @@ def main(argv: list[str] | None = None, stack: LocalStack | None = None) -> int:
             entity_of = dict(zip(records_stream.ids, records_stream.entities, strict=True))
             served = encoders.get(Path(pipeline.bundle)).bundle
             stack_label = f"twinstream via the running stack ({served.name} v{served.version})"
-            result.rows.append(quality.twinstream_row(stack_label, quality.SHIPPED, pipeline.run.decisions,
-                                                      entity_of,
-                                                      served.for_modality(records_stream.modality).duplicate_threshold))
+            # The stack fits each collection as the replay does: its row is the fitted decision,
+            # with the duplicate threshold the last decision was made with.
+            last = pipeline.run.decisions[-1].thresholds.duplicate if pipeline.run.decisions else math.nan
+            result.rows.append(quality.twinstream_row(stack_label, quality.COLLECTION, pipeline.run.decisions,
+                                                      entity_of, last))
         data["quality"]["records"] = _rows_json(result)
         measure_ood("FEBRL3 records", labelled, records_stream)
 
