@@ -407,13 +407,26 @@ class StuckConsumer(FakeConsumer):
         self.closed = True
 
 
-def test_a_consumer_whose_polls_stay_empty_while_records_wait_is_made_again(settings: Settings) -> None:
-    stuck, fresh = StuckConsumer({0: [b"a", b"b"]}), FakeConsumer({0: [b"a", b"b"]})
+class UnfetchedConsumer(StuckConsumer):
+    """Assigned, with a position, but no fetch of it ever answered (no high watermark)."""
+
+    def highwater(self, tp: TopicPartition) -> int | None:  # type: ignore[override]
+        return None
+
+
+@pytest.mark.parametrize("stuck_kind, why", [
+    (StuckConsumer, "waiting records that never come are no progress"),
+    (UnfetchedConsumer, "a partition no fetch has answered for is no progress"),
+])
+def test_a_consumer_that_never_fetches_what_waits_is_made_again(settings: Settings, stuck_kind: type[StuckConsumer],
+                                                                 why: str) -> None:
+    stuck = stuck_kind({0: [b"a", b"b"]})
+    fresh = FakeConsumer({0: [b"a", b"b"]})
     loop = ConsumeLoop(settings.replace(loop={"fetch_stall_s": 0.0}), TOPIC,
                        echo_unless(lambda v: None), producer=Producer(FakeProducer), consumer=stuck,
                        consumer_factory=lambda: fresh)
     assert loop._poll_batch(threading.Event()) == []
-    assert loop._check_fetching(), "waiting records that never come are no progress"
+    assert loop._check_fetching(), why
     assert stuck.closed and loop.consumer is fresh
     drive(loop)
     assert fresh.committed == {TopicPartition(TOPIC, 0): 2}, "the new consumer processed them"
@@ -493,20 +506,3 @@ def test_polls_that_keep_failing_make_the_consumer_again(settings: Settings) -> 
     run_until_committed(loop, lambda: fresh, 1)
     assert gone.closed and loop.consumer is fresh
     assert fresh.committed == {TopicPartition(TOPIC, 0): 1}
-
-
-class UnfetchedConsumer(StuckConsumer):
-    """Assigned, with a position, but no fetch of it ever answered (no high watermark)."""
-
-    def highwater(self, tp: TopicPartition) -> int | None:  # type: ignore[override]
-        return None
-
-
-def test_a_consumer_whose_fetches_are_never_answered_is_made_again(settings: Settings) -> None:
-    unfetched, fresh = UnfetchedConsumer({0: [b"a"]}), FakeConsumer({0: [b"a"]})
-    loop = ConsumeLoop(settings.replace(loop={"fetch_stall_s": 0.0}), TOPIC,
-                       echo_unless(lambda v: None), producer=Producer(FakeProducer), consumer=unfetched,
-                       consumer_factory=lambda: fresh)
-    assert loop._poll_batch(threading.Event()) == []
-    assert loop._check_fetching(), "a partition no fetch has answered for is no progress"
-    assert unfetched.closed and loop.consumer is fresh
