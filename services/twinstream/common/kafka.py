@@ -402,10 +402,7 @@ class ConsumeLoop:
         ``loop_fetch_stall_s`` make the consumer again (it rejoins from the committed offsets)."""
         now = time.monotonic()
         self.metrics.errors.labels(type(exc).__name__).inc()
-        self._backoff = min(max(0.2, self._backoff * 2), self.settings.loop.max_backoff_s)
-        log.warning("poll failed; polling again", extra={"error": repr(exc), "retry_in_s": self._backoff})
-        if self._failing_since is None:
-            self._failing_since = now
+        log.warning("poll failed; polling again", extra={"error": repr(exc), "retry_in_s": self._back_off()})
         if self._poll_failing_since is None:
             self._poll_failing_since = now
         elif now - self._poll_failing_since >= self.settings.loop.fetch_stall_s:
@@ -581,12 +578,10 @@ class ConsumeLoop:
         """Seek the batch's partitions back, pause them and resume them after a backoff."""
         self.metrics.errors.labels(type(exc).__name__).inc()
         self.metrics.batch_retries.labels(kind).inc()
-        self._backoff = min(max(0.2, self._backoff * 2), self.settings.loop.max_backoff_s)
-        delay = self._backoff if retry_after_s is None else max(retry_after_s, 0.0)
+        backoff = self._back_off()
+        delay = backoff if retry_after_s is None else max(retry_after_s, 0.0)
         log.warning("batch failed; retrying it", exc_info=exc,
                     extra={"records": len(records), "kind": kind, "retry_in_s": delay})
-        if self._failing_since is None:
-            self._failing_since = time.monotonic()
         partitions = self._rewind(records)
         self.consumer.pause(*partitions)
         self.metrics.paused_partitions.set(len(self.consumer.paused()))
@@ -603,6 +598,18 @@ class ConsumeLoop:
     def _progressed(self) -> None:
         self._backoff = 0.0
         self._failing_since = None
+
+    def _no_progress(self) -> None:
+        """Start counting the time without progress (``_report_stall``), unless it already runs."""
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+
+    def _back_off(self) -> float:
+        """A failure: the next retry waits twice as long as the last (from 0.2 s, at most
+        ``loop_max_backoff_s``) and counts as no progress. Returns the new delay."""
+        self._backoff = min(max(0.2, self._backoff * 2), self.settings.loop.max_backoff_s)
+        self._no_progress()
+        return self._backoff
 
     def _report_stall(self) -> None:
         """Publish the no-progress time and flip health when it crosses ``loop_stall_s``."""
@@ -640,25 +647,17 @@ class ConsumeLoop:
         idle). Such a stall counts as no progress (health), and the consumer is closed and made
         again: it rejoins the group and resumes from the committed offsets (at-least-once).
         """
-        behind = False
-        for tp in self.consumer.assignment():
-            try:
-                high, position = self.consumer.highwater(tp), self.consumer.position(tp, timeout_ms=POSITION_TIMEOUT_MS)
-            except (KafkaError, IllegalStateError):
-                continue
-            # No high watermark yet: no fetch of it has been answered since it was assigned (a
-            # first answer takes under a second), which is as stuck as records that never come.
-            if position is not None and (high is None or position < high):
-                behind = True
-                break
+        # No high watermark yet: no fetch of it has been answered since it was assigned (a first
+        # answer takes under a second), which is as stuck as records that never come.
+        behind = any(position is not None and (high is None or position < high)
+                     for high, position in map(self._offsets, self.consumer.assignment()))
         now = time.monotonic()
         if not behind:
             self._behind_since = None
             return False
         if self._behind_since is None:
             self._behind_since = now
-        if self._failing_since is None:
-            self._failing_since = now
+        self._no_progress()
         if now - self._behind_since < self.settings.loop.fetch_stall_s:
             return True
         self.metrics.errors.labels("fetch_stalled").inc()
@@ -666,6 +665,14 @@ class ConsumeLoop:
         self._behind_since = None
         self._remake_consumer(f"records waited {stalled_s:.0f} s but no poll returned them")
         return True
+
+    def _offsets(self, tp: TopicPartition) -> tuple[int | None, int | None]:
+        """The partition's high watermark as of the last fetch and this consumer's position
+        (None where unknown, not assigned any more, or not known within ``POSITION_TIMEOUT_MS``)."""
+        try:
+            return self.consumer.highwater(tp), self.consumer.position(tp, timeout_ms=POSITION_TIMEOUT_MS)
+        except (KafkaError, IllegalStateError):
+            return None, None
 
     def _update_lag(self) -> None:
         """Lag = high watermark - position, from the fetch responses' high watermarks.
@@ -683,11 +690,7 @@ class ConsumeLoop:
                 self.metrics.consumer_lag.remove(lost.topic, str(lost.partition))
         self._lag_partitions = assigned
         for tp in assigned:
-            try:
-                high = self.consumer.highwater(tp)
-                position = self.consumer.position(tp, timeout_ms=POSITION_TIMEOUT_MS)
-            except (KafkaError, IllegalStateError):
-                continue
+            high, position = self._offsets(tp)
             if high is None or position is None:
                 continue  # no fetch for this partition yet
             lag = max(0, high - position)
