@@ -20,6 +20,7 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -101,9 +102,14 @@ class ProfileReference:
         does not fit the reference: another kind of item or another feature set)."""
         if len(profile) != len(self.center) or not self.profiles:
             return math.nan
-        stored = _scaled(np.asarray(self.profiles, dtype=np.float64), self.center, self.scale)
         own = _scaled(np.asarray([profile], dtype=np.float64), self.center, self.scale)
-        return kth_distance(_norm(stored - own))
+        return kth_distance(_norm(self._scaled_profiles - own))
+
+    @cached_property
+    def _scaled_profiles(self) -> np.ndarray:
+        """The reference's profiles scaled once: every text or image item of the collection is
+        measured against them until the next fit."""
+        return _scaled(np.asarray(self.profiles, dtype=np.float64), self.center, self.scale)
 
     def to_json(self) -> dict[str, object]:
         return {"center": list(self.center), "scale": list(self.scale),
