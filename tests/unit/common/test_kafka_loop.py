@@ -106,7 +106,7 @@ class FakeConsumer:
             self.committed[tp] = meta.offset
         callback(offsets, None)
 
-    def highwater(self, tp: TopicPartition) -> int:
+    def highwater(self, tp: TopicPartition) -> int | None:
         return len(self.logs[tp.partition])
 
     def position(self, tp: TopicPartition, timeout_ms: int | None = None) -> int:
@@ -410,7 +410,7 @@ class StuckConsumer(FakeConsumer):
 class UnfetchedConsumer(StuckConsumer):
     """Assigned, with a position, but no fetch of it ever answered (no high watermark)."""
 
-    def highwater(self, tp: TopicPartition) -> int | None:  # type: ignore[override]
+    def highwater(self, tp: TopicPartition) -> int | None:
         return None
 
 
