@@ -46,7 +46,13 @@ import numpy as np
 from PIL import Image
 
 from twinstream.indexing import perceptual
-from twinstream.indexing.profile import ProfileReference, fit_reference, image_profile, text_profile
+from twinstream.indexing.profile import (
+    IMAGE_LIMIT_RATIO,
+    ProfileReference,
+    fit_reference,
+    image_profile,
+    text_profile,
+)
 
 WARMUP_ITEMS = 50
 WINDOW = 2048  # observations kept (a persisted state stays under Milvus's 64 KiB string)
@@ -200,7 +206,9 @@ class CollectionState:
         self.calibration = fit(self.best, self.decoy, self.items, self.calibration)
         if sum(self.patterns.values()) >= MIN_PATTERNS:
             self.calibration = replace(self.calibration, fields=fit_fields(self.patterns, self.fields))
-        self.calibration = replace(self.calibration, profile=fit_reference(self.profiles))
+        images = self.fields == list(IMAGE_SIGNALS)
+        self.calibration = replace(self.calibration, profile=fit_reference(
+            self.profiles, IMAGE_LIMIT_RATIO if images else math.inf))
         return True
 
     def to_json(self) -> str:

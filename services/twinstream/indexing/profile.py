@@ -32,11 +32,14 @@ K = 5  # the distance to the K-th nearest reference profile: K - 1 accepted look
 MIN_REFERENCE = 40  # profiles a reference needs before it refuses anything
 LIMIT_QUANTILE = 0.9  # robust: the limit holds until a tenth of the reference is foreign
 LIMIT_MARGIN = 3.0  # the limit sits this many (q90 - median) spreads above the q90 (2.5 refused a real copy)
+IMAGE_LIMIT_RATIO = 1.25  # an image reference's limit: at most this times its largest leave-one-out distance
 MIN_LIMIT = 0.5  # never below: within half a scaled unit of its K-th neighbour nothing is foreign
 CLIP = 16.0  # a feature's scaled deviation counts at most this much (a zero-spread feature stays finite)
 MIN_SCALE = 0.02  # the floor of a feature's scale (features are shares or logs of order one)
 _CODE_CHARS = frozenset("(){}[]=_:;<>*/\\|&%#@")
 THUMB = 256
+ROWS_SIDE = 1024  # blank rows are looked for at up to this many pixels on the long side
+DARK = 0.6  # grey level (0-1) below which a pixel is dark: a stroke, not background
 
 
 def text_profile(text: str) -> list[float]:
@@ -64,12 +67,16 @@ def text_profile(text: str) -> list[float]:
 
 def image_profile(image: Image.Image) -> list[float]:
     """Of a ``THUMB``-pixel square thumbnail: the near-white share, mean saturation, grey-level
-    entropy (of 32 levels, in units of its maximum) and the share of horizontally adjacent
-    pixels that change between light and dark (strokes: high on a page of text, low on photos
-    and icons). Chosen by measurement over a wider set (near-black share, colourfulness,
-    distinct colours, edge density, aspect ratio): these four kept every in-distribution image
-    and separated rendered text pages best (docs/calibration.md)."""
-    thumb = image.convert("RGB").resize((THUMB, THUMB), Image.Resampling.BILINEAR)
+    entropy (of 32 levels, in units of its maximum), the share of horizontally adjacent pixels
+    that change between light and dark (strokes) and the mean grey level; of the image at up to
+    ``ROWS_SIDE`` pixels: the share of its rows without a dark pixel (a page's margins and line
+    gaps; a photo has almost none). Brightness and blank rows tell a white page from the dark,
+    flat photos that the first four put beside it. Chosen by measurement over a wider set
+    (near-black share, colourfulness, distinct colours, edge density, ink share, text-line
+    changes, row periodicity, aspect ratio): these six kept every in-distribution image and
+    separated rendered text pages best (docs/calibration.md)."""
+    rgb_image = image.convert("RGB")
+    thumb = rgb_image.resize((THUMB, THUMB), Image.Resampling.BILINEAR)
     rgb = np.asarray(thumb, dtype=np.float64) / 255.0
     grey = rgb @ np.array([0.299, 0.587, 0.114])
     red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
@@ -77,14 +84,28 @@ def image_profile(image: Image.Image) -> list[float]:
     saturation = (high - low) / np.maximum(high, 1e-9)  # 0 where black (high 0)
     histogram = np.bincount(np.minimum((grey * 32).astype(np.int64), 31).ravel(), minlength=32) / grey.size
     present = histogram[histogram > 0]
-    dark = grey < 0.6
+    dark = grey < DARK
     values = (
         float(np.mean(low > 0.92)),
         float(saturation.mean()),
         -float(np.sum(present * np.log2(present))) / 5.0,
         float(np.mean(dark[:, 1:] != dark[:, :-1])),
+        float(grey.mean()),
+        blank_row_share(rgb_image),
     )
     return [round(v, DIGITS) for v in values]
+
+
+def blank_row_share(image: Image.Image) -> float:
+    """The share of the image's rows (at most ``ROWS_SIDE`` pixels on its long side, so a page's
+    thin strokes stay dark, unlike in the thumbnail) without a pixel darker than ``DARK``."""
+    grey = image.convert("L")
+    if max(grey.size) > ROWS_SIDE:
+        ratio = ROWS_SIDE / max(grey.size)
+        grey = grey.resize((max(1, round(grey.width * ratio)), max(1, round(grey.height * ratio))),
+                           Image.Resampling.BILINEAR)
+    rows_dark = (np.asarray(grey, dtype=np.float64) / 255.0 < DARK).any(axis=1)
+    return float(np.mean(~rows_dark))
 
 
 @dataclass(frozen=True)
@@ -141,12 +162,19 @@ def kth_distance(distances: np.ndarray, k: int = K) -> float:
     return float(np.partition(distances, min(k, len(distances)) - 1)[min(k, len(distances)) - 1])
 
 
-def fit_reference(profiles: Sequence[Sequence[float]]) -> ProfileReference | None:
+def fit_reference(profiles: Sequence[Sequence[float]], max_ratio: float = math.inf) -> ProfileReference | None:
     """The reference of a collection's accepted items' profiles, those of the most common length
     (``None``: fewer than ``MIN_REFERENCE``). Scale: 1.4826 MAD, else the mean absolute
     deviation (a feature most items share exactly), floored at ``MIN_SCALE``. Limit: the
     leave-one-out distances' ``LIMIT_QUANTILE`` plus ``LIMIT_MARGIN`` times its distance above
-    their median, at least ``MIN_LIMIT``."""
+    their median, at most ``max_ratio`` times their largest, at least ``MIN_LIMIT``.
+
+    ``max_ratio`` (images: ``IMAGE_LIMIT_RATIO``): a young, varied collection's quantiles are far
+    apart, and the margin above them can reach twice the farthest any of its items lies from its
+    neighbours, where rendered text pages sat among photos. The cap holds no foreign item in: one
+    accepted foreign item raises the largest distance, and the quantile rule decides again. Text
+    keeps no cap (``inf``): real copies of its later paragraphs lay beyond the reference's largest
+    distance (docs/calibration.md)."""
     if not profiles:
         return None
     size = Counter(len(p) for p in profiles).most_common(1)[0][0]
@@ -164,8 +192,8 @@ def fit_reference(profiles: Sequence[Sequence[float]]) -> ProfileReference | Non
     np.fill_diagonal(pairwise, np.inf)  # leave one out
     loo = np.asarray([kth_distance(row) for row in pairwise])
     high, mid = np.quantile(loo, [LIMIT_QUANTILE, 0.5])
-    limit = round(max(MIN_LIMIT, float(high + LIMIT_MARGIN * (high - mid))), 6)
-    return ProfileReference(center_t, scale_t, tuple(kept), limit)
+    limit = min(float(high + LIMIT_MARGIN * (high - mid)), max_ratio * float(loo.max()))
+    return ProfileReference(center_t, scale_t, tuple(kept), round(max(MIN_LIMIT, limit), 6))
 
 
 def of_signals(signals: Mapping[str, object] | None) -> tuple[float, ...]:

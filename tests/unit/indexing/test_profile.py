@@ -7,11 +7,19 @@ import json
 import math
 import random
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageEnhance
 
-from twinstream.indexing.calibration import WARMUP_ITEMS, CollectionState, Observation, text_signals
+from twinstream.indexing.calibration import WARMUP_ITEMS, CollectionState, Observation, image_signals, text_signals
 from twinstream.indexing.decide import Candidate, decide, item_signals, observation
-from twinstream.indexing.profile import K, ProfileReference, fit_reference, image_profile, of_signals, text_profile
+from twinstream.indexing.profile import (
+    IMAGE_LIMIT_RATIO,
+    K,
+    ProfileReference,
+    fit_reference,
+    image_profile,
+    of_signals,
+    text_profile,
+)
 from twinstream.v1 import decisions_pb2, items_pb2
 
 from .test_decide import BUNDLE, embedded
@@ -64,6 +72,25 @@ def page(seed: int) -> Image.Image:
     return image
 
 
+def dark_photo(seed: int) -> Image.Image:
+    """A dark, flat, colourless picture (a night sky, a moon on black): few grey levels, no background."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", (120, 100))
+    image.putdata([(v, v, v) for v in (max(0, min(255, 20 + (x + y) // 12 + rng.randint(-8, 8)))
+                                       for y in range(100) for x in range(120))])
+    return image
+
+
+def sparse_page(seed: int) -> Image.Image:
+    """A page with a few short lines of small grey-black text, mostly blank (a short snippet on a page)."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", (420, 594), "white")
+    draw = ImageDraw.Draw(image)
+    for y in range(30, 30 + 14 * rng.randint(3, 8), 14):
+        draw.text((30, y), code(rng).splitlines()[-1][:40], fill="black")
+    return image
+
+
 def reference_state(texts: list[str]) -> CollectionState:
     """A text collection that accepted ``texts`` (best neighbours around 0.8: above its floor)."""
     state = CollectionState()
@@ -88,10 +115,59 @@ def test_code_and_prose_have_different_text_profiles() -> None:
 
 def test_a_page_of_text_has_another_image_profile_than_a_photo() -> None:
     picture, text = image_profile(photo(3)), image_profile(page(3))
-    white, saturation, _, strokes = range(4)
+    white, saturation, _, strokes, brightness, blank_rows = range(6)
     assert text[white] > 0.7 > picture[white]
     assert text[saturation] == 0.0 < picture[saturation]
     assert text[strokes] > picture[strokes]
+    assert text[brightness] > 0.8 > picture[brightness]
+    assert text[blank_rows] > 0.2 and picture[blank_rows] == 0.0  # line gaps and margins
+
+
+def test_a_sparse_page_is_told_from_a_dark_flat_photo_by_brightness_and_blank_rows() -> None:
+    # both are colourless, of few grey levels and (at the thumbnail) almost without strokes
+    night, text = image_profile(dark_photo(1)), image_profile(sparse_page(1))
+    _, saturation, entropy, _, brightness, blank_rows = range(6)
+    assert night[saturation] == text[saturation] == 0.0 and abs(night[entropy] - text[entropy]) < 0.3
+    assert text[brightness] > 0.9 > 0.2 > night[brightness]
+    assert text[blank_rows] > 0.8 > 0.0 == night[blank_rows]
+
+
+def image_state(images: list[Image.Image]) -> CollectionState:
+    """An image collection that accepted ``images`` (best neighbours above its floor)."""
+    state = CollectionState()
+    for k, image in enumerate(images):
+        signals = image_signals(image)
+        state.field_names(signals)
+        state.observe(Observation(0.7 + 0.2 * (k % 10) / 10, 0.5, (), of_signals(signals)))
+    return state
+
+
+def test_an_image_collection_refuses_a_page_that_its_dark_flat_photos_stand_beside() -> None:
+    state = image_state([photo(k) if k % 4 else dark_photo(k) for k in range(WARMUP_ITEMS)])
+    reference = state.calibration.profile
+    assert reference is not None
+    assert all(reference.distance(image_profile(sparse_page(k))) > reference.limit for k in range(10))
+    kept = [photo(k) for k in range(100, 130)] + [dark_photo(k) for k in range(100, 110)]
+    assert all(reference.distance(image_profile(image)) <= reference.limit for image in kept)
+
+
+def varied(seed: int, brighter: float = 1.0) -> Image.Image:
+    """``photo(seed)`` of another colourfulness and brightness (``brighter``: a copy's change)."""
+    image = ImageEnhance.Color(photo(seed)).enhance((seed % 5) / 4)
+    return ImageEnhance.Brightness(image).enhance((0.4 + (seed % 7) / 6) * brighter)
+
+
+def test_an_image_references_limit_stays_within_a_quarter_beyond_its_farthest_item() -> None:
+    # a young collection: 8 pictures with 4 copies each, and 10 pictures alone
+    images = [varied(k, 1 + 0.03 * j) for k in range(8) for j in range(5)] + [varied(100 + k) for k in range(10)]
+    profiles = [image_profile(image) for image in images]
+    uncapped, capped = fit_reference(profiles), fit_reference(profiles, IMAGE_LIMIT_RATIO)
+    assert uncapped is not None and capped is not None
+    assert capped.limit < 0.8 * uncapped.limit  # the quantile rule's margin reached far beyond the items
+    assert max(capped.distance(p) for p in profiles) < capped.limit  # its own items stay within
+    assert image_state(images).calibration.profile == capped  # an image collection fits with the cap
+    texts = reference_state([prose(random.Random(k)) for k in range(WARMUP_ITEMS)])
+    assert texts.calibration.profile == fit_reference(texts.profiles)  # text keeps the quantile rule
 
 
 def test_items_carry_their_profile_in_their_signals() -> None:
