@@ -144,6 +144,9 @@ class OodResult:
     # the content-profile distance, where one was measured (text, images after the warm-up); NaN: none
     auroc_profile: float = math.nan
     foreign_refused_by_profile_share: float = math.nan
+    foreign_refused: int = 0
+    foreign_profiled: int = 0  # foreign items decided while a profile reference was in force (after its fit)
+    collections: int = 1  # collections pooled in this result (``pooled``)
 
 
 def measure(label: str, encoder: ItemEncoder, stream: Stream, seed: int, share: float = SHARE) -> OodResult:
@@ -173,4 +176,20 @@ def measure(label: str, encoder: ItemEncoder, stream: Stream, seed: int, share: 
                      auroc(best[scored & ~is_foreign], alone),
                      # a higher distance is more foreign: negated for ``auroc``'s lower-is-foreign
                      auroc(-distance[profiled & ~is_foreign], -distance[profiled & is_foreign]),
-                     float(by_profile[is_foreign].mean()) if profiled[is_foreign].any() else math.nan)
+                     float(by_profile[is_foreign].mean()) if profiled[is_foreign].any() else math.nan,
+                     int(refused[is_foreign].sum()), int(profiled[is_foreign].sum()))
+
+
+def pooled(results: Sequence[OodResult]) -> OodResult:
+    """Several collections' results as one: counts summed, shares over the pooled items; AUROCs,
+    which do not pool across collections' references, NaN."""
+    first = results[0]
+    items, foreign = sum(r.items for r in results), sum(r.foreign for r in results)
+    inside_refused, refused = sum(r.inside_refused for r in results), sum(r.foreign_refused for r in results)
+    profiled = sum(r.foreign_profiled for r in results)
+    by_profile = sum(r.foreign_refused_by_profile_share * r.foreign for r in results if r.foreign_profiled)
+    alone = sum(r.foreign_refused_alone_share * r.foreign for r in results if r.foreign)
+    return OodResult(first.bundle, first.foreign_kind, items, foreign, inside_refused,
+                     inside_refused / max(1, items), refused / foreign if foreign else math.nan,
+                     math.nan, alone / foreign if foreign else math.nan, math.nan, math.nan,
+                     by_profile / foreign if profiled else math.nan, refused, profiled, len(results))

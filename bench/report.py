@@ -144,10 +144,19 @@ def _ood_md(ood: dict[str, Any]) -> list[str]:
                      "AUROC alone"],
                     [[name, r["bundle"], f"{r['foreign']} {r['foreign_kind']}",
                       f"{r['inside_refused']} of {r['items']} ({_pct(r['inside_refused_share'])})",
-                      _pct(r["foreign_refused_share"]), _num(r["auroc"]), _num(r.get("auroc_profile")),
+                      _foreign_refused(r), _num(r["auroc"]), _num(r.get("auroc_profile")),
                       _pct(r.get("foreign_refused_by_profile_share")), _pct(r["foreign_refused_alone_share"]),
                       _num(r["auroc_alone"])] for name, r in ood.items()])
     return lines
+
+
+def _foreign_refused(r: dict[str, Any]) -> str:
+    """The share of foreign items refused; with its counts where the result has them (how many
+    met a profile reference: the rest came during the collection's warm-up)."""
+    share = _pct(r["foreign_refused_share"])
+    if "foreign_profiled" not in r:
+        return share
+    return f"{share} ({r['foreign_refused']} of {r['foreign']}; {r['foreign_profiled']} after the reference's fit)"
 
 
 def _runtimes_md(runtimes: dict[str, Any] | None) -> list[str]:

@@ -176,3 +176,21 @@ def test_code_into_a_records_collection_is_measured_through_the_replay(base_bund
     assert "## OOD relative to the collection" in lines and "| unseen books | base | 8 Python" in lines
     found = report.problems({"ood": {"books": {**dataclasses.asdict(result), "foreign_refused_share": 2.0}}})
     assert "ood.books.foreign_refused_share = 2.0 is not in [0, 1]" in found
+
+
+def test_pooled_ood_results_sum_counts_and_weigh_shares_by_items() -> None:
+    small = ood.OodResult("img", "pages", items=40, foreign=2, inside_refused=0, inside_refused_share=0.0,
+                          foreign_refused_share=0.0, auroc=0.5, foreign_refused_alone_share=0.0, auroc_alone=0.5,
+                          foreign_refused=0, foreign_profiled=0)  # both pages came during the warm-up
+    large = ood.OodResult("img", "pages", items=60, foreign=4, inside_refused=1, inside_refused_share=1 / 60,
+                          foreign_refused_share=0.75, auroc=0.9, foreign_refused_alone_share=0.75, auroc_alone=0.9,
+                          auroc_profile=1.0, foreign_refused_by_profile_share=0.75, foreign_refused=3,
+                          foreign_profiled=4)
+    both = ood.pooled([small, large])
+    assert (both.items, both.foreign, both.inside_refused, both.foreign_refused) == (100, 6, 1, 3)
+    assert (both.foreign_profiled, both.collections) == (4, 2)
+    assert both.inside_refused_share == 0.01 and both.foreign_refused_share == 0.5
+    assert both.foreign_refused_by_profile_share == 0.5 and both.foreign_refused_alone_share == 0.5
+    assert math.isnan(both.auroc) and math.isnan(both.auroc_profile)  # references differ: no pooled AUROC
+    lines = "\n".join(report._ood_md({"photos pooled": dataclasses.asdict(both)}))
+    assert "50.0% (3 of 6; 4 after the reference's fit)" in lines

@@ -32,7 +32,7 @@ K = 5  # the distance to the K-th nearest reference profile: K - 1 accepted look
 MIN_REFERENCE = 40  # profiles a reference needs before it refuses anything
 LIMIT_QUANTILE = 0.9  # robust: the limit holds until a tenth of the reference is foreign
 LIMIT_MARGIN = 3.0  # the limit sits this many (q90 - median) spreads above the q90 (2.5 refused a real copy)
-IMAGE_LIMIT_RATIO = 1.25  # an image reference's limit: at most this times its largest leave-one-out distance
+IMAGE_LIMIT_RATIO = 1.25  # an image reference's limit: at most this times its 2nd-largest leave-one-out distance
 MIN_LIMIT = 0.5  # never below: within half a scaled unit of its K-th neighbour nothing is foreign
 CLIP = 16.0  # a feature's scaled deviation counts at most this much (a zero-spread feature stays finite)
 MIN_SCALE = 0.02  # the floor of a feature's scale (features are shares or logs of order one)
@@ -167,12 +167,13 @@ def fit_reference(profiles: Sequence[Sequence[float]], max_ratio: float = math.i
     (``None``: fewer than ``MIN_REFERENCE``). Scale: 1.4826 MAD, else the mean absolute
     deviation (a feature most items share exactly), floored at ``MIN_SCALE``. Limit: the
     leave-one-out distances' ``LIMIT_QUANTILE`` plus ``LIMIT_MARGIN`` times its distance above
-    their median, at most ``max_ratio`` times their largest, at least ``MIN_LIMIT``.
+    their median, at most ``max_ratio`` times their second largest, at least ``MIN_LIMIT``.
 
     ``max_ratio`` (images: ``IMAGE_LIMIT_RATIO``): a young, varied collection's quantiles are far
-    apart, and the margin above them can reach twice the farthest any of its items lies from its
-    neighbours, where rendered text pages sat among photos. The cap holds no foreign item in: one
-    accepted foreign item raises the largest distance, and the quantile rule decides again. Text
+    apart, and the margin above them reached twice as far as any of its items lies from its
+    neighbours, where rendered text pages sat among photos. The second largest, not the largest:
+    one odd item of the collection (a white crop among photos) does not set the cap alone, nor
+    does one foreign item accepted earlier; past two, the quantile rule decides again. Text
     keeps no cap (``inf``): real copies of its later paragraphs lay beyond the reference's largest
     distance (docs/calibration.md)."""
     if not profiles:
@@ -192,7 +193,7 @@ def fit_reference(profiles: Sequence[Sequence[float]], max_ratio: float = math.i
     np.fill_diagonal(pairwise, np.inf)  # leave one out
     loo = np.asarray([kth_distance(row) for row in pairwise])
     high, mid = np.quantile(loo, [LIMIT_QUANTILE, 0.5])
-    limit = min(float(high + LIMIT_MARGIN * (high - mid)), max_ratio * float(loo.max()))
+    limit = min(float(high + LIMIT_MARGIN * (high - mid)), max_ratio * float(np.sort(loo)[-2]))
     return ProfileReference(center_t, scale_t, tuple(kept), round(max(MIN_LIMIT, limit), 6))
 
 

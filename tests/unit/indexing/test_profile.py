@@ -157,14 +157,15 @@ def varied(seed: int, brighter: float = 1.0) -> Image.Image:
     return ImageEnhance.Brightness(image).enhance((0.4 + (seed % 7) / 6) * brighter)
 
 
-def test_an_image_references_limit_stays_within_a_quarter_beyond_its_farthest_item() -> None:
+def test_an_image_references_limit_stays_within_a_quarter_beyond_its_second_farthest_item() -> None:
     # a young collection: 8 pictures with 4 copies each, and 10 pictures alone
     images = [varied(k, 1 + 0.03 * j) for k in range(8) for j in range(5)] + [varied(100 + k) for k in range(10)]
     profiles = [image_profile(image) for image in images]
     uncapped, capped = fit_reference(profiles), fit_reference(profiles, IMAGE_LIMIT_RATIO)
     assert uncapped is not None and capped is not None
     assert capped.limit < 0.8 * uncapped.limit  # the quantile rule's margin reached far beyond the items
-    assert max(capped.distance(p) for p in profiles) < capped.limit  # its own items stay within
+    own = sorted(capped.distance(p) for p in profiles)
+    assert own[-2] < capped.limit  # its own items stay within, but for its one farthest
     assert image_state(images).calibration.profile == capped  # an image collection fits with the cap
     texts = reference_state([prose(random.Random(k)) for k in range(WARMUP_ITEMS)])
     assert texts.calibration.profile == fit_reference(texts.profiles)  # text keeps the quantile rule
