@@ -138,7 +138,9 @@ def _ood_md(ood: dict[str, Any]) -> list[str]:
              "of the collection's fields are refused too). AUROC: of the cosine; *profile AUROC*: of the profile "
              "distance (after the warm-up). *Alone*: each foreign item's cosine against the earlier "
              "in-distribution items only (as if it were the first of its kind) and the floor in force, or its "
-             "profile distance above the limit.", ""]
+             "profile distance above the limit. *Pooled*: one collection's stream per seed (from `--seed`), "
+             "each measured alone and the counts summed (AUROCs, of different references, are not pooled); "
+             "foreign items before a reference's first fit (the warm-up) are not refused by design.", ""]
     lines += _table(["collection", "bundle", "foreign items", "in-distribution refused", "foreign refused",
                      "AUROC", "profile AUROC", "refused by the profile", "foreign refused alone",
                      "AUROC alone"],
@@ -151,12 +153,13 @@ def _ood_md(ood: dict[str, Any]) -> list[str]:
 
 
 def _foreign_refused(r: dict[str, Any]) -> str:
-    """The share of foreign items refused; with its counts where the result has them (how many
-    met a profile reference: the rest came during the collection's warm-up)."""
+    """The share of foreign items refused, with its counts where the result has them and how many
+    met a profile reference (text, images: the others came during the collection's warm-up)."""
     share = _pct(r["foreign_refused_share"])
     if "foreign_profiled" not in r:
         return share
-    return f"{share} ({r['foreign_refused']} of {r['foreign']}; {r['foreign_profiled']} after the reference's fit)"
+    met = f"; {r['foreign_profiled']} met a profile reference" if r["foreign_profiled"] else ""
+    return f"{share} ({r['foreign_refused']} of {r['foreign']}{met})"
 
 
 def _runtimes_md(runtimes: dict[str, Any] | None) -> list[str]:

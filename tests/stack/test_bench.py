@@ -193,4 +193,4 @@ def test_pooled_ood_results_sum_counts_and_weigh_shares_by_items() -> None:
     assert both.foreign_refused_by_profile_share == 0.5 and both.foreign_refused_alone_share == 0.5
     assert math.isnan(both.auroc) and math.isnan(both.auroc_profile)  # references differ: no pooled AUROC
     lines = "\n".join(report._ood_md({"photos pooled": dataclasses.asdict(both)}))
-    assert "50.0% (3 of 6; 4 after the reference's fit)" in lines
+    assert "50.0% (3 of 6; 4 met a profile reference)" in lines
