@@ -199,11 +199,17 @@ def main(argv: list[str] | None = None, stack: LocalStack | None = None) -> int:
     records_stream = datasets.febrl3_stream(sizes.items, args.seed)
     pipeline: speed.PipelineResult | None = None
 
-    def measure_ood(collection: str, labelled: Sequence[tuple[str, Path]], stream: Stream) -> None:
-        """OOD relative to the collection, with the first bundle measured on it (a separate replay)."""
-        if labelled:
-            label, bundle = labelled[0]
-            data["ood"][collection] = asdict(ood.measure(label, encoders.get(bundle), stream, args.seed))
+    def measure_ood(collection: str | None, labelled: Sequence[tuple[str, Path]], stream: Stream,
+                    seed: int | None = None) -> ood.OodResult | None:
+        """OOD relative to the collection, with the first bundle measured on it (a separate replay);
+        recorded under ``collection`` unless that is None."""
+        if not labelled:
+            return None
+        label, bundle = labelled[0]
+        result = ood.measure(label, encoders.get(bundle), stream, args.seed if seed is None else seed)
+        if collection is not None:
+            data["ood"][collection] = asdict(result)
+        return result
 
     def section(name: str, body: Callable[[], None]) -> None:
         if name in args.skip:
@@ -254,15 +260,13 @@ def main(argv: list[str] | None = None, stack: LocalStack | None = None) -> int:
         streams = datasets.image_streams(sizes.image_items, args.seed, exclude)
         labelled = [("twinstream trained (image bundle)", bundles.image)] if bundles.image else []
         data["quality"]["images"] = _rows_json(quality.image_quality(streams, labelled, encoders))
-        if not labelled:
+        first = measure_ood("photo copies", labelled, streams.test)
+        if first is None:
             return
-        label, bundle = labelled[0]
-        results = [ood.measure(label, encoders.get(bundle), streams.test, args.seed)]
-        data["ood"]["photo copies"] = asdict(results[0])
         # one photo stream holds 40-75 items and 2-4 pages: pooled over more seeds too
-        seeds = range(args.seed + 1, args.seed + PHOTO_OOD_SEEDS)
-        results += [ood.measure(label, encoders.get(bundle),
-                                datasets.image_streams(sizes.image_items, seed, exclude).test, seed) for seed in seeds]
+        more = (measure_ood(None, labelled, datasets.image_streams(sizes.image_items, seed, exclude).test, seed)
+                for seed in range(args.seed + 1, args.seed + PHOTO_OOD_SEEDS))
+        results = [first, *(r for r in more if r is not None)]
         data["ood"][f"photo copies, {len(results)} seeds pooled"] = asdict(ood.pooled(results))
 
     def do_unseen() -> None:

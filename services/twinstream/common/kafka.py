@@ -402,7 +402,8 @@ class ConsumeLoop:
         ``loop_fetch_stall_s`` make the consumer again (it rejoins from the committed offsets)."""
         now = time.monotonic()
         self.metrics.errors.labels(type(exc).__name__).inc()
-        log.warning("poll failed; polling again", extra={"error": repr(exc), "retry_in_s": self._back_off()})
+        delay = self._back_off()
+        log.warning("poll failed; polling again", extra={"error": repr(exc), "retry_in_s": delay})
         if self._poll_failing_since is None:
             self._poll_failing_since = now
         elif now - self._poll_failing_since >= self.settings.loop.fetch_stall_s:

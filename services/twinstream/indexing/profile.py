@@ -193,7 +193,9 @@ def fit_reference(profiles: Sequence[Sequence[float]], max_ratio: float = math.i
     np.fill_diagonal(pairwise, np.inf)  # leave one out
     loo = np.asarray([kth_distance(row) for row in pairwise])
     high, mid = np.quantile(loo, [LIMIT_QUANTILE, 0.5])
-    limit = min(float(high + LIMIT_MARGIN * (high - mid)), max_ratio * float(np.sort(loo)[-2]))
+    limit = float(high + LIMIT_MARGIN * (high - mid))
+    if math.isfinite(max_ratio):  # (inf x a zero distance would be NaN)
+        limit = min(limit, max_ratio * float(np.sort(loo)[-2]))
     return ProfileReference(center_t, scale_t, tuple(kept), round(max(MIN_LIMIT, limit), 6))
 
 
